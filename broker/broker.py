@@ -1,0 +1,349 @@
+"""The broker: the front door for clients and the dispatcher to controllers (Majordomo style).
+
+Two ROUTER sockets. Clients (DEALER) submit, query status and cancel on the front; controllers
+(DEALER) register on the back with `ready`, ask for work with `credit`, and return `results`.
+Every job is validated at the door, refused with a typed error or accepted into its model's
+queue, and its result is routed back to every client waiting on that id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+import zmq.asyncio
+
+from broker import jobs as J
+from broker.protocol import (
+    CLIENT_KINDS,
+    CONTROLLER_KINDS,
+    Code,
+    Kind,
+    Limits,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    error,
+    get,
+)
+from broker.transport import configure, recv_batch, send
+
+log = logging.getLogger("baton.broker")
+
+BUSY_RETRY_MS = 200
+
+
+@dataclass(slots=True)
+class Admission:
+    max_jobs_per_message: int = 1024
+    max_text_chars: int = 100_000
+    max_queued: int = 100_000
+
+
+@dataclass(slots=True)
+class Controller:
+    ident: bytes
+    model: str
+    tasks: frozenset[str]
+    layout: dict[str, int]
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    state: str = "ready"
+    credit: int = 0
+    seen: float = field(default_factory=time.monotonic)
+
+
+class Broker:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        client_endpoint: str,
+        limits: Limits | None = None,
+        admission: Admission | None = None,
+        heartbeat_s: float = 1.0,
+        dead_after_s: float = 10.0,
+    ) -> None:
+        self.limits, self.admission = limits or Limits(), admission or Admission()
+        limits = self.limits
+        self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
+        self.front = ctx.socket(zmq.ROUTER)
+        configure(self.front, limits, mandatory=True)
+        self.front.bind(client_endpoint)
+        self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.back = ctx.socket(zmq.ROUTER)
+        configure(self.back, limits, mandatory=True)
+        self.back.bind("tcp://127.0.0.1:*")
+        self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.table = J.Table(admission.max_queued)
+        self.controllers: dict[bytes, Controller] = {}
+        self.admitting = True
+        self.registered = asyncio.Event()  # a controller said `ready`
+        self.idle = asyncio.Event()  # nothing queued or running
+        self.idle.set()
+
+    # --- lifecycle ---
+
+    async def run(self) -> None:
+        await asyncio.gather(self._front_loop(), self._back_loop(), self._tick_loop())
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting, wait (bounded) for every held job to finish, tell controllers to stop."""
+        self.admitting = False
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+            drained = True
+        except TimeoutError:
+            drained = False
+        for ident in list(self.controllers):
+            send(self.back, [ident, *encode(Kind.STOP)])
+        return drained
+
+    def close(self) -> None:
+        self.front.close(0)
+        self.back.close(0)
+
+    # --- clients ---
+
+    async def _front_loop(self) -> None:
+        while True:
+            for frames in await recv_batch(self.front):
+                ident, rest = frames[0], frames[1:]
+                try:
+                    msg = decode(rest, self.limits, CLIENT_KINDS)
+                    self._on_client(ident, msg)
+                except ProtocolError as e:
+                    send(self.front, [ident, *error(e.code, e.message, ref=_ref(rest))])
+                except Exception as e:  # a bug must not take the door down for everyone
+                    log.exception("client message failed")
+                    send(self.front, [ident, *error(Code.INTERNAL, f"{type(e).__name__}: {e}")])
+
+    def _on_client(self, ident: bytes, msg: Message) -> None:
+        ref = msg.body.get("ref")
+        if msg.kind == Kind.SUBMIT:
+            self._submit(ident, msg.body, ref)
+        elif msg.kind == Kind.STATUS:
+            send(self.front, [ident, *encode(Kind.STATUS, {**self.status(), "ref": ref})])
+        elif msg.kind == Kind.CANCEL:
+            self._cancel(ident, msg.body, ref)
+        elif msg.kind == Kind.PING:
+            send(self.front, [ident, *encode(Kind.PONG, {"ref": ref})])
+
+    def _submit(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
+        raw = get(body, "jobs", list)
+        if len(raw) > self.admission.max_jobs_per_message:
+            raise ProtocolError(
+                Code.BAD_FIELD,
+                f"{len(raw)} jobs in one submit; at most {self.admission.max_jobs_per_message}",
+            )
+        ids: list[str] = []
+        refused: list[dict[str, Any]] = []
+        stored: list[J.Job] = []
+        seen: set[str] = set()
+        served = {c.model: J.Served(c.tasks) for c in self.controllers.values()}
+        default = next(iter(served), "")
+        for item in raw:
+            try:
+                job = J.validate(item, served, default, self.admission.max_text_chars)
+                if job.id in seen:
+                    raise ProtocolError(
+                        Code.DUPLICATE_ID, f"id {job.id!r} appears twice in this submit"
+                    )
+                if not self.admitting:
+                    raise ProtocolError(
+                        Code.SHUTTING_DOWN, "the broker is draining and admits no new jobs"
+                    )
+            except ProtocolError as e:
+                jid = (
+                    item.get("id")
+                    if isinstance(item, dict) and isinstance(item.get("id"), str)
+                    else None
+                )
+                refused.append(J.failure(jid, e.code, e.message))
+                continue
+            seen.add(job.id)
+            known = self.table.get(job.id)
+            if known is not None:  # the id is an idempotency key: attach, or hand back the result
+                if known.state in J.FINAL:
+                    stored.append(known)
+                elif ident not in known.waiters:
+                    known.waiters.append(ident)
+                ids.append(job.id)
+                continue
+            if not self.table.can_admit():
+                entry = J.failure(job.id, Code.BUSY, "the queue is full; retry later")
+                entry["error"]["retry_after_ms"] = BUSY_RETRY_MS
+                refused.append(entry)
+                continue
+            job.waiters.append(ident)
+            self.table.add(job)
+            ids.append(job.id)
+        send(self.front, [ident, *encode(Kind.ACCEPTED, {"ids": ids, "ref": ref})])
+        if refused:
+            send(self.front, [ident, *encode(Kind.RESULTS, {"results": refused})])
+        if stored:
+            self._deliver({ident: stored})
+        if ids:
+            self.idle.clear()
+            self._dispatch()
+
+    def _cancel(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
+        ids = get(body, "ids", list)
+        if not all(isinstance(i, str) for i in ids):
+            raise ProtocolError(Code.BAD_FIELD, "field 'ids' must be a list of strings")
+        done, unknown = [], []
+        owed: dict[bytes, list[J.Job]] = defaultdict(list)
+        for jid in ids:
+            job = self.table.cancel(jid)
+            if job is None:
+                unknown.append(jid)
+                continue
+            done.append(jid)
+            for w in job.waiters:
+                owed[w].append(job)
+        send(
+            self.front,
+            [ident, *encode(Kind.CANCELLED, {"ids": done, "unknown": unknown, "ref": ref})],
+        )
+        self._deliver(owed)
+        self._check_idle()
+
+    def _deliver(self, owed: dict[bytes, list[J.Job]]) -> None:
+        """One `results` message per client: entries, plus one tensor of the ok embeddings."""
+        for ident, done in owed.items():
+            entries = [j.entry for j in done]
+            rows = [j.embedding for j in done if j.embedding is not None]
+            tensors = [torch.stack(rows)] if rows else []
+            # an undeliverable result stays in the table: the client can submit the id again
+            send(self.front, [ident, *encode(Kind.RESULTS, {"results": entries}, tensors)])
+
+    def status(self) -> dict[str, Any]:
+        ctrls = list(self.controllers.values())
+        first = ctrls[0] if ctrls else None
+        return {
+            "model": first.model if first else None,
+            "models": sorted({c.model for c in ctrls}),
+            "layout": first.layout if first else {},
+            "workers": [w for c in ctrls for w in c.workers],
+            "controllers": [
+                {"model": c.model, "state": c.state, "credit": c.credit} for c in ctrls
+            ],
+            "jobs": self.table.summary(),
+            "admitting": self.admitting,
+        }
+
+    # --- controllers ---
+
+    async def _back_loop(self) -> None:
+        while True:
+            for frames in await recv_batch(self.back):
+                ident, rest = frames[0], frames[1:]
+                try:
+                    msg = decode(rest, self.limits, CONTROLLER_KINDS)
+                    self._on_controller(ident, msg)
+                except ProtocolError as e:
+                    log.warning("bad message from controller %r: %s %s", ident, e.code, e.message)
+                except Exception:
+                    log.exception("controller message failed")
+
+    def _on_controller(self, ident: bytes, msg: Message) -> None:
+        ctrl = self.controllers.get(ident)
+        if ctrl is not None:
+            ctrl.seen = time.monotonic()  # any traffic is a heartbeat
+        if msg.kind == Kind.READY:
+            b = msg.body
+            self.controllers[ident] = Controller(
+                ident,
+                get(b, "model", str),
+                frozenset(get(b, "tasks", list)),
+                get(b, "layout", dict),
+                get(b, "workers", list, []),
+            )
+            log.info("controller %r ready for model %s", ident, b["model"])
+            self.registered.set()
+        elif ctrl is None:
+            # a controller we do not know (e.g. we restarted): it must say `ready` again
+            send(self.back, [ident, *error(Code.BAD_FIELD, "say `ready` first")])
+        elif msg.kind == Kind.CREDIT:
+            ctrl.credit += get(msg.body, "n", int)
+            self._dispatch()
+        elif msg.kind == Kind.RESULTS:
+            self._results(msg)
+        elif msg.kind == Kind.REPORT:
+            ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
+            ctrl.state = get(msg.body, "state", str, ctrl.state)
+
+    def _results(self, msg: Message) -> None:
+        entries = get(msg.body, "results", list)
+        emb = msg.tensors[0] if msg.tensors else None
+        row = 0
+        owed: dict[bytes, list[J.Job]] = defaultdict(list)
+        for entry in entries:
+            vec = None
+            if entry.get("status") == "ok":
+                if emb is None or row >= len(emb):
+                    raise ProtocolError(
+                        Code.BAD_TENSOR, "results: fewer embedding rows than ok entries"
+                    )
+                vec, row = emb[row].clone(), row + 1
+            job = self.table.finish(entry.get("id"), entry, vec)
+            if job is None:
+                continue  # late or duplicate: dropped
+            for w in job.waiters:
+                owed[w].append(job)
+        self._deliver(owed)
+        self._check_idle()
+
+    def _dispatch(self) -> None:
+        for ctrl in self.controllers.values():
+            if ctrl.credit <= 0 or not self.table.pending(ctrl.model):
+                continue
+            batch = self.table.take(ctrl.model, ctrl.credit, ctrl.ident)
+            if not batch:
+                continue
+            if send(
+                self.back, [ctrl.ident, *encode(Kind.JOBS, {"jobs": [j.wire() for j in batch]})]
+            ):
+                ctrl.credit -= len(batch)
+            else:
+                self.lost(ctrl.ident, "unreachable")
+
+    def _check_idle(self) -> None:
+        if self.table.queued == 0 and self.table.running == 0:
+            self.idle.set()
+
+    def lost(self, ident: bytes, why: str) -> None:
+        ctrl = self.controllers.pop(ident, None)
+        n = self.table.requeue(ident)
+        log.warning("controller %r lost (%s); %d jobs back in the queue", ident, why, n)
+        if ctrl is not None and not any(c.model == ctrl.model for c in self.controllers.values()):
+            self.registered.clear()
+        self._dispatch()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)  # the heartbeat period itself
+            now = time.monotonic()
+            for ident, ctrl in list(self.controllers.items()):
+                if now - ctrl.seen > self.dead_after_s:
+                    self.lost(ident, f"silent for {now - ctrl.seen:.1f} s")
+                else:
+                    send(self.back, [ident, *encode(Kind.HEARTBEAT)])
+
+
+def _ref(frames: list[bytes]) -> Any:
+    """The request's `ref`, if its header can be read at all, so even an error reply matches."""
+    try:
+        head = msgpack.unpackb(
+            frames[0], raw=False, strict_map_key=True, ext_hook=lambda c, d: None
+        )
+        ref = head.get("ref") if isinstance(head, dict) else None
+        return ref if isinstance(ref, (str, int, float, bool)) or ref is None else None
+    except Exception:
+        return None

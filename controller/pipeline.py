@@ -1,0 +1,104 @@
+"""Drives micro-batches through the stages without waiting for one to leave before the next.
+
+Stage 0 is fed over one PUSH per TP rank (each rank needs the same tokens); the last stage's rank 0
+pushes pooled outputs back to one PULL here. Up to `max_inflight` batches are inside at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+import zmq.asyncio
+
+from broker.protocol import Kind, Limits, Message, decode, encode
+from broker.transport import configure
+from controller.scheduler import Item
+from workers.packing import pack
+
+
+@dataclass(slots=True)
+class Flight:
+    """A micro-batch inside the pipeline."""
+
+    id: int
+    items: list[Item]
+    sent: float = field(default_factory=time.monotonic)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        stage0: list[str],
+        results: str,
+        limits: Limits,
+        max_inflight: int,
+        padded: bool = False,
+    ) -> None:
+        self.limits, self.padded = limits, padded
+        self.ctx, self.stage0 = ctx, stage0
+        self.feeds: list[zmq.asyncio.Socket] = []
+        self.connect()
+        self.out = ctx.socket(zmq.PULL)
+        configure(self.out, limits)
+        self.out.bind(results)
+        self.max_inflight = max_inflight
+        self.inflight: dict[int, Flight] = {}
+        self.slots = asyncio.Semaphore(max_inflight)
+        self.ids = itertools.count()
+
+    def connect(self) -> None:
+        """Fresh feeds: a queue left over for dead workers must not reach their replacements,
+        or the ranks of stage 0 would see different batches and their collectives would hang."""
+        for sock in self.feeds:
+            sock.close(0)
+        self.feeds = []
+        for ep in self.stage0:
+            sock = self.ctx.socket(zmq.PUSH)
+            configure(sock)
+            sock.connect(ep)
+            self.feeds.append(sock)
+
+    def idle(self) -> bool:
+        return not self.inflight
+
+    async def reserve(self) -> None:
+        """Wait for room for one more batch; the caller then forms it and calls `send`."""
+        await self.slots.acquire()
+
+    async def send(self, items: list[Item]) -> Flight:
+        """Hand the packed batch to every stage-0 rank (after `reserve`)."""
+        flight = Flight(next(self.ids), items)
+        ids, seq_lens = pack([i.ids for i in items])
+        body = {"batch": flight.id, "seq_lens": seq_lens, "padded": self.padded}
+        frames = encode(Kind.BATCH, body, [ids])
+        self.inflight[flight.id] = flight
+        for sock in self.feeds:
+            await sock.send_multipart(frames, copy=False)
+        return flight
+
+    async def recv(self) -> tuple[Flight, torch.Tensor] | None:
+        """The next finished batch and its embeddings; None for an unknown (stale) batch id."""
+        msg: Message = decode(await self.out.recv_multipart(), self.limits, (Kind.OUTPUT,))
+        flight = self.inflight.pop(msg.body["batch"], None)
+        if flight is None:
+            return None
+        self.slots.release()
+        return flight, msg.tensors[0]
+
+    def abandon(self) -> list[Flight]:
+        """Every batch inside, taken back (its workers died); the slots become free again."""
+        lost = list(self.inflight.values())
+        self.inflight.clear()
+        for _ in lost:
+            self.slots.release()
+        return lost
+
+    def close(self) -> None:
+        for sock in (*self.feeds, self.out):
+            sock.close(0)

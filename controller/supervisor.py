@@ -1,0 +1,215 @@
+"""Spawns a replica's workers, hears their heartbeats, notices deaths, and stops them.
+
+Workers are real processes (`python -m workers.main SPEC`). Each talks to the supervisor over one
+DEALER -> ROUTER control link; any message counts as a heartbeat. A worker is presumed dead when its
+process has exited or it has been silent for `dead_after_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from broker.protocol import Kind, Limits, ProtocolError, decode, encode
+from broker.transport import configure, recv_batch, send
+from controller.config import Config
+from workers.main import Spec, device_of
+
+log = logging.getLogger("baton.supervisor")
+
+
+@dataclass(slots=True)
+class Slot:
+    """One worker position in the layout, and whichever process fills it now."""
+
+    spec: Spec
+    proc: subprocess.Popen | None = None
+    pid: int | None = None
+    state: str = "starting"  # starting -> ready -> dead | stopped
+    restarts: int = 0
+    cause: str = ""
+    seen: float = field(default_factory=time.monotonic)
+
+    def row(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "rank": s.rank,
+            "pid": self.pid,
+            "stage": s.stage,
+            "tp_rank": s.tp_rank,
+            "device": s.device,
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_cause": self.cause,
+        }
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, ctx: zmq.asyncio.Context, run_dir: Path, results: str) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.limits = Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames)
+        self.ctl = ctx.socket(zmq.ROUTER)
+        configure(self.ctl, self.limits, mandatory=True)
+        self.ctl.bind(f"ipc://{run_dir}/ctl")
+        tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+        threads = cfg.workers.threads or max(1, (os.cpu_count() or 1) // (tp * pp))
+        self.slots: list[Slot] = []
+        for stage in range(pp):
+            for tp_rank in range(tp):
+                rank = stage * tp + tp_rank
+                last = stage == pp - 1
+                out = (
+                    results
+                    if last and tp_rank == 0
+                    else ("" if last else self.inp(stage + 1, tp_rank))
+                )
+                self.slots.append(
+                    Slot(
+                        Spec(
+                            rank=rank,
+                            stage=stage,
+                            tp_rank=tp_rank,
+                            tensor=tp,
+                            pipeline=pp,
+                            device=device_of(cfg.device, rank),
+                            model_path=cfg.model.path,
+                            max_seq_length=cfg.model.max_seq_length,
+                            dtype=cfg.model.dtype,
+                            threads=threads,
+                            ctl=f"ipc://{run_dir}/ctl",
+                            inp=self.inp(stage, tp_rank),
+                            out=out,
+                            dist_init=f"file://{run_dir}/stage{stage}.store",
+                            heartbeat_ms=cfg.workers.heartbeat_ms,
+                            dead_after_ms=cfg.workers.dead_after_ms,
+                            max_message_bytes=cfg.limits.max_message_bytes,
+                            max_frames=cfg.limits.max_frames,
+                        )
+                    )
+                )
+        self.all_ready = asyncio.Event()
+        self.on_change: Callable[[], None] = lambda: None
+        self.on_failed: Callable[[dict[str, Any]], None] = lambda body: None
+        self.on_dead: Callable[[str], None] = lambda cause: None
+
+    def inp(self, stage: int, tp_rank: int) -> str:
+        return f"ipc://{self.run_dir}/w{stage * self.cfg.parallel.tensor + tp_rank}.in"
+
+    def first_stage(self) -> list[str]:
+        return [s.spec.inp for s in self.slots if s.spec.stage == 0]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [s.row() for s in self.slots]
+
+    def spawn(self) -> None:
+        for slot in self.slots:
+            store = Path(slot.spec.dist_init.removeprefix("file://"))
+            store.unlink(missing_ok=True)  # a stale store would hand the new group old ranks
+            slot.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.main", slot.spec.to_json()],
+                stdin=subprocess.DEVNULL,
+            )
+            slot.pid, slot.state, slot.seen = slot.proc.pid, "starting", time.monotonic()
+
+    async def wait_ready(self) -> None:
+        """All workers ready, or an error naming the one that was not (bounded by start_timeout_s)."""
+        try:
+            await asyncio.wait_for(self.all_ready.wait(), self.cfg.workers.start_timeout_s)
+        except TimeoutError:
+            late = [s.spec.rank for s in self.slots if s.state != "ready"]
+            raise RuntimeError(
+                f"workers {late} not ready after {self.cfg.workers.start_timeout_s} s"
+            ) from None
+
+    async def run(self) -> None:
+        await asyncio.gather(self._listen(), self._watch())
+
+    async def _listen(self) -> None:
+        while True:
+            for frames in await recv_batch(self.ctl):
+                try:
+                    msg = decode(frames[1:], self.limits)
+                except ProtocolError as e:
+                    log.warning("bad control message: %s", e)
+                    continue
+                rank = msg.body.get("rank")
+                if not isinstance(rank, int) or not 0 <= rank < len(self.slots):
+                    continue
+                slot = self.slots[rank]
+                slot.seen = time.monotonic()
+                if msg.kind == Kind.HELLO:
+                    slot.pid = msg.body.get("pid", slot.pid)
+                elif msg.kind == Kind.READY:
+                    slot.state = "ready"
+                    if all(s.state == "ready" for s in self.slots):
+                        self.all_ready.set()
+                    self.on_change()
+                elif msg.kind == Kind.FAILED:
+                    self.on_failed(msg.body)
+
+    async def _watch(self) -> None:
+        period = self.cfg.workers.heartbeat_ms / 1000
+        dead_after = self.cfg.workers.dead_after_ms / 1000
+        while True:
+            await asyncio.sleep(period)  # the heartbeat period itself
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.state not in ("starting", "ready") or slot.proc is None:
+                    continue
+                code = slot.proc.poll()
+                if code is not None:
+                    self._dead(slot, f"exited with code {code}")
+                elif slot.state == "ready" and now - slot.seen > dead_after:
+                    self._dead(slot, f"silent for {now - slot.seen:.1f} s")
+                else:
+                    send(self.ctl, [f"w{slot.spec.rank}".encode(), *encode(Kind.HEARTBEAT)])
+
+    def _dead(self, slot: Slot, cause: str) -> None:
+        log.error("worker %d (pid %s) dead: %s", slot.spec.rank, slot.pid, cause)
+        slot.state, slot.cause = "dead", cause
+        self.all_ready.clear()
+        self.on_change()
+        self.on_dead(f"worker {slot.spec.rank} {cause}")
+
+    async def restart(self, cause: str) -> None:
+        """Replace every worker of the replica: a TP group that lost a member cannot be mended."""
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.state = "stopping"  # so the watch loop does not report it dead too
+                slot.proc.kill()  # its peers may be blocked in a collective with the dead one
+                await asyncio.to_thread(slot.proc.wait, 10)
+            slot.restarts += 1
+            if slot.state != "dead":
+                slot.cause = f"replica restarted: {cause}"
+        self.spawn()
+        self.on_change()
+        await self.wait_ready()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask every worker to stop, then make sure: terminate, and kill what still lingers."""
+        for slot in self.slots:
+            send(self.ctl, [f"w{slot.spec.rank}".encode(), *encode(Kind.STOP)])
+        deadline = time.monotonic() + timeout_s
+        for slot in self.slots:
+            if slot.proc is None:
+                continue
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.to_thread(slot.proc.wait, left)
+            except subprocess.TimeoutExpired:
+                slot.proc.kill()
+                await asyncio.to_thread(slot.proc.wait, 5)
+            if slot.state != "dead":
+                slot.state = "stopped"
+        self.ctl.close(0)

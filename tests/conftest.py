@@ -1,0 +1,29 @@
+"""Fixtures shared by the fleet-level tests: real `baton up` processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.launch import Fleet
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minilm.toml"
+
+
+def start(*sets: str) -> Fleet:
+    # one torch thread per worker: 2 busy cores must not be oversubscribed by 4 workers
+    return Fleet(CONFIG, ["workers.threads=1", *sets], ready_timeout_s=240).start()
+
+
+@pytest.fixture(scope="module")
+def small_fleet() -> Iterator[Fleet]:
+    """tensor 1 x pipeline 1, with limits low enough to hit from a test."""
+    fleet = start(
+        "limits.max_text_chars=20000", "limits.max_message_bytes=200000", "limits.max_queued=64"
+    )
+    try:
+        yield fleet
+    finally:
+        fleet.stop()

@@ -1,0 +1,179 @@
+"""Single-process model checks against sentence-transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from corpus import MODEL, reference, sentence_transformer, texts
+from safetensors.torch import save_file
+
+from workers import packing
+from workers.bert import BertStage, split_layers
+from workers.checkpoint import Checkpoint, load_info, resolve_model_dir
+from workers.dist import TPGroup
+from workers.tokenizer import Tokenizer
+
+MIN_COSINE = 0.9999
+SOLO = TPGroup(0, 1, None)
+
+
+@pytest.fixture(scope="module")
+def info():
+    return load_info(MODEL)
+
+
+@pytest.fixture(scope="module")
+def ckpt(info):
+    return Checkpoint(info.path)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return texts(60)
+
+
+@pytest.fixture(scope="module")
+def encoded(info, corpus):
+    return Tokenizer(info).encode(corpus)
+
+
+@pytest.fixture(scope="module")
+def expected(corpus):
+    return reference(corpus)
+
+
+@pytest.fixture(scope="module")
+def model(info, ckpt):
+    return BertStage(info, range(info.num_layers), True, True, SOLO).load(ckpt)
+
+
+def run(stages: list[BertStage], seqs: list[list[int]], padded: bool = False) -> torch.Tensor:
+    x, seq_lens = packing.pack(seqs)
+    with torch.inference_mode():
+        for stage in stages:
+            x = stage(x, seq_lens, padded=padded)
+    return x
+
+
+def test_info(info):
+    assert info.name == "all-MiniLM-L6-v2"
+    assert (info.hidden_size, info.num_layers, info.num_heads) == (384, 6, 12)
+    assert (info.intermediate_size, info.vocab_size, info.max_position) == (1536, 30522, 512)
+    assert info.max_seq_length == 256
+    assert info.pooling == "mean" and info.normalize
+    assert info.hidden_act == "gelu" and info.layer_norm_eps == 1e-12
+
+
+def test_bad_model_dirs(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        resolve_model_dir(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot import"):
+        resolve_model_dir("package:no_such_package_here")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="gpt2"):
+        load_info(str(tmp_path))
+
+
+def test_tokenizer_matches_sentence_transformers(corpus, encoded):
+    hf = sentence_transformer().tokenizer
+    truncated = hf(corpus, truncation=True, max_length=256, padding=False)["input_ids"]
+    full = hf(corpus, truncation=False, padding=False, verbose=False)["input_ids"]
+    assert [e.ids for e in encoded] == truncated
+    assert [e.truncated for e in encoded] == [len(ids) > 256 for ids in full]
+    assert sum(e.truncated for e in encoded) >= 3
+    assert min(len(e.ids) for e in encoded) <= 4
+
+
+@pytest.mark.parametrize("pipeline", [1, 2, 3])
+def test_matches_sentence_transformers(info, ckpt, encoded, expected, pipeline):
+    ranges = split_layers(info.num_layers, pipeline)
+    stages = [
+        BertStage(info, r, i == 0, i == pipeline - 1, SOLO).load(ckpt) for i, r in enumerate(ranges)
+    ]
+    got = run(stages, [e.ids for e in encoded])
+    assert got.shape == expected.shape
+    cosine = F.cosine_similarity(got, expected)
+    assert cosine.min().item() >= MIN_COSINE, cosine
+    assert torch.allclose(got.norm(dim=1), torch.ones(len(got)), atol=1e-5)
+
+
+def test_batch_independence(model, encoded):
+    seqs = [e.ids for e in encoded]
+    together = run([model], seqs)
+    picks = sorted({0, len(seqs) - 1, max(range(len(seqs)), key=lambda i: len(seqs[i]))})
+    picks.append(min(range(len(seqs)), key=lambda i: len(seqs[i])))
+    for i in picks:
+        alone = run([model], [seqs[i]])[0]
+        assert (alone - together[i]).abs().max().item() <= 1e-5, i
+
+
+def test_padded_matches_packed(info, ckpt, model, encoded):
+    seqs = [e.ids for e in encoded]
+    assert (run([model], seqs, padded=True) - run([model], seqs)).abs().max().item() <= 1e-5
+    # A middle stage returns packed hidden states, which must agree too.
+    middle = BertStage(info, range(2), True, False, SOLO).load(ckpt)
+    diff = (run([middle], seqs, padded=True) - run([middle], seqs)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_checkpoint_shards(ckpt):
+    for name, dim, shards in [
+        ("encoder.layer.0.attention.self.query.weight", 0, 2),
+        ("encoder.layer.3.intermediate.dense.weight", 0, 4),
+        ("encoder.layer.5.output.dense.weight", 1, 3),
+        ("encoder.layer.5.output.dense.weight", -1, 2),
+        ("encoder.layer.1.intermediate.dense.bias", 0, 6),
+    ]:
+        full = ckpt.get(name)
+        parts = [ckpt.get(name, dim=dim, shard=s, shards=shards) for s in range(shards)]
+        size = full.shape[dim] // shards
+        for s, part in enumerate(parts):
+            assert torch.equal(part, full.narrow(dim, s * size, size))
+        assert torch.equal(torch.cat(parts, dim=dim), full)
+    with pytest.raises(ValueError):
+        ckpt.get("encoder.layer.0.attention.self.query.weight", dim=0, shard=0, shards=5)
+    with pytest.raises(KeyError):
+        ckpt.get("no.such.tensor")
+
+
+def test_checkpoint_prefix(tmp_path):
+    weight = torch.arange(12, dtype=torch.float32).view(4, 3)
+    save_file({"bert.encoder.w": weight}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(str(tmp_path))
+    assert ckpt.prefix == "bert."
+    assert torch.equal(ckpt.get("encoder.w"), weight)
+    assert torch.equal(ckpt.get("encoder.w", dim=0, shard=1, shards=2), weight[2:])
+
+
+def test_split_layers():
+    assert split_layers(6, 1) == [range(0, 6)]
+    assert split_layers(6, 2) == [range(0, 3), range(3, 6)]
+    assert split_layers(6, 4) == [range(0, 1), range(1, 2), range(2, 4), range(4, 6)]
+    assert split_layers(6, 6) == [range(i, i + 1) for i in range(6)]
+    for n in range(1, 13):
+        for p in range(1, n + 1):
+            ranges = split_layers(n, p)
+            assert [i for r in ranges for i in r] == list(range(n))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+    for bad in (0, 7, -1):
+        with pytest.raises(ValueError):
+            split_layers(6, bad)
+
+
+def test_packing():
+    seqs = [[5, 6, 7], [8], [9, 10]]
+    ids, seq_lens = packing.pack(seqs)
+    assert ids.dtype == torch.int64 and ids.tolist() == [5, 6, 7, 8, 9, 10]
+    assert seq_lens == [3, 1, 2]
+    assert packing.offsets(seq_lens) == [0, 3, 4, 6]
+    assert packing.positions(seq_lens, "cpu").tolist() == [0, 1, 2, 0, 0, 1]
+    x = torch.arange(12.0).view(6, 2)
+    padded = packing.pad(x, seq_lens)
+    assert padded.shape == (3, 3, 2)
+    assert padded[1, 1:].abs().sum() == 0 and torch.equal(padded[2, :2], x[4:])
+    assert torch.equal(packing.unpad(padded, seq_lens), x)

@@ -1,0 +1,58 @@
+"""Tensor-parallel process group: one per pipeline stage, its world is that stage's TP ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(slots=True)
+class TPGroup:
+    rank: int
+    size: int
+    group: object | None
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` across the group in place."""
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's `t` along `dim`, in rank order."""
+        if self.size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+
+def init_tp_group(
+    tp_rank: int, tensor: int, init_method: str, device: str, timeout_s: float = 60
+) -> TPGroup:
+    """Join the stage's TP group; blocks until all `tensor` ranks arrive or `timeout_s` passes."""
+    if tensor == 1:
+        return TPGroup(0, 1, None)
+    if not 0 <= tp_rank < tensor:
+        raise ValueError(f"tp_rank {tp_rank} outside 0..{tensor - 1}")
+    cuda = device.startswith("cuda")
+    if cuda:
+        # NCCL binds communicators to the current device, so pick ours before joining.
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo",
+        init_method=init_method,
+        rank=tp_rank,
+        world_size=tensor,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return TPGroup(tp_rank, tensor, dist.group.WORLD)
+
+
+def close(group: TPGroup) -> None:
+    if group.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    group.group = None

@@ -1,0 +1,187 @@
+"""One worker process: one device, one TP shard of one pipeline stage's layers.
+
+The loop waits (bounded) on two sockets: `ctl`, a DEALER to its controller (hello, ready,
+heartbeats both ways, stop), and `inp`, a PULL that delivers micro-batches in order. Each batch is
+run through the stage and pushed on: to the same TP rank of the next stage, or, from the last
+stage's rank 0, to the controller. Every rank of a stage sees the same batches in the same order,
+so their collectives line up without any extra coordination.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import zmq
+
+from broker.protocol import Code, Kind, Limits, ProtocolError, decode, encode
+from broker.transport import configure
+from workers.bert import BertStage, split_layers
+from workers.checkpoint import Checkpoint, load_info
+from workers.dist import close, init_tp_group
+
+log = logging.getLogger("baton.worker")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class Spec:
+    """Everything a worker needs, passed as JSON on its command line by the supervisor."""
+
+    rank: int
+    stage: int
+    tp_rank: int
+    tensor: int
+    pipeline: int
+    device: str
+    model_path: str
+    max_seq_length: int
+    dtype: str
+    threads: int
+    ctl: str  # controller's ROUTER
+    inp: str  # this worker's PULL, bound here
+    out: str  # next stage's PULL (or the controller's) to PUSH to; "" = compute only
+    dist_init: str  # torch.distributed init_method for this stage's TP group
+    heartbeat_ms: int
+    dead_after_ms: int
+    max_message_bytes: int
+    max_frames: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.pipeline - 1
+
+
+def device_of(base: str, rank: int) -> str:
+    """`cpu` for every rank; `cuda` / `cuda:N` give rank r the GPU N + r."""
+    if base == "cpu":
+        return "cpu"
+    first = int(base.partition(":")[2] or 0)
+    return f"cuda:{first + rank}"
+
+
+class Worker:
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.limits = Limits(spec.max_message_bytes, spec.max_frames)
+        self.ctx = zmq.Context()
+        self.ctl = self.ctx.socket(zmq.DEALER)
+        self.ctl.setsockopt(zmq.IDENTITY, f"w{spec.rank}".encode())
+        configure(self.ctl)
+        self.ctl.connect(spec.ctl)
+        self.inp = self.ctx.socket(zmq.PULL)
+        configure(self.inp, self.limits)
+        self.inp.bind(spec.inp)
+        self.out = None
+        if spec.out:
+            self.out = self.ctx.socket(zmq.PUSH)
+            configure(self.out)
+            self.out.connect(spec.out)
+        self.heard = time.monotonic()
+        self.said = 0.0
+
+    def tell(self, kind: Kind, **body: object) -> None:
+        self.ctl.send_multipart(encode(kind, {"rank": self.spec.rank, **body}))
+        self.said = time.monotonic()
+
+    def start(self) -> None:
+        s = self.spec
+        self.tell(Kind.HELLO, stage=s.stage, tp_rank=s.tp_rank, pid=os.getpid(), device=s.device)
+        torch.set_num_threads(s.threads)
+        info = load_info(s.model_path)
+        if s.max_seq_length:
+            info.max_seq_length = s.max_seq_length
+        self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device)
+        layers = split_layers(info.num_layers, s.pipeline)[s.stage]
+        self.model = BertStage(
+            info, layers, s.stage == 0, s.last, self.tp, device=s.device, dtype=DTYPES[s.dtype]
+        )
+        with Checkpoint(info.path) as ckpt:
+            self.model.load(ckpt)
+        self.model.eval()
+        self.device = torch.device(s.device)
+        self.tell(Kind.READY)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.ctl, zmq.POLLIN)
+        poller.register(self.inp, zmq.POLLIN)
+        period = self.spec.heartbeat_ms / 1000
+        parent = os.getppid()
+        while True:
+            events = dict(poller.poll(self.spec.heartbeat_ms))
+            now = time.monotonic()
+            if self.ctl in events:
+                self.heard = now
+                while self.ctl.poll(0):
+                    if decode(self.ctl.recv_multipart(), self.limits).kind == Kind.STOP:
+                        return
+            if self.inp in events:
+                self.step(self.inp.recv_multipart())
+            if now - self.said >= period:
+                self.tell(Kind.HEARTBEAT)
+            # an orphan must not linger: its controller is gone or has gone silent
+            if os.getppid() != parent or now - self.heard > self.spec.dead_after_ms / 1000:
+                log.error("worker %d: controller gone; exiting", self.spec.rank)
+                return
+
+    def step(self, frames: list[bytes]) -> None:
+        batch = -1
+        try:
+            msg = decode(frames, self.limits, (Kind.BATCH,))
+            batch, seq_lens = msg.body["batch"], msg.body["seq_lens"]
+            padded = bool(msg.body.get("padded", False))
+            x = msg.tensors[0].to(self.device, non_blocking=True)
+            with torch.inference_mode():
+                y = self.model(x, seq_lens, padded=padded)
+            if self.out is None:
+                return
+            kind = Kind.OUTPUT if self.spec.last else Kind.BATCH
+            self.out.send_multipart(encode(kind, {**msg.body, "batch": batch}, [y]), copy=False)
+        except ProtocolError as e:
+            self.tell(Kind.FAILED, batch=batch, code=str(e.code), message=e.message)
+        except Exception as e:
+            # a failed collective leaves the group unusable: report, then let the supervisor restart us
+            log.exception("worker %d: batch %s failed", self.spec.rank, batch)
+            self.tell(
+                Kind.FAILED,
+                batch=batch,
+                code=str(Code.WORKER_FAILED),
+                message=f"{type(e).__name__}: {e}",
+            )
+            raise
+
+    def close(self) -> None:
+        if hasattr(self, "tp"):
+            close(self.tp)
+        self.ctx.destroy(linger=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when we stop
+    spec = Spec(**json.loads(argv[0]))
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s worker{spec.rank} %(levelname)s %(message)s"
+    )
+    worker = Worker(spec)
+    try:
+        worker.start()
+        worker.run()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
