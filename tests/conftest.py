@@ -17,7 +17,7 @@ def start(*sets: str) -> Fleet:
     return Fleet(CONFIG, ["workers.threads=1", *sets], ready_timeout_s=240).start()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_fleet() -> Iterator[Fleet]:
     """tensor 1 x pipeline 1, with limits low enough to hit from a test."""
     fleet = start(
