@@ -1,0 +1,73 @@
+"""`baton` command line: argument parsing only; each command lives in its own module.
+
+Command modules are imported inside their branch so `baton --help` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minilm.toml"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton", description="Baton: a job queue for embeddings.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start a broker, controller and worker fleet")
+    up.add_argument("--config", required=True, help="TOML config file")
+    up.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+
+    s = sub.add_parser("submit", help="embed every job of a JSONL file")
+    s.add_argument("--endpoint", required=True, help="the broker's client endpoint")
+    s.add_argument("--input", required=True, help="JSONL of {id, task, text}; - for stdin")
+    s.add_argument("--output", required=True, help="JSONL of results; - for stdout")
+    s.add_argument("--window", type=int, default=512, help="jobs outstanding at once")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds without any progress")
+
+    st = sub.add_parser("status", help="show the fleet's workers and job counts")
+    st.add_argument("--endpoint", required=True)
+    st.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    st.add_argument("--timeout", type=float, default=5.0)
+
+    c = sub.add_parser("cancel", help="cancel queued or running jobs")
+    c.add_argument("--endpoint", required=True)
+    c.add_argument("--timeout", type=float, default=10.0)
+    c.add_argument("ids", nargs="+", metavar="ID")
+
+    d = sub.add_parser("demo", help="start a fleet and embed a stdlib-docstring workload")
+    d.add_argument("--config", default=str(DEFAULT_CONFIG))
+    d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    d.add_argument("--num", type=int, default=None, help="number of paragraphs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "up":
+        from controller.up import up
+
+        return up(args.config, args.set or [])
+    if args.command == "submit":
+        from controller.commands import submit
+
+        return submit(args.endpoint, args.input, args.output, args.window, args.timeout)
+    if args.command == "status":
+        from controller.commands import status
+
+        return status(args.endpoint, args.json, args.timeout)
+    if args.command == "cancel":
+        from controller.commands import cancel
+
+        return cancel(args.endpoint, args.ids, args.timeout)
+    if args.command == "demo":
+        from controller.demo import demo
+
+        return demo(args.config, args.set or [], args.num)
+    raise AssertionError(args.command)  # argparse only admits the commands above
+
+
+if __name__ == "__main__":
+    sys.exit(main())
