@@ -56,6 +56,7 @@ class Controller:
     layout: dict[str, int]
     workers: list[dict[str, Any]] = field(default_factory=list)
     state: str = "ready"
+    stats: dict[str, int] = field(default_factory=dict)
     credit: int = 0
     seen: float = field(default_factory=time.monotonic)
 
@@ -217,8 +218,13 @@ class Broker:
     def _deliver(self, owed: dict[bytes, list[J.Job]]) -> None:
         """One `results` message per client: entries, plus one tensor of the ok embeddings."""
         for ident, done in owed.items():
-            entries = [j.entry for j in done]
-            rows = [j.embedding for j in done if j.embedding is not None]
+            entries, rows = [], []
+            for j in done:
+                if j.embedding is None:
+                    entries.append(j.entry)
+                else:
+                    entries.append({**j.entry, "row": len(rows)})
+                    rows.append(j.embedding)
             tensors = [torch.stack(rows)] if rows else []
             # an undeliverable result stays in the table: the client can submit the id again
             send(self.front, [ident, *encode(Kind.RESULTS, {"results": entries}, tensors)])
@@ -232,7 +238,8 @@ class Broker:
             "layout": first.layout if first else {},
             "workers": [w for c in ctrls for w in c.workers],
             "controllers": [
-                {"model": c.model, "state": c.state, "credit": c.credit} for c in ctrls
+                {"model": c.model, "state": c.state, "credit": c.credit, "stats": c.stats}
+                for c in ctrls
             ],
             "jobs": self.table.summary(),
             "admitting": self.admitting,
@@ -274,24 +281,24 @@ class Broker:
             ctrl.credit += get(msg.body, "n", int)
             self._dispatch()
         elif msg.kind == Kind.RESULTS:
+            ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
             self._results(msg)
         elif msg.kind == Kind.REPORT:
             ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
             ctrl.state = get(msg.body, "state", str, ctrl.state)
+            ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
 
     def _results(self, msg: Message) -> None:
         entries = get(msg.body, "results", list)
         emb = msg.tensors[0] if msg.tensors else None
-        row = 0
         owed: dict[bytes, list[J.Job]] = defaultdict(list)
         for entry in entries:
             vec = None
-            if entry.get("status") == "ok":
-                if emb is None or row >= len(emb):
-                    raise ProtocolError(
-                        Code.BAD_TENSOR, "results: fewer embedding rows than ok entries"
-                    )
-                vec, row = emb[row].clone(), row + 1
+            row = entry.pop("row", None)
+            if row is not None:
+                if emb is None or not isinstance(row, int) or not 0 <= row < len(emb):
+                    raise ProtocolError(Code.BAD_TENSOR, f"results: no embedding row {row!r}")
+                vec = emb[row].clone()
             job = self.table.finish(entry.get("id"), entry, vec)
             if job is None:
                 continue  # late or duplicate: dropped

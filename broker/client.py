@@ -283,21 +283,21 @@ class Client:
         if not isinstance(entries, list):
             return
         entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
-        n_ok = sum(e.get("status") == "ok" for e in entries)
         rows = msg.tensors[0] if msg.tensors else None
-        rows_fit = rows is not None and rows.dim() == 2 and rows.shape[0] == n_ok
+        n_rows = len(rows) if rows is not None and rows.dim() == 2 else 0
         busy: list[tuple[str, Any]] = []
-        k = 0
         for e in entries:
             job_id = e["id"]
             if e.get("status") == "ok":
-                row = rows[k].tolist() if rows_fit else None
-                k += 1
-                if row is None:
-                    self._settle(
-                        failure(job_id, Code.INTERNAL, f"results carried no row for {n_ok} ok jobs")
-                    )
-                    continue
+                k = e.get("row")  # jobs whose task yields a vector name their row; others have none
+                row = None
+                if k is not None:
+                    if not (isinstance(k, int) and 0 <= k < n_rows):
+                        self._settle(
+                            failure(job_id, Code.INTERNAL, f"results row {k!r} is missing")
+                        )
+                        continue
+                    row = rows[k].tolist()
                 tokens = e.get("tokens")
                 self._settle(
                     Result(

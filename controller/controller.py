@@ -35,7 +35,7 @@ from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.controller")
 
-TASKS = ("embed",)
+TASKS = ("embed", "echo")  # echo: routed through every stage, no model; measures the path
 
 
 class Controller:
@@ -79,7 +79,10 @@ class Controller:
     def report(self) -> None:
         if self.state == "starting":
             return  # the broker hears of the workers in our `ready`
-        self.tell(Kind.REPORT, {"workers": self.sup.rows(), "state": self.state})
+        self.tell(
+            Kind.REPORT,
+            {"workers": self.sup.rows(), "state": self.state, "stats": self.pipe.stats()},
+        )
 
     async def run(self) -> None:
         self.sup.spawn()
@@ -137,7 +140,7 @@ class Controller:
             if os.getppid() != parent:  # `baton up` is gone: nobody will ever send `stop`
                 log.error("parent process gone; stopping")
                 self.stopping.set()
-            self.tell(Kind.HEARTBEAT)
+            self.report()  # doubles as the heartbeat, and keeps `baton status` current
 
     def _on_dead(self, cause: str) -> None:
         if self.restarting is None or self.restarting.done():
@@ -156,13 +159,13 @@ class Controller:
         self.report()
 
     def _accept(self, jobs: list[dict[str, Any]]) -> None:
-        encoded = self.tokenizer.encode([j["text"] for j in jobs])
-        self.sched.add(
-            [
-                Item(j["id"], j["task"], e.ids, e.truncated)
-                for j, e in zip(jobs, encoded, strict=True)
-            ]
-        )
+        embed = [j for j in jobs if j["task"] == "embed"]
+        encoded = iter(self.tokenizer.encode([j["text"] for j in embed]))
+        items = []
+        for j in jobs:
+            e = next(encoded) if j["task"] == "embed" else None
+            items.append(Item(j["id"], j["task"], e.ids if e else [], e.truncated if e else False))
+        self.sched.add(items)
 
     async def _dispatch(self) -> None:
         while True:
@@ -181,7 +184,11 @@ class Controller:
                 {"id": i.id, "status": "ok", "tokens": i.tokens, "truncated": i.truncated}
                 for i in flight.items
             ]
-            self.tell(Kind.RESULTS, {"results": entries}, [emb.float()])
+            if emb is not None:
+                for k, entry in enumerate(entries):
+                    entry["row"] = k
+            body = {"results": entries, "stats": self.pipe.stats()}  # stats current with results
+            self.tell(Kind.RESULTS, body, [emb.float()] if emb is not None else [])
             self.tell(Kind.CREDIT, {"n": len(entries)})
 
 

@@ -51,6 +51,8 @@ class Pipeline:
         self.inflight: dict[int, Flight] = {}
         self.slots = asyncio.Semaphore(max_inflight)
         self.ids = itertools.count()
+        # what went in: real tokens, and what padding each batch to its longest would have cost
+        self.batches = self.tokens = self.padded_tokens = 0
 
     def connect(self) -> None:
         """Fresh feeds: a queue left over for dead workers must not reach their replacements,
@@ -74,22 +76,32 @@ class Pipeline:
     async def send(self, items: list[Item]) -> Flight:
         """Hand the packed batch to every stage-0 rank (after `reserve`)."""
         flight = Flight(next(self.ids), items)
-        ids, seq_lens = pack([i.ids for i in items])
-        body = {"batch": flight.id, "seq_lens": seq_lens, "padded": self.padded}
-        frames = encode(Kind.BATCH, body, [ids])
+        task = items[0].task
+        if task == "echo":  # routed through every stage like any batch, but nothing to compute
+            frames = encode(Kind.BATCH, {"batch": flight.id, "task": task, "seq_lens": []})
+        else:
+            ids, seq_lens = pack([i.ids for i in items])
+            body = {"batch": flight.id, "task": task, "seq_lens": seq_lens, "padded": self.padded}
+            frames = encode(Kind.BATCH, body, [ids])
+            self.tokens += len(ids)
+            self.padded_tokens += len(seq_lens) * max(seq_lens)
+        self.batches += 1
         self.inflight[flight.id] = flight
         for sock in self.feeds:
             await sock.send_multipart(frames, copy=False)
         return flight
 
-    async def recv(self) -> tuple[Flight, torch.Tensor] | None:
-        """The next finished batch and its embeddings; None for an unknown (stale) batch id."""
+    async def recv(self) -> tuple[Flight, torch.Tensor | None] | None:
+        """The next finished batch and its embeddings (None for echo); None for a stale batch id."""
         msg: Message = decode(await self.out.recv_multipart(), self.limits, (Kind.OUTPUT,))
         flight = self.inflight.pop(msg.body["batch"], None)
         if flight is None:
             return None
         self.slots.release()
-        return flight, msg.tensors[0]
+        return flight, (msg.tensors[0] if msg.tensors else None)
+
+    def stats(self) -> dict[str, int]:
+        return {"batches": self.batches, "tokens": self.tokens, "padded_tokens": self.padded_tokens}
 
     def abandon(self) -> list[Flight]:
         """Every batch inside, taken back (its workers died); the slots become free again."""

@@ -1,6 +1,6 @@
 """Forms micro-batches from tokenized jobs: a token budget, a maximum wait, FIFO order.
 
-A batch leaves when it is full (the next job would exceed `max_batch_tokens`), when its oldest job
+A batch holds one task (a run of same-task jobs at the head of the queue). It leaves when it is full (the next job would exceed `max_batch_tokens`), when its oldest job
 has waited `max_wait_ms`, or at once when the pipeline is idle (waiting then only adds latency).
 """
 
@@ -27,6 +27,11 @@ class Item:
     def tokens(self) -> int:
         return len(self.ids)
 
+    @property
+    def cost(self) -> int:
+        """Budget units: its tokens, and at least 1 so token-free tasks (echo) still fill batches."""
+        return max(1, len(self.ids))
+
 
 class Scheduler:
     def __init__(self, max_batch_tokens: int, max_wait_ms: float) -> None:
@@ -41,20 +46,20 @@ class Scheduler:
 
     def add(self, items: list[Item]) -> None:
         self.queue.extend(items)
-        self.tokens += sum(i.tokens for i in items)
+        self.tokens += sum(i.cost for i in items)
         self.arrived.set()
 
     def requeue(self, items: list[Item]) -> None:
         """Jobs whose batch must run again go first: they have waited longest."""
         self.queue.extendleft(reversed(items))
-        self.tokens += sum(i.tokens for i in items)
+        self.tokens += sum(i.cost for i in items)
         self.arrived.set()
 
     def drop(self, ids: set[str]) -> list[Item]:
         gone = [i for i in self.queue if i.id in ids]
         if gone:
             self.queue = deque(i for i in self.queue if i.id not in ids)
-            self.tokens -= sum(i.tokens for i in gone)
+            self.tokens -= sum(i.cost for i in gone)
         return gone
 
     async def next(self, idle: Callable[[], bool]) -> list[Item]:
@@ -76,9 +81,14 @@ class Scheduler:
     def take(self) -> list[Item]:
         out: list[Item] = []
         used = 0
-        while self.queue and (not out or used + self.queue[0].tokens <= self.budget):
+        task = self.queue[0].task if self.queue else ""
+        while (
+            self.queue
+            and self.queue[0].task == task
+            and (not out or used + self.queue[0].cost <= self.budget)
+        ):
             item = self.queue.popleft()
-            used += item.tokens
+            used += item.cost
             out.append(item)
         self.tokens -= used
         return out

@@ -172,3 +172,18 @@ def test_cancel_unknown_id(small_fleet: Fleet) -> None:
     with BlockingClient(small_fleet.endpoint, timeout_s=30) as client:
         reply = client.cancel(["never-submitted"])
     assert reply["ids"] == [] and reply["unknown"] == ["never-submitted"]
+
+
+def test_echo_and_embed_mixed(small_fleet: Fleet) -> None:
+    """`echo` is routed through every stage like any job but answered without the model."""
+    jobs = [
+        {"id": f"mix-{next(_ids)}", "task": "echo" if i % 3 else "embed", "text": f"job {i}"}
+        for i in range(30)
+    ]
+    with BlockingClient(small_fleet.endpoint, timeout_s=120) as client:
+        results = client.submit(jobs)
+        stats = client.status()["controllers"][0]["stats"]
+    for job, r in zip(jobs, results, strict=True):
+        assert r.status == "ok"
+        assert (r.embedding is None) == (job["task"] == "echo")
+    assert stats["batches"] >= 2 and stats["tokens"] <= stats["padded_tokens"]

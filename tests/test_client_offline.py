@@ -91,7 +91,11 @@ def vector(text: str) -> list[float]:
 
 def results(send: Send, entries: list[tuple[dict, str | None]]) -> None:
     """One results message: (entry, text-for-ok-rows) pairs; rows for ok entries, in order."""
-    rows = [vector(text) for e, text in entries if e["status"] == "ok"]
+    rows = []
+    for e, text in entries:
+        if e["status"] == "ok":
+            e["row"] = len(rows)
+            rows.append(vector(text))
     tensor = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), DIM)
     send(Kind.RESULTS, {"results": [e for e, _ in entries]}, [tensor])
 
@@ -303,17 +307,18 @@ async def test_busy_forever_surfaces_after_bounded_attempts(monkeypatch):
     assert got.error["code"] == "busy"
 
 
-async def test_bad_results_rows_fail_the_ok_jobs_not_the_client():
+async def test_a_missing_row_fails_its_job_not_the_client():
     def handle(msg: Message, send: Send) -> None:
         batch = msg.body["jobs"]
         send(Kind.ACCEPTED, {"ids": [j["id"] for j in batch], "ref": msg.body["ref"]})
-        entries = [ok(j)[0] for j in batch]
+        entries = [{**ok(j)[0], "row": i} for i, j in enumerate(batch)]
         send(Kind.RESULTS, {"results": entries}, [torch.zeros(len(batch) - 1, DIM)])
 
     with Peer(handle) as peer:
         async with Client(peer.endpoint, timeout_s=10) as c:
             got = await c.embed(["a", "b"])
-    assert [r.error["code"] for r in got] == ["internal", "internal"]
+    assert got[0].ok and got[0].embedding == [0.0] * DIM
+    assert got[1].error["code"] == "internal"
 
 
 async def test_duplicate_ids_are_sent_once_and_both_resolve():

@@ -140,14 +140,16 @@ class Worker:
         try:
             msg = decode(frames, self.limits, (Kind.BATCH,))
             batch, seq_lens = msg.body["batch"], msg.body["seq_lens"]
-            padded = bool(msg.body.get("padded", False))
-            x = msg.tensors[0].to(self.device, non_blocking=True)
-            with torch.inference_mode():
-                y = self.model(x, seq_lens, padded=padded)
+            out: list[torch.Tensor] = []
+            if msg.body.get("task", "embed") != "echo":
+                padded = bool(msg.body.get("padded", False))
+                x = msg.tensors[0].to(self.device, non_blocking=True)
+                with torch.inference_mode():
+                    out.append(self.model(x, seq_lens, padded=padded))
             if self.out is None:
                 return
             kind = Kind.OUTPUT if self.spec.last else Kind.BATCH
-            self.out.send_multipart(encode(kind, {**msg.body, "batch": batch}, [y]), copy=False)
+            self.out.send_multipart(encode(kind, {**msg.body, "batch": batch}, out), copy=False)
         except ProtocolError as e:
             self.tell(Kind.FAILED, batch=batch, code=str(e.code), message=e.message)
         except Exception as e:
