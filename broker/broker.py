@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from broker import jobs as J
+from broker.journal import Journal
 from broker.protocol import (
     CLIENT_KINDS,
     CONTROLLER_KINDS,
@@ -46,6 +47,7 @@ class Admission:
     max_jobs_per_message: int = 1024
     max_text_chars: int = 100_000
     max_queued: int = 100_000
+    max_attempts: int = 3
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class Controller:
     tasks: frozenset[str]
     layout: dict[str, int]
     workers: list[dict[str, Any]] = field(default_factory=list)
+    pid: int | None = None
     state: str = "ready"
     stats: dict[str, int] = field(default_factory=dict)
     credit: int = 0
@@ -66,6 +69,7 @@ class Broker:
         self,
         ctx: zmq.asyncio.Context,
         client_endpoint: str,
+        journal: Journal,
         limits: Limits | None = None,
         admission: Admission | None = None,
         heartbeat_s: float = 1.0,
@@ -82,12 +86,18 @@ class Broker:
         configure(self.back, limits, mandatory=True)
         self.back.bind("tcp://127.0.0.1:*")
         self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.table = J.Table(admission.max_queued)
+        self.journal = journal
+        self.table = J.Table(journal, self.admission.max_queued, self.admission.max_attempts)
+        self.acks: set[asyncio.Task] = set()
         self.controllers: dict[bytes, Controller] = {}
         self.admitting = True
         self.registered = asyncio.Event()  # a controller said `ready`
         self.idle = asyncio.Event()  # nothing queued or running
-        self.idle.set()
+        recovered = self.table.recover()
+        if recovered:
+            log.info("journal %s: %d unfinished jobs queued again", journal.path, recovered)
+        else:
+            self.idle.set()
 
     # --- lifecycle ---
 
@@ -146,6 +156,7 @@ class Broker:
         ids: list[str] = []
         refused: list[dict[str, Any]] = []
         stored: list[J.Job] = []
+        fresh: list[J.Job] = []
         seen: set[str] = set()
         served = {c.model: J.Served(c.tasks) for c in self.controllers.values()}
         default = next(iter(served), "")
@@ -177,43 +188,70 @@ class Broker:
                     known.waiters.append(ident)
                 ids.append(job.id)
                 continue
-            if not self.table.can_admit():
+            if (
+                not self.table.can_admit()
+                or self.table.queued + len(fresh) >= self.admission.max_queued
+            ):
                 entry = J.failure(job.id, Code.BUSY, "the queue is full; retry later")
                 entry["error"]["retry_after_ms"] = BUSY_RETRY_MS
                 refused.append(entry)
                 continue
             job.waiters.append(ident)
-            self.table.add(job)
+            fresh.append(job)
             ids.append(job.id)
+        if fresh:
+            self.table.add(fresh)
+            self.idle.clear()
+            self._dispatch()
+        # "accepted" only once the journal holds the jobs; meanwhile the door stays open
+        task = asyncio.create_task(self._ack(ident, ids, ref, refused, stored))
+        self.acks.add(task)
+        task.add_done_callback(self.acks.discard)
+
+    async def _ack(
+        self,
+        ident: bytes,
+        ids: list[str],
+        ref: Any,
+        refused: list[dict[str, Any]],
+        stored: list[J.Job],
+    ) -> None:
+        try:
+            await self.journal.commit()
+        except Exception as e:  # the disk failed us: say so rather than promise
+            log.exception("journal commit failed")
+            send(self.front, [ident, *error(Code.INTERNAL, f"journal write failed: {e}", ref=ref)])
+            return
         send(self.front, [ident, *encode(Kind.ACCEPTED, {"ids": ids, "ref": ref})])
         if refused:
             send(self.front, [ident, *encode(Kind.RESULTS, {"results": refused})])
         if stored:
             self._deliver({ident: stored})
-        if ids:
-            self.idle.clear()
-            self._dispatch()
 
     def _cancel(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
         ids = get(body, "ids", list)
         if not all(isinstance(i, str) for i in ids):
             raise ProtocolError(Code.BAD_FIELD, "field 'ids' must be a list of strings")
-        done, unknown = [], []
-        owed: dict[bytes, list[J.Job]] = defaultdict(list)
+        done, unknown, ended = [], [], []
+        running: dict[bytes, list[str]] = defaultdict(list)
         for jid in ids:
+            held = self.table.get(jid)
+            where = held.controller if held is not None and held.state is J.State.RUNNING else None
             job = self.table.cancel(jid)
             if job is None:
                 unknown.append(jid)
                 continue
             done.append(jid)
-            for w in job.waiters:
-                owed[w].append(job)
+            if where is not None:
+                running[where].append(jid)
+            ended.append(job)
+        for where, jids in running.items():  # so the controller frees their places in its batches
+            send(self.back, [where, *encode(Kind.CANCEL, {"ids": jids})])
         send(
             self.front,
             [ident, *encode(Kind.CANCELLED, {"ids": done, "unknown": unknown, "ref": ref})],
         )
-        self._deliver(owed)
-        self._check_idle()
+        self._owe(ended)
 
     def _deliver(self, owed: dict[bytes, list[J.Job]]) -> None:
         """One `results` message per client: entries, plus one tensor of the ok embeddings."""
@@ -238,7 +276,13 @@ class Broker:
             "layout": first.layout if first else {},
             "workers": [w for c in ctrls for w in c.workers],
             "controllers": [
-                {"model": c.model, "state": c.state, "credit": c.credit, "stats": c.stats}
+                {
+                    "model": c.model,
+                    "pid": c.pid,
+                    "state": c.state,
+                    "credit": c.credit,
+                    "stats": c.stats,
+                }
                 for c in ctrls
             ],
             "jobs": self.table.summary(),
@@ -271,6 +315,7 @@ class Broker:
                 frozenset(get(b, "tasks", list)),
                 get(b, "layout", dict),
                 get(b, "workers", list, []),
+                get(b, "pid", int, None),
             )
             log.info("controller %r ready for model %s", ident, b["model"])
             self.registered.set()
@@ -282,16 +327,16 @@ class Broker:
             self._dispatch()
         elif msg.kind == Kind.RESULTS:
             ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
-            self._results(msg)
+            self._results(msg, ident)
         elif msg.kind == Kind.REPORT:
             ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
             ctrl.state = get(msg.body, "state", str, ctrl.state)
             ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
 
-    def _results(self, msg: Message) -> None:
+    def _results(self, msg: Message, ident: bytes) -> None:
         entries = get(msg.body, "results", list)
         emb = msg.tensors[0] if msg.tensors else None
-        owed: dict[bytes, list[J.Job]] = defaultdict(list)
+        ended = []
         for entry in entries:
             vec = None
             row = entry.pop("row", None)
@@ -299,13 +344,10 @@ class Broker:
                 if emb is None or not isinstance(row, int) or not 0 <= row < len(emb):
                     raise ProtocolError(Code.BAD_TENSOR, f"results: no embedding row {row!r}")
                 vec = emb[row].clone()
-            job = self.table.finish(entry.get("id"), entry, vec)
-            if job is None:
-                continue  # late or duplicate: dropped
-            for w in job.waiters:
-                owed[w].append(job)
-        self._deliver(owed)
-        self._check_idle()
+            job = self.table.finish(entry.get("id"), entry, vec, ident)
+            if job is not None:  # None: late or duplicate, dropped
+                ended.append(job)
+        self._owe(ended)
 
     def _dispatch(self) -> None:
         for ctrl in self.controllers.values():
@@ -321,21 +363,43 @@ class Broker:
             else:
                 self.lost(ctrl.ident, "unreachable")
 
+    def _owe(self, ended: list[J.Job]) -> None:
+        owed: dict[bytes, list[J.Job]] = defaultdict(list)
+        for job in ended:
+            for w in job.waiters:
+                owed[w].append(job)
+        self._deliver(owed)
+        self._check_idle()
+
     def _check_idle(self) -> None:
         if self.table.queued == 0 and self.table.running == 0:
             self.idle.set()
 
     def lost(self, ident: bytes, why: str) -> None:
+        """A controller's lease on its jobs ends: they go back to the queue (or fail, if that
+        was their last attempt)."""
         ctrl = self.controllers.pop(ident, None)
-        n = self.table.requeue(ident)
-        log.warning("controller %r lost (%s); %d jobs back in the queue", ident, why, n)
+        n, failed = self.table.requeue(ident, f"controller lost: {why}")
+        log.warning(
+            "controller %r lost (%s); %d jobs back in the queue, %d failed",
+            ident,
+            why,
+            n,
+            len(failed),
+        )
+        self._owe(failed)
         if ctrl is not None and not any(c.model == ctrl.model for c in self.controllers.values()):
             self.registered.clear()
         self._dispatch()
 
     async def _tick_loop(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(self.heartbeat_s)  # the heartbeat period itself
+            ticks += 1
+            self._owe(self.table.expire(time.time()))
+            if ticks % 60 == 0:
+                self.journal.expire()
             now = time.monotonic()
             for ident, ctrl in list(self.controllers.items()):
                 if now - ctrl.seen > self.dead_after_s:

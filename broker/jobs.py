@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import os
+import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import torch
 
+from broker.journal import Journal, Row
 from broker.protocol import Code, ProtocolError
 
 MAX_ID_CHARS = 256
@@ -36,12 +38,20 @@ class Job:
     model: str
     state: State = State.QUEUED
     waiters: list[bytes] = field(default_factory=list)  # client identities owed the result
+    deadline: float | None = None  # wall-clock seconds
+    attempts: int = 0  # runs lost to a dead worker or controller so far
     controller: bytes | None = None
     entry: dict[str, Any] | None = None  # the final `results` entry
     embedding: torch.Tensor | None = None
 
     def wire(self) -> dict[str, Any]:
-        return {"id": self.id, "task": self.task, "text": self.text}
+        return {
+            "id": self.id,
+            "task": self.task,
+            "text": self.text,
+            "deadline": self.deadline,
+            "attempts": self.attempts,
+        }
 
 
 @dataclass(slots=True)
@@ -63,7 +73,7 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_c
     """One job of a `submit`, checked field by field; raises ProtocolError naming what is wrong."""
     if not isinstance(raw, dict):
         raise ProtocolError(Code.BAD_FIELD, f"a job must be a map, not {type(raw).__name__}")
-    unknown = set(raw) - {"id", "task", "text", "model"}
+    unknown = set(raw) - {"id", "task", "text", "model", "deadline_ms"}
     if unknown:
         raise ProtocolError(
             Code.BAD_FIELD, f"unknown job field(s): {', '.join(sorted(map(str, unknown)))}"
@@ -98,7 +108,13 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_c
         raise ProtocolError(
             Code.TEXT_TOO_LONG, f"text has {len(text)} characters; at most {max_text_chars}"
         )
-    return Job(jid, task, text, model)
+    deadline_ms = raw.get("deadline_ms")
+    if deadline_ms is not None and (
+        not isinstance(deadline_ms, int) or isinstance(deadline_ms, bool) or deadline_ms <= 0
+    ):
+        raise ProtocolError(Code.BAD_FIELD, "field 'deadline_ms' must be a positive integer")
+    deadline = time.time() + deadline_ms / 1000 if deadline_ms else None
+    return Job(jid, task, text, model, deadline=deadline)
 
 
 def failure(jid: Any, code: Code, message: str) -> dict[str, Any]:
@@ -107,35 +123,72 @@ def failure(jid: Any, code: Code, message: str) -> dict[str, Any]:
 
 
 class Table:
-    """Every job the broker knows, the queue of each model, and finished jobs kept for re-fetch."""
+    """Every job the broker holds, the queue of each model, and recently finished jobs.
 
-    def __init__(self, max_queued: int, keep_finished: int = 100_000) -> None:
-        self.max_queued = max_queued
-        self.keep_finished = keep_finished
+    The journal sees every change that must survive a restart: acceptance, the end, and lost
+    attempts. Finished jobs stay in memory up to `keep_finished`; older ones are read back from
+    the journal when their id is submitted again.
+    """
+
+    def __init__(
+        self, journal: Journal, max_queued: int, max_attempts: int, keep_finished: int = 10_000
+    ) -> None:
+        self.journal = journal
+        self.max_queued, self.max_attempts, self.keep_finished = (
+            max_queued,
+            max_attempts,
+            keep_finished,
+        )
         self.jobs: dict[str, Job] = {}
         self.queues: dict[str, deque[str]] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
+        self.deadlines: list[tuple[float, str]] = []  # heap of queued jobs' deadlines
         self.counts = {"accepted": 0, "done": 0, "failed": 0, "cancelled": 0}
         self.queued = 0
         self.running = 0
 
+    def recover(self) -> int:
+        """Queue every job the journal holds unfinished (a previous run accepted them)."""
+        n = 0
+        for row in self.journal.unfinished():
+            job = Job(
+                row.id, row.task, row.text, row.model, deadline=row.deadline, attempts=row.attempts
+            )
+            self._enqueue(job)
+            n += 1
+        return n
+
     def get(self, jid: str) -> Job | None:
-        return self.jobs.get(jid)
+        job = self.jobs.get(jid)
+        if job is None:
+            row = self.journal.lookup(jid)
+            if row is not None and row.state != "queued":
+                job = _finished(row)
+                self.jobs[jid] = job
+                self._retire(job)
+        return job
 
     def can_admit(self) -> bool:
         return self.queued < self.max_queued
 
-    def add(self, job: Job) -> None:
+    def add(self, jobs: list[Job]) -> None:
+        self.journal.add([(j.id, j.model, j.task, j.text, j.deadline) for j in jobs])
+        for job in jobs:
+            self._enqueue(job)
+        self.counts["accepted"] += len(jobs)
+
+    def _enqueue(self, job: Job) -> None:
         self.jobs[job.id] = job
         self.queues.setdefault(job.model, deque()).append(job.id)
         self.queued += 1
-        self.counts["accepted"] += 1
+        if job.deadline is not None:
+            heapq.heappush(self.deadlines, (job.deadline, job.id))
 
     def pending(self, model: str) -> int:
         return len(self.queues.get(model, ()))
 
     def take(self, model: str, n: int, controller: bytes) -> list[Job]:
-        """Up to n queued jobs of `model`, now running on `controller`; cancelled ones skipped."""
+        """Up to n queued jobs of `model`, now running on `controller`; ended ones skipped."""
         queue = self.queues.get(model)
         out: list[Job] = []
         while queue and len(out) < n:
@@ -149,53 +202,100 @@ class Table:
             out.append(job)
         return out
 
-    def finish(self, jid: str, entry: dict[str, Any], embedding: torch.Tensor | None) -> Job | None:
+    def finish(
+        self,
+        jid: str,
+        entry: dict[str, Any],
+        embedding: torch.Tensor | None,
+        controller: bytes | None,
+    ) -> Job | None:
         """Record a job's end; None for a late or duplicate completion, which is dropped."""
         job = self.jobs.get(jid)
-        if job is None or job.state is not State.RUNNING:
+        if (
+            job is None
+            or job.state is not State.RUNNING
+            or (controller and job.controller != controller)
+        ):
             return None
         self.running -= 1
-        job.state = State.DONE if entry.get("status") == "ok" else State.FAILED
-        self.counts["done" if job.state is State.DONE else "failed"] += 1
-        job.entry, job.embedding = entry, embedding
-        self._retire(job)
+        self._end(job, entry, embedding)
         return job
 
     def cancel(self, jid: str) -> Job | None:
         job = self.jobs.get(jid)
         if job is None or job.state in FINAL:
             return None
-        if job.state is State.QUEUED:
-            self.queued -= 1  # its id stays in the deque; take() skips it
-        else:
-            self.running -= 1
-        job.state = State.CANCELLED
-        job.entry = failure(jid, Code.CANCELLED, "cancelled by request")
-        self.counts["cancelled"] += 1
-        self._retire(job)
+        self._leave(job)
+        self._end(job, failure(jid, Code.CANCELLED, "cancelled by request"), None)
         return job
 
-    def requeue(self, controller: bytes) -> int:
-        """Jobs running on a controller that went away go back to the front of their queue."""
+    def expire(self, now: float) -> list[Job]:
+        """Queued jobs past their deadline fail without using the model."""
+        out = []
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, jid = heapq.heappop(self.deadlines)
+            job = self.jobs.get(jid)
+            if job is not None and job.state is State.QUEUED:
+                self._leave(job)
+                self._end(
+                    job, failure(jid, Code.DEADLINE, "the deadline passed before the job ran"), None
+                )
+                out.append(job)
+        return out
+
+    def requeue(self, controller: bytes, cause: str) -> tuple[int, list[Job]]:
+        """Jobs running on a controller that went away: back to the front of their queue, or
+        failed if this was their last attempt. Returns (requeued, failed)."""
         back = [
             j for j in self.jobs.values() if j.state is State.RUNNING and j.controller == controller
         ]
-        for job in reversed(back):
+        failed: list[Job] = []
+        again: list[Job] = []
+        for job in back:
+            job.attempts += 1
+            self.running -= 1
+            if job.attempts >= self.max_attempts:
+                why = f"{job.attempts} attempts lost ({cause})"
+                self._end(job, failure(job.id, Code.RETRIES_EXHAUSTED, why), None)
+                failed.append(job)
+            else:
+                again.append(job)
+        self.journal.attempt([j.id for j in again], [j.attempts for j in again])
+        for job in reversed(again):
             job.state, job.controller = State.QUEUED, None
             self.queues.setdefault(job.model, deque()).appendleft(job.id)
-        self.running -= len(back)
-        self.queued += len(back)
-        return len(back)
-
-    def unfinished(self) -> Iterator[Job]:
-        return (j for j in self.jobs.values() if j.state not in FINAL)
+            self.queued += 1
+        return len(again), failed
 
     def summary(self) -> dict[str, int]:
         return {**self.counts, "queued": self.queued, "running": self.running}
 
+    def _leave(self, job: Job) -> None:
+        if job.state is State.QUEUED:
+            self.queued -= 1  # its id stays in the deque; take() skips it
+        else:
+            self.running -= 1
+
+    def _end(self, job: Job, entry: dict[str, Any], embedding: torch.Tensor | None) -> None:
+        job.state = {"ok": State.DONE}.get(entry.get("status"), State.FAILED)
+        if entry.get("error", {}).get("code") == Code.CANCELLED:
+            job.state = State.CANCELLED
+        self.counts[job.state.value] += 1
+        job.entry, job.embedding, job.controller = entry, embedding, None
+        self.journal.finish(job.id, job.state.value, entry, embedding)
+        self._retire(job)
+
     def _retire(self, job: Job) -> None:
-        # finished jobs stay fetchable by id, up to keep_finished of them, oldest dropped first
+        # finished jobs stay in memory up to keep_finished, oldest dropped first (the journal
+        # still has them until their TTL)
         self.finished[job.id] = None
         while len(self.finished) > self.keep_finished:
             old, _ = self.finished.popitem(last=False)
             self.jobs.pop(old, None)
+
+
+def _finished(row: Row) -> Job:
+    state = State(row.state)
+    return Job(
+        row.id, row.task, row.text, row.model, state=state, entry=row.entry, embedding=row.embedding
+    )

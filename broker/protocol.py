@@ -67,6 +67,8 @@ class Code(StrEnum):
     BUSY = "busy"  # queue full; retry after the hinted delay
     DUPLICATE_ID = "duplicate_id"
     CANCELLED = "cancelled"
+    DEADLINE = "deadline_exceeded"
+    RETRIES_EXHAUSTED = "retries_exhausted"  # every attempt was lost to a dying worker/controller
     SHUTTING_DOWN = "shutting_down"
     WORKER_FAILED = "worker_failed"
     INTERNAL = "internal"

@@ -58,6 +58,19 @@ class Limits:
 
 
 @dataclass(slots=True)
+class Journal:
+    path: str = ""  # SQLite file; "" = a file in the run's temporary directory, gone at exit
+    durability: str = "batch"  # sync | batch | off
+    result_ttl_s: float = 3600.0
+
+
+@dataclass(slots=True)
+class Jobs:
+    max_attempts: int = 3
+    execution_log: str = ""  # append each executed job id to this file ("" = off)
+
+
+@dataclass(slots=True)
 class Workers:
     threads: int = 0  # torch threads per worker; 0 = cores / workers, at least 1
     heartbeat_ms: int = 1000
@@ -74,6 +87,8 @@ class Config:
     pipeline: Pipeline = field(default_factory=Pipeline)
     endpoints: Endpoints = field(default_factory=Endpoints)
     limits: Limits = field(default_factory=Limits)
+    journal: Journal = field(default_factory=Journal)
+    jobs: Jobs = field(default_factory=Jobs)
     workers: Workers = field(default_factory=Workers)
 
     @property
@@ -163,6 +178,8 @@ def check(cfg: Config) -> None:
         "workers.heartbeat_ms": cfg.workers.heartbeat_ms,
         "workers.dead_after_ms": cfg.workers.dead_after_ms,
         "workers.start_timeout_s": cfg.workers.start_timeout_s,
+        "journal.result_ttl_s": cfg.journal.result_ttl_s,
+        "jobs.max_attempts": cfg.jobs.max_attempts,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -181,6 +198,10 @@ def check(cfg: Config) -> None:
     if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(
             f"config key 'model.dtype' must be float32, float16 or bfloat16, got {cfg.model.dtype!r}"
+        )
+    if cfg.journal.durability not in ("sync", "batch", "off"):
+        raise ConfigError(
+            f"config key 'journal.durability' must be sync, batch or off, got {cfg.journal.durability!r}"
         )
     for key, ep in (("endpoints.client", cfg.endpoints.client),):
         if not ep.startswith(("tcp://", "ipc://", "inproc://")):

@@ -24,7 +24,8 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from broker.protocol import Kind, Limits, ProtocolError, decode, encode
+from broker.jobs import failure
+from broker.protocol import Code, Kind, Limits, ProtocolError, decode, encode
 from broker.transport import configure, recv_batch
 from controller.config import Config, from_dict
 from controller.pipeline import Pipeline
@@ -40,6 +41,9 @@ TASKS = ("embed", "echo")  # echo: routed through every stage, no model; measure
 
 class Controller:
     def __init__(self, cfg: Config, broker: str, run_dir: Path) -> None:
+        # sockets of our own: orphans of a dead predecessor must not reach our workers
+        run_dir = run_dir / f"c{os.getpid()}"
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.run_dir = cfg, run_dir
         self.limits = Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames)
         info = load_info(cfg.model.path)
@@ -72,6 +76,8 @@ class Controller:
         self.capacity = cfg.pipeline.max_inflight * max(64, cfg.batching.max_batch_tokens // 8)
         self.stopping = asyncio.Event()
         self.state = "starting"
+        log_path = cfg.jobs.execution_log
+        self.executions = open(log_path, "a") if log_path else None  # noqa: SIM115 (lives as long as we do)
 
     def tell(self, kind: Kind, body: dict[str, Any] | None = None, tensors: list = ()) -> None:
         self.link.send_multipart(encode(kind, body, tensors), copy=False)
@@ -98,6 +104,7 @@ class Controller:
                 "tasks": list(TASKS),
                 "layout": layout,
                 "workers": self.sup.rows(),
+                "pid": os.getpid(),
             },
         )
         self.tell(Kind.CREDIT, {"n": self.capacity})
@@ -117,6 +124,8 @@ class Controller:
         self.pipe.close()
         self.link.close(0)
         self.ctx.term()
+        if self.executions is not None:
+            self.executions.close()
 
     async def _listen(self) -> None:
         while True:
@@ -128,6 +137,10 @@ class Controller:
                     continue
                 if msg.kind == Kind.JOBS:
                     self._accept(msg.body["jobs"])
+                elif msg.kind == Kind.CANCEL:
+                    gone = self.sched.drop(set(msg.body["ids"]))  # their places go to others
+                    if gone:
+                        self.tell(Kind.CREDIT, {"n": len(gone)})
                 elif msg.kind == Kind.STOP:
                     self.stopping.set()
                 elif msg.kind == Kind.ERROR:
@@ -149,9 +162,17 @@ class Controller:
     async def _restart(self, cause: str) -> None:
         self.serving.clear()
         self.state = "restarting"
-        lost = self.pipe.abandon()
-        self.sched.requeue([i for f in sorted(lost, key=lambda f: f.id) for i in f.items])
-        log.error("%s; restarting the replica, %d batches back in the queue", cause, len(lost))
+        lost = [i for f in sorted(self.pipe.abandon(), key=lambda f: f.id) for i in f.items]
+        for item in lost:
+            item.attempts += 1
+        spent = [i for i in lost if i.attempts >= self.cfg.jobs.max_attempts]
+        self.fail(
+            spent, Code.RETRIES_EXHAUSTED, f"{self.cfg.jobs.max_attempts} attempts lost: {cause}"
+        )
+        self.sched.requeue([i for i in lost if i.attempts < self.cfg.jobs.max_attempts])
+        log.error(
+            "%s; restarting the replica, %d jobs back in the queue", cause, len(lost) - len(spent)
+        )
         await self.sup.restart(cause)
         self.pipe.connect()
         self.state = "ready"
@@ -164,14 +185,36 @@ class Controller:
         items = []
         for j in jobs:
             e = next(encoded) if j["task"] == "embed" else None
-            items.append(Item(j["id"], j["task"], e.ids if e else [], e.truncated if e else False))
+            items.append(
+                Item(
+                    j["id"],
+                    j["task"],
+                    e.ids if e else [],
+                    e.truncated if e else False,
+                    j.get("attempts") or 0,
+                    j.get("deadline"),
+                )
+            )
         self.sched.add(items)
+
+    def fail(self, items: list[Item], code: Code, message: str) -> None:
+        if items:
+            entries = [failure(i.id, code, message) for i in items]
+            self.tell(Kind.RESULTS, {"results": entries})
+            self.tell(Kind.CREDIT, {"n": len(entries)})
 
     async def _dispatch(self) -> None:
         while True:
             await self.pipe.reserve()
             items = await self.sched.next(self.pipe.idle)
-            await self.serving.wait()
+            if self.sched.late:
+                late, self.sched.late = self.sched.late, []
+                self.fail(late, Code.DEADLINE, "the deadline passed before the job ran")
+            # both may change while we wait for the other: send only when both hold at once
+            while not (self.serving.is_set() and self.pipe.may_send(items)):
+                await self.serving.wait()
+                if not self.pipe.may_send(items):
+                    await self.pipe.empty.wait()
             await self.pipe.send(items)
 
     async def _collect(self) -> None:
@@ -187,6 +230,9 @@ class Controller:
             if emb is not None:
                 for k, entry in enumerate(entries):
                     entry["row"] = k
+            if self.executions is not None:
+                self.executions.writelines(f"{i.id}\n" for i in flight.items)
+                self.executions.flush()
             body = {"results": entries, "stats": self.pipe.stats()}  # stats current with results
             self.tell(Kind.RESULTS, body, [emb.float()] if emb is not None else [])
             self.tell(Kind.CREDIT, {"n": len(entries)})

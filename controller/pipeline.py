@@ -1,7 +1,10 @@
 """Drives micro-batches through the stages without waiting for one to leave before the next.
 
 Stage 0 is fed over one PUSH per TP rank (each rank needs the same tokens); the last stage's rank 0
-pushes pooled outputs back to one PULL here. Up to `max_inflight` batches are inside at once.
+pushes pooled outputs back to one PULL here. Up to `max_inflight` batches are inside at once,
+except that a suspect batch (its job was inside when a worker died) travels alone: it enters an
+empty pipeline and nothing follows it until it is out, so a job that kills workers takes no
+neighbour's attempt with it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Pipeline:
         self.out.bind(results)
         self.max_inflight = max_inflight
         self.inflight: dict[int, Flight] = {}
+        self.empty = asyncio.Event()
+        self.empty.set()
         self.slots = asyncio.Semaphore(max_inflight)
         self.ids = itertools.count()
         # what went in: real tokens, and what padding each batch to its longest would have cost
@@ -69,12 +74,18 @@ class Pipeline:
     def idle(self) -> bool:
         return not self.inflight
 
+    def may_send(self, items: list[Item]) -> bool:
+        """False while a suspect must travel alone; then wait for `empty`."""
+        if not self.inflight:
+            return True
+        return not items[0].attempts and not any(f.items[0].attempts for f in self.inflight.values())
+
     async def reserve(self) -> None:
         """Wait for room for one more batch; the caller then forms it and calls `send`."""
         await self.slots.acquire()
 
     async def send(self, items: list[Item]) -> Flight:
-        """Hand the packed batch to every stage-0 rank (after `reserve`)."""
+        """Hand the packed batch to every stage-0 rank (after `reserve`, once `may_send`)."""
         flight = Flight(next(self.ids), items)
         task = items[0].task
         if task == "echo":  # routed through every stage like any batch, but nothing to compute
@@ -87,6 +98,7 @@ class Pipeline:
             self.padded_tokens += len(seq_lens) * max(seq_lens)
         self.batches += 1
         self.inflight[flight.id] = flight
+        self.empty.clear()
         for sock in self.feeds:
             await sock.send_multipart(frames, copy=False)
         return flight
@@ -97,6 +109,8 @@ class Pipeline:
         flight = self.inflight.pop(msg.body["batch"], None)
         if flight is None:
             return None
+        if not self.inflight:
+            self.empty.set()
         self.slots.release()
         return flight, (msg.tensors[0] if msg.tensors else None)
 
@@ -107,6 +121,7 @@ class Pipeline:
         """Every batch inside, taken back (its workers died); the slots become free again."""
         lost = list(self.inflight.values())
         self.inflight.clear()
+        self.empty.set()
         for _ in lost:
             self.slots.release()
         return lost

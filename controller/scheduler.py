@@ -1,6 +1,8 @@
 """Forms micro-batches from tokenized jobs: a token budget, a maximum wait, FIFO order.
 
-A batch holds one task (a run of same-task jobs at the head of the queue). It leaves when it is full (the next job would exceed `max_batch_tokens`), when its oldest job
+A batch holds one task (a run of same-task jobs at the head of the queue); a job whose earlier run
+was lost with a dying worker runs alone, so a job that kills workers cannot take its neighbours'
+attempts with it. Jobs past their deadline are set aside (`late`) instead. A batch leaves when it is full (the next job would exceed `max_batch_tokens`), when its oldest job
 has waited `max_wait_ms`, or at once when the pipeline is idle (waiting then only adds latency).
 """
 
@@ -21,6 +23,8 @@ class Item:
     task: str
     ids: list[int]
     truncated: bool
+    attempts: int = 0  # runs lost before this one; > 0 marks a suspect that runs alone
+    deadline: float | None = None  # wall-clock seconds
     arrived: float = field(default_factory=time.monotonic)
 
     @property
@@ -40,6 +44,7 @@ class Scheduler:
         self.queue: deque[Item] = deque()
         self.tokens = 0
         self.arrived = asyncio.Event()
+        self.late: list[Item] = []  # past their deadline; the controller fails them
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -64,9 +69,15 @@ class Scheduler:
 
     async def next(self, idle: Callable[[], bool]) -> list[Item]:
         """The next batch; waits for work, then (unless the pipeline is idle) for a full batch."""
-        while not self.queue:
-            self.arrived.clear()
-            await self.arrived.wait()
+        while True:
+            while not self.queue:
+                self.arrived.clear()
+                await self.arrived.wait()
+            batch = await self._fill(idle)
+            if batch:
+                return batch
+
+    async def _fill(self, idle: Callable[[], bool]) -> list[Item]:
         while self.tokens < self.budget and not idle():
             left = self.queue[0].arrived + self.max_wait - time.monotonic()
             if left <= 0:
@@ -81,14 +92,17 @@ class Scheduler:
     def take(self) -> list[Item]:
         out: list[Item] = []
         used = 0
+        now = time.time()
         task = self.queue[0].task if self.queue else ""
-        while (
-            self.queue
-            and self.queue[0].task == task
-            and (not out or used + self.queue[0].cost <= self.budget)
-        ):
-            item = self.queue.popleft()
-            used += item.cost
-            out.append(item)
-        self.tokens -= used
+        while self.queue and self.queue[0].task == task:
+            item = self.queue[0]
+            if out and (item.attempts or out[0].attempts or used + item.cost > self.budget):
+                break
+            self.queue.popleft()
+            self.tokens -= item.cost
+            if item.deadline is not None and item.deadline <= now:
+                self.late.append(item)
+            else:
+                out.append(item)
+                used += item.cost
         return out

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from broker.broker import Admission, Broker
+from broker.journal import Journal
 from broker.protocol import Limits
 from controller.config import Config, ConfigError, check_model, load
 from controller.controller import identity
@@ -47,26 +49,43 @@ def up(config: str, sets: list[str]) -> int:
     except zmq.ZMQError as e:
         print(f"baton up: cannot bind {cfg.endpoints.client}: {e}", file=sys.stderr)
         return 2
+    except sqlite3.Error as e:
+        print(f"baton up: cannot open the journal {cfg.journal.path!r}: {e}", file=sys.stderr)
+        return 2
 
 
 async def serve(cfg: Config) -> int:
-    ctx = zmq.asyncio.Context()
-    hb = cfg.workers.heartbeat_ms / 1000
-    broker = Broker(
-        ctx,
-        cfg.endpoints.client,
-        Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames),
-        Admission(
-            cfg.limits.max_jobs_per_message, cfg.limits.max_text_chars, cfg.limits.max_queued
-        ),
-        heartbeat_s=hb,
-        dead_after_s=cfg.workers.dead_after_ms / 1000,
-    )
-    run_dir = Path(tempfile.mkdtemp(prefix="baton-"))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    run_dir = Path(tempfile.mkdtemp(prefix="baton-"))
+    journal = Journal(
+        cfg.journal.path or str(run_dir / "journal.sqlite3"),
+        cfg.journal.durability,
+        cfg.journal.result_ttl_s,
+    )
+    ctx = zmq.asyncio.Context()
+    try:
+        broker = Broker(
+            ctx,
+            cfg.endpoints.client,
+            journal,
+            Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames),
+            Admission(
+                cfg.limits.max_jobs_per_message,
+                cfg.limits.max_text_chars,
+                cfg.limits.max_queued,
+                cfg.jobs.max_attempts,
+            ),
+            heartbeat_s=cfg.workers.heartbeat_ms / 1000,
+            dead_after_s=cfg.workers.dead_after_ms / 1000,
+        )
+    except BaseException:
+        await journal.close()
+        ctx.destroy(0)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     serving = asyncio.create_task(broker.run())
     try:
         await supervise(cfg, broker, run_dir, stop)
@@ -74,6 +93,7 @@ async def serve(cfg: Config) -> int:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
         broker.close()
+        await journal.close()  # whatever is still held stays journaled for the next start
         ctx.term()
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0

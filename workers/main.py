@@ -28,6 +28,10 @@ from workers.dist import close, init_tp_group
 
 log = logging.getLogger("baton.worker")
 
+# Chaos testing: a worker that sees this token id in a batch dies on the spot, as a worker
+# crashing on one poisonous input would. Unset in normal operation.
+FAULT_TOKEN = int(os.environ.get("BATON_FAULT_EXIT_ON_TOKEN", "-1"))
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -143,6 +147,12 @@ class Worker:
             out: list[torch.Tensor] = []
             if msg.body.get("task", "embed") != "echo":
                 padded = bool(msg.body.get("padded", False))
+                if (
+                    FAULT_TOKEN >= 0
+                    and self.spec.stage == 0
+                    and bool((msg.tensors[0] == FAULT_TOKEN).any())
+                ):
+                    os._exit(70)
                 x = msg.tensors[0].to(self.device, non_blocking=True)
                 with torch.inference_mode():
                     out.append(self.model(x, seq_lens, padded=padded))
