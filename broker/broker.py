@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -287,6 +288,7 @@ class Broker:
             ],
             "jobs": self.table.summary(),
             "admitting": self.admitting,
+            "pid": os.getpid(),
         }
 
     # --- controllers ---
