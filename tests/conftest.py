@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import zmq
 
 from controller.launch import Fleet
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minilm.toml"
+
+
+@contextmanager
+def dealer(endpoint: str) -> Iterator[zmq.Socket]:
+    """A raw DEALER on the client endpoint, for speaking (or mangling) the protocol by hand."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(endpoint)
+    try:
+        yield s
+    finally:
+        s.close(0)
+        ctx.term()
 
 
 def start(*sets: str) -> Fleet:

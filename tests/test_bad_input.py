@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 import zmq
+from conftest import dealer
 
 from broker.client import BlockingClient
 from broker.protocol import Limits, Message, decode, encode
@@ -19,15 +20,8 @@ _ids = itertools.count()
 
 @pytest.fixture
 def sock(small_fleet: Fleet) -> Iterator[zmq.Socket]:
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.linger = 0
-    s.connect(small_fleet.endpoint)
-    try:
+    with dealer(small_fleet.endpoint) as s:
         yield s
-    finally:
-        s.close(0)
-        ctx.term()
 
 
 def recv(sock: zmq.Socket) -> Message:

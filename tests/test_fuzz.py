@@ -10,6 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from conftest import dealer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,15 +94,8 @@ messages = st.one_of(
 
 @pytest.fixture(scope="module")
 def sock(small_fleet: Fleet) -> Iterator[zmq.Socket]:
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.linger = 0
-    s.connect(small_fleet.endpoint)
-    try:
+    with dealer(small_fleet.endpoint) as s:
         yield s
-    finally:
-        s.close(0)
-        ctx.term()
 
 
 def rss_kb(pid: int) -> int:
