@@ -75,6 +75,7 @@ class Controller:
         # jobs held here (queued or in flight) at most; enough to keep every in-flight slot full
         self.capacity = cfg.pipeline.max_inflight * max(64, cfg.batching.max_batch_tokens // 8)
         self.stopping = asyncio.Event()
+        self.failed = False  # stopping because the replica could not be restarted
         self.state = "starting"
         log_path = cfg.jobs.execution_log
         self.executions = open(log_path, "a") if log_path else None  # noqa: SIM115 (lives as long as we do)
@@ -173,7 +174,15 @@ class Controller:
         log.error(
             "%s; restarting the replica, %d jobs back in the queue", cause, len(lost) - len(spent)
         )
-        await self.sup.restart(cause)
+        try:
+            await self.sup.restart(cause)
+        except RuntimeError as e:
+            # the replica cannot be brought back here; exiting lets `baton up` start a fresh
+            # controller, and the broker requeues what we held
+            log.error("restart failed: %s; giving up", e)
+            self.failed = True
+            self.stopping.set()
+            return
         self.pipe.connect()
         self.state = "ready"
         self.serving.set()
@@ -262,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.run_dir
             else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="baton-")))
         )
-        uvloop.run(Controller(cfg, args.broker, run_dir).run())
-    return 0
+        controller = Controller(cfg, args.broker, run_dir)
+        uvloop.run(controller.run())
+    return 1 if controller.failed else 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ from workers.main import Spec, device_of
 
 log = logging.getLogger("baton.supervisor")
 
+QUICK_S = 30.0
+BACKOFF_CAP_S = 10.0
+
 
 @dataclass(slots=True)
 class Slot:
@@ -99,6 +102,8 @@ class Supervisor:
                     )
                 )
         self.all_ready = asyncio.Event()
+        self.restarted = -QUICK_S  # when the replica was last restarted
+        self.quick = 0  # restarts in a row that came sooner than QUICK_S after the one before
         self.on_change: Callable[[], None] = lambda: None
         self.on_failed: Callable[[dict[str, Any]], None] = lambda body: None
         self.on_dead: Callable[[str], None] = lambda cause: None
@@ -192,6 +197,12 @@ class Supervisor:
             slot.restarts += 1
             if slot.state != "dead":
                 slot.cause = f"replica restarted: {cause}"
+        # a replica that keeps dying young is restarted ever more slowly, not in a tight loop
+        now = time.monotonic()
+        self.quick = self.quick + 1 if now - self.restarted < QUICK_S else 0
+        self.restarted = now
+        if self.quick:
+            await asyncio.sleep(min(BACKOFF_CAP_S, 0.25 * 2**self.quick))  # a backoff delay
         self.spawn()
         self.on_change()
         await self.wait_ready()
