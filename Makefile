@@ -32,5 +32,13 @@ format: venv
 	$(BIN)/ruff format broker controller workers tests benchmarks
 	$(BIN)/ruff check --fix broker controller workers tests benchmarks
 
+# every benchmark alone: python -m benchmarks.NAME [--quick]; results in benchmarks/results/
+BENCHMARKS := efficiency padding pipeline tensor overhead soak
+
+bench: venv
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || \
+		$(BIN)/pip install --disable-pip-version-check -q -e '.[bench]'
+	for b in $(BENCHMARKS); do $(BIN)/python -m benchmarks.$$b $(BENCH_ARGS) || exit 1; done
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

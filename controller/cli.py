@@ -41,6 +41,29 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default=str(DEFAULT_CONFIG))
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.add_argument("--num", type=int, default=None, help="number of paragraphs")
+
+    b = sub.add_parser("bench", help="load-test a running fleet; vllm bench serve's figures")
+    b.add_argument("--endpoint", required=True, help="the broker's client endpoint")
+    b.add_argument(
+        "--workload", default="paragraphs", help="paragraphs, docstrings, or a submit-style JSONL"
+    )
+    b.add_argument("--num", type=int, default=1000, help="jobs measured (a file is cycled)")
+    b.add_argument("--task", default="embed", help="task of a built-in workload's jobs")
+    loop = b.add_mutually_exclusive_group()
+    loop.add_argument(
+        "--rate", type=float, default=float("inf"), help="open loop: jobs/s (inf = all at once)"
+    )
+    loop.add_argument("--concurrency", type=int, default=None, help="closed loop: jobs in flight")
+    b.add_argument(
+        "--burstiness", type=float, default=1.0, help="Gamma shape of the gaps; 1 = Poisson"
+    )
+    b.add_argument("--warmup", type=int, default=32, help="jobs run first and not counted")
+    b.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps")
+    b.add_argument(
+        "--goodput", action="append", metavar="KEY:MS", help="latency bound, e.g. e2el:500"
+    )
+    b.add_argument("--timeout", type=float, default=120.0, help="seconds without any progress")
+    b.add_argument("--json", default=None, metavar="OUT", help="write the figures here")
     return p
 
 
@@ -66,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from controller.demo import demo
 
         return demo(args.config, args.set or [], args.num)
+    if args.command == "bench":
+        from controller.bench import bench
+
+        return bench(args)
     raise AssertionError(args.command)  # argparse only admits the commands above
 
 

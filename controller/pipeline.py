@@ -78,7 +78,9 @@ class Pipeline:
         """False while a suspect must travel alone; then wait for `empty`."""
         if not self.inflight:
             return True
-        return not items[0].attempts and not any(f.items[0].attempts for f in self.inflight.values())
+        return not items[0].attempts and not any(
+            f.items[0].attempts for f in self.inflight.values()
+        )
 
     async def reserve(self) -> None:
         """Wait for room for one more batch; the caller then forms it and calls `send`."""

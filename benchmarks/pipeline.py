@@ -1,0 +1,54 @@
+"""pipeline: pipeline 2 with several micro-batches in flight, against pipeline 2 with one at a
+time (`pipeline.max_inflight = 1`) and against pipeline 1; one torch thread per worker, so
+pipeline 2 has two cores to fill and pipeline 1 one. `docstrings`, closed loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from benchmarks import common
+from benchmarks.common import Report, Target
+from controller import bench
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    a = common.args(__doc__, argv)
+    num = 600 if a.quick else 2400
+    repeats = a.repeats or (2 if a.quick else 3)
+    jobs = bench.workload("docstrings", num)
+    one = ["workers.threads=1"]
+    layouts = {
+        "pp2 in flight": [*one, "parallel.pipeline=2"],
+        "pp2 one at a time": [*one, "parallel.pipeline=2", "pipeline.max_inflight=1"],
+        "pp1": [*one, "parallel.pipeline=1"],
+    }
+    with common.fleets(layouts) as f:
+        dist: list[dict] = []
+        runs = common.interleave(
+            {n: lambda n=n: common.serve(f[n].endpoint, jobs)[0] for n in layouts}, repeats, dist
+        )
+    inflight = "pp2 in flight"
+    report = Report(
+        "pipeline",
+        "pipeline 2, micro-batches in flight vs one at a time vs pipeline 1 (1 thread/worker)",
+        "texts_per_s",
+        runs,
+        {
+            "inflight_vs_pp1": common.paired(runs, inflight, "pp1", "texts_per_s"),
+            "inflight_vs_one_at_a_time": common.paired(
+                runs, inflight, "pp2 one at a time", "texts_per_s"
+            ),
+        },
+        [
+            Target("inflight_vs_pp1", ">=", 1.7),
+            Target("inflight_vs_one_at_a_time", ">=", 1.5),
+        ],
+        {"workload": "docstrings", "num": num, "threads_per_worker": 1, "max_inflight": 4},
+        disturbance=dist,
+    )
+    return common.write(report, a.quick)
+
+
+if __name__ == "__main__":
+    main()
