@@ -88,7 +88,7 @@ class Broker:
         self.back.bind("tcp://127.0.0.1:*")
         self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self.journal = journal
-        self.table = J.Table(journal, self.admission.max_queued, self.admission.max_attempts)
+        self.table = J.Table(journal, self.admission.max_attempts)
         self.acks: set[asyncio.Task] = set()
         self.controllers: dict[bytes, Controller] = {}
         self.admitting = True
@@ -160,6 +160,9 @@ class Broker:
         fresh: list[J.Job] = []
         seen: set[str] = set()
         served = {c.model: J.Served(c.tasks) for c in self.controllers.values()}
+        self.table.recall(
+            [i["id"] for i in raw if isinstance(i, dict) and isinstance(i.get("id"), str)]
+        )
         default = next(iter(served), "")
         for item in raw:
             try:
@@ -181,7 +184,7 @@ class Broker:
                 refused.append(J.failure(jid, e.code, e.message))
                 continue
             seen.add(job.id)
-            known = self.table.get(job.id)
+            known = self.table.jobs.get(job.id)
             if known is not None:  # the id is an idempotency key: attach, or hand back the result
                 if known.state in J.FINAL:
                     stored.append(known)
@@ -189,10 +192,7 @@ class Broker:
                     known.waiters.append(ident)
                 ids.append(job.id)
                 continue
-            if (
-                not self.table.can_admit()
-                or self.table.queued + len(fresh) >= self.admission.max_queued
-            ):
+            if self.table.queued + len(fresh) >= self.admission.max_queued:
                 entry = J.failure(job.id, Code.BUSY, "the queue is full; retry later")
                 entry["error"]["retry_after_ms"] = BUSY_RETRY_MS
                 refused.append(entry)

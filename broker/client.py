@@ -129,7 +129,7 @@ class Client:
         for job in jobs:
             body = dict(job)
             # ids are ours to pick: a broker-made id could not be matched to a refusal
-            job_id = body.setdefault("id", uuid.uuid4().hex)
+            job_id = body.get("id") or body.setdefault("id", uuid.uuid4().hex)
             fut: asyncio.Future[Result] = loop.create_future()
             futures.append(fut)
             if job_id in self._jobs:  # still in flight: the broker would attach it to the first

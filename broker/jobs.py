@@ -130,15 +130,9 @@ class Table:
     the journal when their id is submitted again.
     """
 
-    def __init__(
-        self, journal: Journal, max_queued: int, max_attempts: int, keep_finished: int = 10_000
-    ) -> None:
+    def __init__(self, journal: Journal, max_attempts: int, keep_finished: int = 10_000) -> None:
         self.journal = journal
-        self.max_queued, self.max_attempts, self.keep_finished = (
-            max_queued,
-            max_attempts,
-            keep_finished,
-        )
+        self.max_attempts, self.keep_finished = max_attempts, keep_finished
         self.jobs: dict[str, Job] = {}
         self.queues: dict[str, deque[str]] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -159,17 +153,20 @@ class Table:
         return n
 
     def get(self, jid: str) -> Job | None:
-        job = self.jobs.get(jid)
-        if job is None:
-            row = self.journal.lookup(jid)
-            if row is not None and row.state != "queued":
+        if jid not in self.jobs:
+            self.recall([jid])
+        return self.jobs.get(jid)
+
+    def recall(self, ids: list[str]) -> None:
+        """Bring finished jobs the memory no longer holds back from the journal (one query)."""
+        missing = [i for i in ids if i not in self.jobs]
+        if not missing:
+            return
+        for jid, row in self.journal.lookup(missing).items():
+            if row.state != "queued":  # queued ones are all in memory already
                 job = _finished(row)
                 self.jobs[jid] = job
                 self._retire(job)
-        return job
-
-    def can_admit(self) -> bool:
-        return self.queued < self.max_queued
 
     def add(self, jobs: list[Job]) -> None:
         self.journal.add([(j.id, j.model, j.task, j.text, j.deadline) for j in jobs])

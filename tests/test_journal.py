@@ -26,7 +26,7 @@ def ok(jid: str) -> dict:
 async def test_accepted_jobs_survive_a_restart(tmp_path: Path, durability: str) -> None:
     path = str(tmp_path / "j.sqlite3")
     journal = Journal(path, durability)
-    table = Table(journal, max_queued=100, max_attempts=3)
+    table = Table(journal, max_attempts=3)
     table.add(jobs(5))
     await journal.commit()
     [first] = table.take("m", 1, b"c1")
@@ -34,7 +34,7 @@ async def test_accepted_jobs_survive_a_restart(tmp_path: Path, durability: str) 
     await journal.close()
 
     again = Journal(path, durability)
-    table = Table(again, max_queued=100, max_attempts=3)
+    table = Table(again, max_attempts=3)
     assert table.recover() == 4  # every unfinished job, the running one included
     assert [j.id for j in table.take("m", 10, b"c2")] == ["j1", "j2", "j3", "j4"]
     done = table.get("j0")  # the finished one is read back with its result
@@ -49,7 +49,7 @@ async def test_commits_are_grouped(tmp_path: Path) -> None:
     inner = journal._apply
     # count transactions, and the rows each one wrote
     journal._apply = lambda ops: (applied.append(sum(len(r) for _, r in ops)), inner(ops))[1]
-    table = Table(journal, max_queued=10_000, max_attempts=3)
+    table = Table(journal, max_attempts=3)
 
     async def submit(i: int) -> None:
         table.add([Job(f"s{i}", "embed", "t", "m")])
@@ -64,7 +64,7 @@ async def test_commits_are_grouped(tmp_path: Path) -> None:
 
 async def test_lost_attempts_requeue_then_fail(tmp_path: Path) -> None:
     journal = Journal(str(tmp_path / "j.sqlite3"))
-    table = Table(journal, max_queued=100, max_attempts=2)
+    table = Table(journal, max_attempts=2)
     table.add(jobs(2))
     table.take("m", 2, b"c1")
     n, failed = table.requeue(b"c1", "controller lost")
@@ -79,7 +79,7 @@ async def test_lost_attempts_requeue_then_fail(tmp_path: Path) -> None:
 
 async def test_late_and_duplicate_completions_are_dropped(tmp_path: Path) -> None:
     journal = Journal(str(tmp_path / "j.sqlite3"))
-    table = Table(journal, max_queued=100, max_attempts=3)
+    table = Table(journal, max_attempts=3)
     table.add(jobs(1))
     table.take("m", 1, b"old")
     table.requeue(b"old", "silent")
@@ -93,7 +93,7 @@ async def test_late_and_duplicate_completions_are_dropped(tmp_path: Path) -> Non
 
 async def test_deadline_and_cancel(tmp_path: Path) -> None:
     journal = Journal(str(tmp_path / "j.sqlite3"))
-    table = Table(journal, max_queued=100, max_attempts=3)
+    table = Table(journal, max_attempts=3)
     table.add([Job("late", "embed", "t", "m", deadline=100.0), Job("keep", "embed", "t", "m")])
     table.add([Job("gone", "embed", "t", "m")])
     [late] = table.expire(now=100.5)
