@@ -397,7 +397,9 @@ class BlockingClient:
             return
         self._client.close()
         # let the cancelled reader and retry tasks unwind before the loop goes
-        self._loop.run_until_complete(asyncio.sleep(0))
+        pending = asyncio.all_tasks(self._loop)
+        if pending:
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
     def submit(self, jobs: Iterable[dict]) -> list[Result]:
