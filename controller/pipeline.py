@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
 import torch
 import zmq
 import zmq.asyncio
 
-from broker.protocol import Kind, Limits, Message, decode, encode
+from broker.protocol import Kind, Limits, ProtocolError, decode, encode
 from broker.transport import configure
 from controller.scheduler import Item
 from workers.packing import pack
+
+log = logging.getLogger("baton.pipeline")
 
 
 @dataclass(slots=True)
@@ -30,7 +32,6 @@ class Flight:
 
     id: int
     items: list[Item]
-    sent: float = field(default_factory=time.monotonic)
 
 
 class Pipeline:
@@ -50,7 +51,6 @@ class Pipeline:
         self.out = ctx.socket(zmq.PULL)
         configure(self.out, limits)
         self.out.bind(results)
-        self.max_inflight = max_inflight
         self.inflight: dict[int, Flight] = {}
         self.empty = asyncio.Event()
         self.empty.set()
@@ -106,9 +106,14 @@ class Pipeline:
         return flight
 
     async def recv(self) -> tuple[Flight, torch.Tensor | None] | None:
-        """The next finished batch and its embeddings (None for echo); None for a stale batch id."""
-        msg: Message = decode(await self.out.recv_multipart(), self.limits, (Kind.OUTPUT,))
-        flight = self.inflight.pop(msg.body["batch"], None)
+        """The next finished batch and its embeddings (None for echo); None for a stale batch id
+        or an unreadable message (its batch then stays inside until a restart takes it back)."""
+        try:
+            msg = decode(await self.out.recv_multipart(), self.limits, (Kind.OUTPUT,))
+        except ProtocolError as e:
+            log.error("unreadable output from the last stage: %s", e)
+            return None
+        flight = self.inflight.pop(msg.body.get("batch"), None)
         if flight is None:
             return None
         if not self.inflight:
