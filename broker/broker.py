@@ -16,7 +16,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import torch
 import zmq
 import zmq.asyncio
@@ -127,11 +126,14 @@ class Broker:
         while True:
             for frames in await recv_batch(self.front):
                 ident, rest = frames[0], frames[1:]
+                msg = None
                 try:
                     msg = decode(rest, self.limits, CLIENT_KINDS)
                     self._on_client(ident, msg)
                 except ProtocolError as e:
-                    send(self.front, [ident, *error(e.code, e.message, ref=_ref(rest))])
+                    # the reply names the request it refuses, whether decode or a handler refused
+                    ref = e.ref if msg is None else msg.body.get("ref")
+                    send(self.front, [ident, *error(e.code, e.message, ref=ref)])
                 except Exception as e:  # a bug must not take the door down for everyone
                     log.exception("client message failed")
                     send(self.front, [ident, *error(Code.INTERNAL, f"{type(e).__name__}: {e}")])
@@ -408,15 +410,3 @@ class Broker:
                     self.lost(ident, f"silent for {now - ctrl.seen:.1f} s")
                 else:
                     send(self.back, [ident, *encode(Kind.HEARTBEAT)])
-
-
-def _ref(frames: list[bytes]) -> Any:
-    """The request's `ref`, if its header can be read at all, so even an error reply matches."""
-    try:
-        head = msgpack.unpackb(
-            frames[0], raw=False, strict_map_key=True, ext_hook=lambda c, d: None
-        )
-        ref = head.get("ref") if isinstance(head, dict) else None
-        return ref if isinstance(ref, (str, int, float, bool)) or ref is None else None
-    except Exception:
-        return None

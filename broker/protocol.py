@@ -81,6 +81,7 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.ref: Any = None  # the request's ref, when its header could be read
 
 
 @dataclass(slots=True, frozen=True)
@@ -142,19 +143,28 @@ def encode(
 def decode(
     frames: Sequence[bytes | memoryview], limits: Limits, kinds: Iterable[str] | None = None
 ) -> Message:
-    """Parse and check one message; raises ProtocolError with a typed code on anything amiss."""
+    """Parse and check one message; raises ProtocolError with a typed code on anything amiss.
+
+    Once the header is readable, the error carries the request's `ref`, so that even a refusal
+    (too large, unknown kind, ...) matches the request it answers.
+    """
     if not frames:
         raise ProtocolError(Code.MALFORMED, "empty message")
-    if len(frames) > limits.max_frames:
-        raise ProtocolError(
-            Code.TOO_MANY_FRAMES, f"{len(frames)} frames; at most {limits.max_frames}"
-        )
-    size = sum(len(f) for f in frames)
-    if size > limits.max_message_bytes:
-        raise ProtocolError(Code.TOO_LARGE, f"{size} bytes; at most {limits.max_message_bytes}")
+    if len(frames[0]) > limits.max_message_bytes:
+        raise ProtocolError(Code.TOO_LARGE, f"header of {len(frames[0])} bytes")
+    header = _header(frames[0])
+    ref = header.get("ref")
+    try:
+        return _check(header, frames, limits, kinds)
+    except ProtocolError as e:
+        e.ref = ref if isinstance(ref, (str, int, float, bool)) else None
+        raise
+
+
+def _header(frame: bytes | memoryview) -> dict[str, Any]:
     try:
         header = msgpack.unpackb(
-            frames[0],
+            frame,
             raw=False,
             strict_map_key=True,
             ext_hook=_reject_ext,
@@ -170,6 +180,22 @@ def decode(
         ) from None
     if not isinstance(header, dict) or not all(isinstance(k, str) for k in header):
         raise ProtocolError(Code.MALFORMED, "header must be a map with string keys")
+    return header
+
+
+def _check(
+    header: dict[str, Any],
+    frames: Sequence[bytes | memoryview],
+    limits: Limits,
+    kinds: Iterable[str] | None,
+) -> Message:
+    if len(frames) > limits.max_frames:
+        raise ProtocolError(
+            Code.TOO_MANY_FRAMES, f"{len(frames)} frames; at most {limits.max_frames}"
+        )
+    size = sum(len(f) for f in frames)
+    if size > limits.max_message_bytes:
+        raise ProtocolError(Code.TOO_LARGE, f"{size} bytes; at most {limits.max_message_bytes}")
     # type check too: msgpack True and 1.0 compare equal to 1 but are not version 1
     if type(header.get("v")) is not int or header["v"] != VERSION:
         raise ProtocolError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from unittest.mock import ANY
 
 import msgpack
 import pytest
@@ -181,3 +182,11 @@ def test_echo_and_embed_mixed(small_fleet: Fleet) -> None:
         assert r.status == "ok"
         assert (r.embedding is None) == (job["task"] == "echo")
     assert stats["batches"] >= 2 and stats["tokens"] <= stats["padded_tokens"]
+
+
+def test_error_replies_name_their_request(sock: zmq.Socket) -> None:
+    """Refusals from decode and from a handler both echo the request's ref."""
+    sock.send_multipart([head(kind="submit", jobs=[], ref=7), b"\0" * 300_000])
+    assert recv(sock).body == {"code": "too_large", "message": ANY, "ref": 7}
+    sock.send_multipart([head(kind="submit", jobs="everything", ref=8)])
+    assert recv(sock).body == {"code": "bad_field", "message": ANY, "ref": 8}

@@ -272,3 +272,16 @@ def test_frame_length_must_match_shape(dtype, shape, skew):
         assert decode(frames, LIMITS).tensors[0].shape == tuple(shape)
     else:
         refused(frames, Code.BAD_TENSOR)
+
+
+def test_refusals_carry_the_requests_ref_once_the_header_reads() -> None:
+    header = msgpack.packb({"v": 1, "kind": "ping", "ref": 42})
+    with pytest.raises(ProtocolError) as big:
+        decode([header, b"\0" * 100], Limits(max_message_bytes=64))
+    assert big.value.code == Code.TOO_LARGE and big.value.ref == 42
+    with pytest.raises(ProtocolError) as unknown:
+        decode([msgpack.packb({"v": 1, "kind": "nope", "ref": "r"})], Limits(), ("ping",))
+    assert unknown.value.ref == "r"
+    with pytest.raises(ProtocolError) as garbage:
+        decode([b"\xc1"], Limits())
+    assert garbage.value.ref is None
