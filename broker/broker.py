@@ -9,10 +9,11 @@ queue, and its result is routed back to every client waiting on that id.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,11 @@ import zmq.asyncio
 
 from broker import jobs as J
 from broker.journal import Journal
+from broker.outbox import Outbox
 from broker.protocol import (
     CLIENT_KINDS,
     CONTROLLER_KINDS,
+    ENVELOPE,
     Code,
     Kind,
     Limits,
@@ -32,14 +35,25 @@ from broker.protocol import (
     ProtocolError,
     decode,
     encode,
+    entry_size,
     error,
     get,
+    job_size,
+    spans,
 )
 from broker.transport import configure, recv_batch, send
 
 log = logging.getLogger("baton.broker")
 
 BUSY_RETRY_MS = 200
+# Messages ZeroMQ holds per client each way. Out: what a slow reader leaves waits in the outbox.
+# In: past it ZeroMQ stops reading that client's connection, so a client that floods us waits
+# in its own send queue (TCP backpressure) instead of in our memory.
+FRONT_HWM = 64
+FRONT_RCVHWM = 16
+RESULTS_TO_CLIENT_BYTES = 1 << 20  # one `results` message to a client, at most
+SENT_KEPT = 64  # recent `jobs` messages per controller, by ref, for a refusal that names one
+SIZE_REFUSALS = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES, Code.TOO_MANY_ITEMS})
 
 
 @dataclass(slots=True)
@@ -48,6 +62,9 @@ class Admission:
     max_text_chars: int = 100_000
     max_queued: int = 100_000
     max_attempts: int = 3
+    max_queued_bytes: int = 128 * 1024 * 1024
+    max_ids_per_message: int = 4096
+    max_unread_bytes: int = 64 * 1024 * 1024  # per client, beyond what ZeroMQ holds
 
 
 @dataclass(slots=True)
@@ -60,8 +77,24 @@ class Controller:
     pid: int | None = None
     state: str = "ready"
     stats: dict[str, int] = field(default_factory=dict)
-    credit: int = 0
+    epoch: int = 0  # which registration of this controller process this is
+    credit: int = 0  # jobs it asked for and has not been sent yet
+    credit_bytes: int = 0  # bytes (protocol.job_size) likewise
     seen: float = field(default_factory=time.monotonic)
+    sent: OrderedDict[int, list[str]] = field(default_factory=OrderedDict)
+
+
+@dataclass(slots=True)
+class _Admitted:
+    """What one submit message came to, job by job."""
+
+    served: dict[str, J.Served]
+    ids: list[str] = field(default_factory=list)  # accepted or attached, in order
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    stored: list[J.Job] = field(default_factory=list)  # known ids whose result is kept
+    fresh: list[J.Job] = field(default_factory=list)  # new jobs, to journal and queue
+    seen: set[str] = field(default_factory=set)
+    bytes: int = 0
 
 
 class Broker:
@@ -77,9 +110,20 @@ class Broker:
     ) -> None:
         self.limits, self.admission = limits or Limits(), admission or Admission()
         limits = self.limits
+        adm = self.admission
+        # clients' lists are short: a longer one is refused by msgpack before it is built
+        self.front_limits = Limits(
+            limits.max_message_bytes,
+            limits.max_frames,
+            max(adm.max_jobs_per_message, adm.max_ids_per_message),
+        )
         self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
+        self.refs = itertools.count(1)
         self.front = ctx.socket(zmq.ROUTER)
         configure(self.front, limits, mandatory=True)
+        self.front.setsockopt(zmq.SNDHWM, FRONT_HWM)
+        self.front.setsockopt(zmq.RCVHWM, FRONT_RCVHWM)
+        self.outbox = Outbox(self.front, adm.max_unread_bytes)
         self.front.bind(client_endpoint)
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.back = ctx.socket(zmq.ROUTER)
@@ -124,30 +168,32 @@ class Broker:
 
     async def _front_loop(self) -> None:
         while True:
+            if self.outbox.waiting:  # a client that sends is likely reading again
+                self.outbox.flush()
             for frames in await recv_batch(self.front):
                 ident, rest = frames[0], frames[1:]
                 msg = None
                 try:
-                    msg = decode(rest, self.limits, CLIENT_KINDS)
+                    msg = decode(rest, self.front_limits, CLIENT_KINDS)
                     self._on_client(ident, msg)
                 except ProtocolError as e:
                     # the reply names the request it refuses, whether decode or a handler refused
                     ref = e.ref if msg is None else msg.body.get("ref")
-                    send(self.front, [ident, *error(e.code, e.message, ref=ref)])
+                    self.outbox.send(ident, error(e.code, e.message, ref=ref))
                 except Exception as e:  # a bug must not take the door down for everyone
                     log.exception("client message failed")
-                    send(self.front, [ident, *error(Code.INTERNAL, f"{type(e).__name__}: {e}")])
+                    self.outbox.send(ident, error(Code.INTERNAL, f"{type(e).__name__}: {e}"))
 
     def _on_client(self, ident: bytes, msg: Message) -> None:
         ref = msg.body.get("ref")
         if msg.kind == Kind.SUBMIT:
             self._submit(ident, msg.body, ref)
         elif msg.kind == Kind.STATUS:
-            send(self.front, [ident, *encode(Kind.STATUS, {**self.status(), "ref": ref})])
+            self.outbox.send(ident, encode(Kind.STATUS, {**self.status(), "ref": ref}))
         elif msg.kind == Kind.CANCEL:
             self._cancel(ident, msg.body, ref)
         elif msg.kind == Kind.PING:
-            send(self.front, [ident, *encode(Kind.PONG, {"ref": ref})])
+            self.outbox.send(ident, encode(Kind.PONG, {"ref": ref}))
 
     def _submit(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
         raw = get(body, "jobs", list)
@@ -156,60 +202,61 @@ class Broker:
                 Code.BAD_FIELD,
                 f"{len(raw)} jobs in one submit; at most {self.admission.max_jobs_per_message}",
             )
-        ids: list[str] = []
-        refused: list[dict[str, Any]] = []
-        stored: list[J.Job] = []
-        fresh: list[J.Job] = []
-        seen: set[str] = set()
-        served = {c.model: J.Served(c.tasks) for c in self.controllers.values()}
         self.table.recall(
             [i["id"] for i in raw if isinstance(i, dict) and isinstance(i.get("id"), str)]
         )
-        default = next(iter(served), "")
+        batch = _Admitted({c.model: J.Served(c.tasks) for c in self.controllers.values()})
         for item in raw:
             try:
-                job = J.validate(item, served, default, self.admission.max_text_chars)
-                if job.id in seen:
-                    raise ProtocolError(
-                        Code.DUPLICATE_ID, f"id {job.id!r} appears twice in this submit"
-                    )
-                if not self.admitting:
-                    raise ProtocolError(
-                        Code.SHUTTING_DOWN, "the broker is draining and admits no new jobs"
-                    )
+                self._admit(ident, item, batch)
             except ProtocolError as e:
-                jid = (
-                    item.get("id")
-                    if isinstance(item, dict) and isinstance(item.get("id"), str)
-                    else None
-                )
-                refused.append(J.failure(jid, e.code, e.message))
-                continue
-            seen.add(job.id)
-            known = self.table.jobs.get(job.id)
-            if known is not None:  # the id is an idempotency key: attach, or hand back the result
-                if known.state in J.FINAL:
-                    stored.append(known)
-                elif ident not in known.waiters:
-                    known.waiters.append(ident)
-                ids.append(job.id)
-                continue
-            if self.table.queued + len(fresh) >= self.admission.max_queued:
-                entry = J.failure(job.id, Code.BUSY, "the queue is full; retry later")
-                entry["error"]["retry_after_ms"] = BUSY_RETRY_MS
-                refused.append(entry)
-                continue
-            job.waiters.append(ident)
-            fresh.append(job)
-            ids.append(job.id)
-        if fresh:
-            self.table.add(fresh)
+                jid = item.get("id") if isinstance(item, dict) else None
+                entry = J.failure(jid if isinstance(jid, str) else None, e.code, e.message)
+                if e.code == Code.BUSY:
+                    entry["error"]["retry_after_ms"] = BUSY_RETRY_MS
+                batch.refused.append(entry)
+        if batch.fresh:
+            self.table.add(batch.fresh)
             self.idle.clear()
             self._dispatch()
         # "accepted" only once the journal holds the jobs; meanwhile the door stays open
-        task = asyncio.create_task(self._ack(ident, ids, ref, refused, stored))
+        task = asyncio.create_task(self._ack(ident, batch.ids, ref, batch.refused, batch.stored))
         self.acks.add(task)
         task.add_done_callback(self.acks.discard)
+
+    def _admit(self, ident: bytes, item: Any, batch: _Admitted) -> None:
+        """One job of a submit: refused (raises), attached to a known id, or fresh."""
+        default = next(iter(batch.served), "")
+        job = J.validate(item, batch.served, default, self.admission.max_text_chars)
+        if job.id in batch.seen:
+            raise ProtocolError(Code.DUPLICATE_ID, f"id {job.id!r} appears twice in this submit")
+        if not self.admitting:
+            raise ProtocolError(Code.SHUTTING_DOWN, "the broker is draining and admits no new jobs")
+        batch.seen.add(job.id)
+        known = self.table.jobs.get(job.id)
+        if known is not None:  # the id is an idempotency key: attach, or hand back the result
+            if known.state in J.FINAL:
+                batch.stored.append(known)
+            elif ident not in known.waiters:
+                known.waiters.append(ident)
+            batch.ids.append(job.id)
+            return
+        job.client, job.size = ident, job_size(job.id, job.text)
+        most = self.limits.max_message_bytes - ENVELOPE
+        if job.size > most:  # it could never be handed to a controller in one message
+            raise ProtocolError(
+                Code.TOO_LARGE, f"the job takes {job.size} bytes; one message carries {most}"
+            )
+        adm = self.admission
+        if (
+            self.table.queued + len(batch.fresh) >= adm.max_queued
+            or self.table.queued_bytes + batch.bytes + job.size > adm.max_queued_bytes
+        ):
+            raise ProtocolError(Code.BUSY, "the queue is full; retry later")
+        job.waiters.append(ident)
+        batch.fresh.append(job)
+        batch.bytes += job.size
+        batch.ids.append(job.id)
 
     async def _ack(
         self,
@@ -223,16 +270,21 @@ class Broker:
             await self.journal.commit()
         except Exception as e:  # the disk failed us: say so rather than promise
             log.exception("journal commit failed")
-            send(self.front, [ident, *error(Code.INTERNAL, f"journal write failed: {e}", ref=ref)])
+            self.outbox.send(ident, error(Code.INTERNAL, f"journal write failed: {e}", ref=ref))
             return
-        send(self.front, [ident, *encode(Kind.ACCEPTED, {"ids": ids, "ref": ref})])
+        self.outbox.send(ident, encode(Kind.ACCEPTED, {"ids": ids, "ref": ref}))
         if refused:
-            send(self.front, [ident, *encode(Kind.RESULTS, {"results": refused})])
+            self.outbox.send(ident, encode(Kind.RESULTS, {"results": refused}))
         if stored:
             self._deliver({ident: stored})
 
     def _cancel(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
         ids = get(body, "ids", list)
+        if len(ids) > self.admission.max_ids_per_message:
+            raise ProtocolError(
+                Code.TOO_MANY_ITEMS,
+                f"{len(ids)} ids in one cancel; at most {self.admission.max_ids_per_message}",
+            )
         if not all(isinstance(i, str) for i in ids):
             raise ProtocolError(Code.BAD_FIELD, "field 'ids' must be a list of strings")
         done, unknown, ended = [], [], []
@@ -257,18 +309,28 @@ class Broker:
         self._owe(ended)
 
     def _deliver(self, owed: dict[bytes, list[J.Job]]) -> None:
-        """One `results` message per client: entries, plus one tensor of the ok embeddings."""
+        """`results` messages per client, each within the message limit: entries, plus one
+        tensor of the ok embeddings that the entries name by row."""
+        if self.outbox.waiting:
+            self.outbox.flush()
+        budget = min(self.limits.max_message_bytes, RESULTS_TO_CLIENT_BYTES) - ENVELOPE
         for ident, done in owed.items():
-            entries, rows = [], []
-            for j in done:
-                if j.embedding is None:
-                    entries.append(j.entry)
-                else:
-                    entries.append({**j.entry, "row": len(rows)})
-                    rows.append(j.embedding)
-            tensors = [torch.stack(rows)] if rows else []
-            # an undeliverable result stays in the table: the client can submit the id again
-            send(self.front, [ident, *encode(Kind.RESULTS, {"results": entries}, tensors)])
+            sizes = [
+                entry_size(j.entry)
+                + (0 if j.embedding is None else j.embedding.numel() * j.embedding.element_size())
+                for j in done
+            ]
+            for a, b in spans(sizes, budget):
+                entries, rows = [], []
+                for j in done[a:b]:
+                    if j.embedding is None:
+                        entries.append(j.entry)
+                    else:
+                        entries.append({**j.entry, "row": len(rows)})
+                        rows.append(j.embedding)
+                tensors = [torch.stack(rows)] if rows else []
+                # a result no client took stays in the table: it can submit the id again
+                self.outbox.send(ident, encode(Kind.RESULTS, {"results": entries}, tensors))
 
     def status(self) -> dict[str, Any]:
         ctrls = list(self.controllers.values())
@@ -284,11 +346,14 @@ class Broker:
                     "pid": c.pid,
                     "state": c.state,
                     "credit": c.credit,
+                    "credit_bytes": c.credit_bytes,
+                    "epoch": c.epoch,
                     "stats": c.stats,
                 }
                 for c in ctrls
             ],
             "jobs": self.table.summary(),
+            "unread_bytes": self.outbox.bytes(),
             "admitting": self.admitting,
             "pid": os.getpid(),
         }
@@ -304,6 +369,10 @@ class Broker:
                     self._on_controller(ident, msg)
                 except ProtocolError as e:
                     log.warning("bad message from controller %r: %s %s", ident, e.code, e.message)
+                    if e.code in SIZE_REFUSALS and ident in self.controllers:
+                        # results we cannot read: its jobs go back to the queue rather than
+                        # stay leased to it, and it must register again
+                        self.lost(ident, f"sent a message refused as {e.code}: {e.message}")
                 except Exception:
                     log.exception("controller message failed")
 
@@ -312,22 +381,24 @@ class Broker:
         if ctrl is not None:
             ctrl.seen = time.monotonic()  # any traffic is a heartbeat
         if msg.kind == Kind.READY:
-            b = msg.body
-            self.controllers[ident] = Controller(
-                ident,
-                get(b, "model", str),
-                frozenset(get(b, "tasks", list)),
-                get(b, "layout", dict),
-                get(b, "workers", list, []),
-                get(b, "pid", int, None),
-            )
-            log.info("controller %r ready for model %s", ident, b["model"])
-            self.registered.set()
+            self._register(ident, msg.body)
         elif ctrl is None:
-            # a controller we do not know (e.g. we restarted): it must say `ready` again
-            send(self.back, [ident, *error(Code.BAD_FIELD, "say `ready` first")])
+            # one we dropped (silent too long, or we were) or never knew: it registers again
+            epoch = msg.body.get("epoch")
+            send(
+                self.back,
+                [
+                    ident,
+                    *error(
+                        Code.UNKNOWN_PEER,
+                        "unknown controller: say `ready` again",
+                        epoch=epoch if isinstance(epoch, int) else None,
+                    ),
+                ],
+            )
         elif msg.kind == Kind.CREDIT:
             ctrl.credit += get(msg.body, "n", int)
+            ctrl.credit_bytes += get(msg.body, "bytes", int)
             self._dispatch()
         elif msg.kind == Kind.RESULTS:
             ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
@@ -336,6 +407,36 @@ class Broker:
             ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
             ctrl.state = get(msg.body, "state", str, ctrl.state)
             ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
+        elif msg.kind == Kind.ERROR:
+            self._refused(ctrl, msg.body)
+
+    def _register(self, ident: bytes, b: dict[str, Any]) -> None:
+        old = self.controllers.get(ident)
+        self.controllers[ident] = Controller(
+            ident,
+            get(b, "model", str),
+            frozenset(get(b, "tasks", list)),
+            get(b, "layout", dict),
+            get(b, "workers", list, []),
+            get(b, "pid", int, None),
+            epoch=get(b, "epoch", int, 0),
+        )
+        if old is not None:
+            # it registers again without having been dropped: what it held is gone from it
+            n, failed = self.table.requeue(ident, "controller registered again")
+            self._owe(failed)
+        log.info("controller %r ready for model %s", ident, b["model"])
+        self.registered.set()
+
+    def _refused(self, ctrl: Controller, body: dict[str, Any]) -> None:
+        """The controller could not read one of our `jobs` messages: its jobs go back."""
+        code, ref = body.get("code"), body.get("ref")
+        log.warning("controller %r refused message %r: %s %s", ctrl.ident, ref, code, body)
+        ids = ctrl.sent.pop(ref, None) if isinstance(ref, int) else None
+        if ids:
+            n, failed = self.table.requeue(ctrl.ident, f"controller refused it: {code}", ids)
+            self._owe(failed)
+            self._dispatch()
 
     def _results(self, msg: Message, ident: bytes) -> None:
         entries = get(msg.body, "results", list)
@@ -354,18 +455,24 @@ class Broker:
         self._owe(ended)
 
     def _dispatch(self) -> None:
-        for ctrl in self.controllers.values():
-            if ctrl.credit <= 0 or not self.table.pending(ctrl.model):
-                continue
-            batch = self.table.take(ctrl.model, ctrl.credit, ctrl.ident)
-            if not batch:
-                continue
-            if send(
-                self.back, [ctrl.ident, *encode(Kind.JOBS, {"jobs": [j.wire() for j in batch]})]
-            ):
+        """Hand queued jobs to controllers within their credit, in messages within the limit."""
+        budget = self.limits.max_message_bytes - ENVELOPE
+        for ctrl in list(self.controllers.values()):
+            while ctrl.credit > 0 and ctrl.credit_bytes > 0 and self.table.pending(ctrl.model):
+                nbytes = min(ctrl.credit_bytes, budget)
+                batch = self.table.take(ctrl.model, ctrl.credit, ctrl.ident, nbytes)
+                if not batch:
+                    break
+                ref = next(self.refs)
+                body = {"jobs": [j.wire() for j in batch], "ref": ref}
+                if not send(self.back, [ctrl.ident, *encode(Kind.JOBS, body)]):
+                    self.lost(ctrl.ident, "unreachable")
+                    break
                 ctrl.credit -= len(batch)
-            else:
-                self.lost(ctrl.ident, "unreachable")
+                ctrl.credit_bytes -= sum(j.size for j in batch)
+                ctrl.sent[ref] = [j.id for j in batch]
+                while len(ctrl.sent) > SENT_KEPT:
+                    ctrl.sent.popitem(last=False)
 
     def _owe(self, ended: list[J.Job]) -> None:
         owed: dict[bytes, list[J.Job]] = defaultdict(list)
@@ -398,13 +505,22 @@ class Broker:
 
     async def _tick_loop(self) -> None:
         ticks = 0
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.heartbeat_s)  # the heartbeat period itself
             ticks += 1
+            self.outbox.flush()
             self._owe(self.table.expire(time.time()))
             if ticks % 60 == 0:
                 self.journal.expire()
             now = time.monotonic()
+            if now - last > max(3 * self.heartbeat_s, self.dead_after_s / 2):
+                # we ourselves were stopped (SIGSTOP, swapped out, a blocked loop): the
+                # controllers' silence is ours; judge them from now on
+                log.warning("the broker was stalled for %.1f s", now - last)
+                for ctrl in self.controllers.values():
+                    ctrl.seen = now
+            last = now
             for ident, ctrl in list(self.controllers.items()):
                 if now - ctrl.seen > self.dead_after_s:
                     self.lost(ident, f"silent for {now - ctrl.seen:.1f} s")

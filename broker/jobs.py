@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import os
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from broker.journal import Journal, Row
-from broker.protocol import Code, ProtocolError
+from broker.protocol import Code, ProtocolError, job_size
 
 MAX_ID_CHARS = 256
 
@@ -43,6 +44,9 @@ class Job:
     controller: bytes | None = None
     entry: dict[str, Any] | None = None  # the final `results` entry
     embedding: torch.Tensor | None = None
+    client: bytes = b""  # whose share of the queue it is served from (fairness between clients)
+    size: int = 0  # bytes it takes in a `jobs` message (protocol.job_size); set when queued
+    digest: bytes = b""  # of task, model and text, kept once the text is dropped (finished)
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -117,6 +121,14 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_c
     return Job(jid, task, text, model, deadline=deadline)
 
 
+def digest(task: str, model: str, text: str) -> bytes:
+    """What identifies a job's content, so a resubmitted id can be told retry from conflict."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (task, model, text):
+        h.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return h.digest()
+
+
 def failure(jid: Any, code: Code, message: str) -> dict[str, Any]:
     """A `results` entry for a job that ends in an error."""
     return {"id": jid, "status": "error", "error": {"code": str(code), "message": message}}
@@ -127,18 +139,23 @@ class Table:
 
     The journal sees every change that must survive a restart: acceptance, the end, and lost
     attempts. Finished jobs stay in memory up to `keep_finished`; older ones are read back from
-    the journal when their id is submitted again.
+    the journal when their id is submitted again. Each model's queue is kept per client and
+    served round-robin, so one client's backlog does not hold back another client's jobs.
     """
 
     def __init__(self, journal: Journal, max_attempts: int, keep_finished: int = 10_000) -> None:
         self.journal = journal
         self.max_attempts, self.keep_finished = max_attempts, keep_finished
         self.jobs: dict[str, Job] = {}
-        self.queues: dict[str, deque[str]] = {}
+        # model -> client -> that client's queued ids, clients in round-robin order
+        self.queues: dict[str, OrderedDict[bytes, deque[str]]] = {}
+        self.waiting: dict[str, int] = {}  # queued jobs per model
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.deadlines: list[tuple[float, str]] = []  # heap of queued jobs' deadlines
+        self.timed = 0  # queued jobs with a deadline: the heap is rebuilt when it holds far more
         self.counts = {"accepted": 0, "done": 0, "failed": 0, "cancelled": 0}
         self.queued = 0
+        self.queued_bytes = 0
         self.running = 0
 
     def recover(self) -> int:
@@ -174,29 +191,56 @@ class Table:
             self._enqueue(job)
         self.counts["accepted"] += len(jobs)
 
-    def _enqueue(self, job: Job) -> None:
+    def _enqueue(self, job: Job, front: bool = False) -> None:
         self.jobs[job.id] = job
-        self.queues.setdefault(job.model, deque()).append(job.id)
+        if not job.size:
+            job.size = job_size(job.id, job.text)
+        clients = self.queues.setdefault(job.model, OrderedDict())
+        queue = clients.get(job.client)
+        if queue is None:
+            queue = clients[job.client] = deque()
+        if front:
+            queue.appendleft(job.id)
+            clients.move_to_end(job.client, last=False)  # a retried job has waited longest
+        else:
+            queue.append(job.id)
+        self.waiting[job.model] = self.waiting.get(job.model, 0) + 1
         self.queued += 1
+        self.queued_bytes += job.size
         if job.deadline is not None:
+            self.timed += 1
             heapq.heappush(self.deadlines, (job.deadline, job.id))
 
     def pending(self, model: str) -> int:
-        return len(self.queues.get(model, ()))
+        return self.waiting.get(model, 0)
 
-    def take(self, model: str, n: int, controller: bytes) -> list[Job]:
-        """Up to n queued jobs of `model`, now running on `controller`; ended ones skipped."""
-        queue = self.queues.get(model)
+    def take(self, model: str, n: int, controller: bytes, nbytes: int | None = None) -> list[Job]:
+        """Up to n queued jobs of `model`, now running on `controller`: one from each client in
+        turn, ended ones skipped. Given `nbytes`, the jobs after the first fit within it (the
+        first is always taken, so that any positive credit moves the queue)."""
+        clients = self.queues.get(model)
         out: list[Job] = []
-        while queue and len(out) < n:
-            job = self.jobs.get(queue.popleft())
-            if job is None or job.state is not State.QUEUED:
-                continue
+        left = nbytes
+        while clients and len(out) < n:
+            client, queue = next(iter(clients.items()))
+            job = self.jobs.get(queue[0])
+            live = job is not None and job.state is State.QUEUED
+            if live and left is not None and out and job.size > left:
+                break
+            queue.popleft()
+            if not queue:
+                del clients[client]
+            elif live:
+                clients.move_to_end(client)
+            if not live:
+                continue  # cancelled or expired while queued: already counted out
+            self._unqueue(job)
             job.state = State.RUNNING
             job.controller = controller
-            self.queued -= 1
             self.running += 1
             out.append(job)
+            if left is not None:
+                left -= job.size
         return out
 
     def finish(
@@ -240,12 +284,25 @@ class Table:
                 out.append(job)
         return out
 
-    def requeue(self, controller: bytes, cause: str) -> tuple[int, list[Job]]:
-        """Jobs running on a controller that went away: back to the front of their queue, or
-        failed if this was their last attempt. Returns (requeued, failed)."""
-        back = [
-            j for j in self.jobs.values() if j.state is State.RUNNING and j.controller == controller
-        ]
+    def requeue(
+        self, controller: bytes, cause: str, ids: list[str] | None = None
+    ) -> tuple[int, list[Job]]:
+        """Jobs running on a controller that went away (or only `ids` of them): back to the
+        front of their queue, or failed if this was their last attempt. Returns (requeued,
+        failed)."""
+        if ids is None:
+            back = [
+                j
+                for j in self.jobs.values()
+                if j.state is State.RUNNING and j.controller == controller
+            ]
+        else:
+            held = (self.jobs.get(i) for i in ids)
+            back = [
+                j
+                for j in held
+                if j is not None and j.state is State.RUNNING and j.controller == controller
+            ]
         failed: list[Job] = []
         again: list[Job] = []
         for job in back:
@@ -260,16 +317,36 @@ class Table:
         self.journal.attempt([j.id for j in again], [j.attempts for j in again])
         for job in reversed(again):
             job.state, job.controller = State.QUEUED, None
-            self.queues.setdefault(job.model, deque()).appendleft(job.id)
-            self.queued += 1
+            self._enqueue(job, front=True)
         return len(again), failed
 
     def summary(self) -> dict[str, int]:
-        return {**self.counts, "queued": self.queued, "running": self.running}
+        return {
+            **self.counts,
+            "queued": self.queued,
+            "queued_bytes": self.queued_bytes,
+            "running": self.running,
+        }
+
+    def _unqueue(self, job: Job) -> None:
+        self.queued -= 1
+        self.queued_bytes -= job.size
+        self.waiting[job.model] -= 1
+        if job.deadline is not None:
+            self.timed -= 1
+            # entries of jobs that left the queue stay in the heap until they come due; rebuild
+            # it when they dominate, so it does not grow with finished work
+            if len(self.deadlines) > 2 * self.timed + 1024:
+                self.deadlines = [
+                    (j.deadline, j.id)
+                    for j in self.jobs.values()
+                    if j.state is State.QUEUED and j.deadline is not None and j is not job
+                ]
+                heapq.heapify(self.deadlines)
 
     def _leave(self, job: Job) -> None:
         if job.state is State.QUEUED:
-            self.queued -= 1  # its id stays in the deque; take() skips it
+            self._unqueue(job)  # its id stays in its client's deque; take() skips it
         else:
             self.running -= 1
 
@@ -284,7 +361,9 @@ class Table:
 
     def _retire(self, job: Job) -> None:
         # finished jobs stay in memory up to keep_finished, oldest dropped first (the journal
-        # still has them until their TTL)
+        # still has them until their TTL); a finished job's text is not kept in memory
+        if job.text:
+            job.digest, job.text = digest(job.task, job.model, job.text), ""
         self.finished[job.id] = None
         while len(self.finished) > self.keep_finished:
             old, _ = self.finished.popitem(last=False)

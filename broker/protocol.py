@@ -47,7 +47,9 @@ class Kind(StrEnum):
 
 
 CLIENT_KINDS = frozenset({Kind.SUBMIT, Kind.STATUS, Kind.CANCEL, Kind.PING})
-CONTROLLER_KINDS = frozenset({Kind.READY, Kind.CREDIT, Kind.RESULTS, Kind.REPORT, Kind.HEARTBEAT})
+CONTROLLER_KINDS = frozenset(
+    {Kind.READY, Kind.CREDIT, Kind.RESULTS, Kind.REPORT, Kind.HEARTBEAT, Kind.ERROR}
+)
 
 
 class Code(StrEnum):
@@ -58,10 +60,14 @@ class Code(StrEnum):
     UNKNOWN_KIND = "unknown_kind"
     TOO_LARGE = "too_large"  # message bytes over the limit
     TOO_MANY_FRAMES = "too_many_frames"
+    TOO_MANY_ITEMS = "too_many_items"  # a list in the message is longer than the limit allows
     BAD_TENSOR = "bad_tensor"  # tensor header disagrees with its frame, or dtype not allowed
     BAD_FIELD = "bad_field"  # a field is missing or has the wrong type or value
     UNKNOWN_TASK = "unknown_task"
     UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_PEER = (
+        "unknown_peer"  # a controller the broker does not (or no longer) know: re-register
+    )
     EMPTY_TEXT = "empty_text"
     TEXT_TOO_LONG = "text_too_long"
     BUSY = "busy"  # queue full; retry after the hinted delay
@@ -88,6 +94,28 @@ class ProtocolError(Exception):
 class Limits:
     max_message_bytes: int = 16 * 1024 * 1024
     max_frames: int = 8
+    # items in any one list of a header: msgpack refuses a longer list from its length prefix,
+    # before building it, so a message of millions of tiny items cannot stall a loop
+    max_items: int = 1 << 20
+
+
+# Bytes a job adds to a `jobs` message beyond its id and text: keys, task, deadline, attempts.
+JOB_OVERHEAD = 96
+# Bytes of a message that are not its items: kind, version, ref, map headers.
+ENVELOPE = 1024
+
+
+def job_size(job_id: str, text: str) -> int:
+    """An upper bound of the bytes one job takes in a `jobs` message (and in the broker's queue).
+
+    Computed the same way on both sides of the broker <-> controller link, so that credit in
+    bytes means the same thing to both.
+    """
+    return (
+        len(job_id.encode("utf-8", "surrogatepass"))
+        + len(text.encode("utf-8", "surrogatepass"))
+        + JOB_OVERHEAD
+    )
 
 
 DTYPES: dict[str, torch.dtype] = {
@@ -107,6 +135,27 @@ class Message:
     kind: str
     body: dict[str, Any]
     tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+def spans(sizes: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Cut items of these sizes into runs [start, end) of at most `budget` bytes each; an item
+    larger than the budget travels alone (admission keeps such items out)."""
+    out: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and used + n > budget:
+            out.append((start, i))
+            start, used = i, 0
+        used += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
+def entry_size(entry: dict[str, Any]) -> int:
+    """An upper bound of the bytes one `results` entry takes, without encoding it."""
+    err = entry.get("error")
+    return 128 + len(str(entry.get("id"))) * 4 + (len(str(err)) * 4 if err else 0)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -152,7 +201,7 @@ def decode(
         raise ProtocolError(Code.MALFORMED, "empty message")
     if len(frames[0]) > limits.max_message_bytes:
         raise ProtocolError(Code.TOO_LARGE, f"header of {len(frames[0])} bytes")
-    header = _header(frames[0])
+    header = _header(frames[0], limits.max_items)
     ref = header.get("ref")
     try:
         return _check(header, frames, limits, kinds)
@@ -161,7 +210,7 @@ def decode(
         raise
 
 
-def _header(frame: bytes | memoryview) -> dict[str, Any]:
+def _header(frame: bytes | memoryview, max_items: int) -> dict[str, Any]:
     try:
         header = msgpack.unpackb(
             frame,
@@ -171,9 +220,19 @@ def _header(frame: bytes | memoryview) -> dict[str, Any]:
             object_hook=_reject_timestamps,
             list_hook=_reject_timestamps,
             use_list=True,
+            max_array_len=max_items,
+            max_map_len=max_items,
         )
     except ProtocolError:
         raise
+    except ValueError as e:
+        if "exceeds max_" in str(e):
+            raise ProtocolError(
+                Code.TOO_MANY_ITEMS, f"a list or map of more than {max_items} items"
+            ) from None
+        raise ProtocolError(
+            Code.MALFORMED, f"header is not valid msgpack: {type(e).__name__}"
+        ) from None
     except Exception as e:  # msgpack raises several unrelated types for garbage input
         raise ProtocolError(
             Code.MALFORMED, f"header is not valid msgpack: {type(e).__name__}"

@@ -9,7 +9,7 @@ from broker.protocol import Limits
 
 # A peer cannot make us buffer a frame past this many times the protocol limit: ZeroMQ drops the
 # connection instead. Below it, an oversize message is read and refused with a typed error.
-HARD_LIMIT_FACTOR = 4
+HARD_LIMIT_FACTOR = 1
 HWM = 10_000
 
 
@@ -24,17 +24,22 @@ def configure(sock: zmq.Socket, limits: Limits | None = None, *, mandatory: bool
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
 
 
-async def recv_batch(sock: zmq.asyncio.Socket, most: int = 256) -> list[list[bytes]]:
-    """Await one message, then take whatever else is already queued without blocking.
+async def recv_batch(
+    sock: zmq.asyncio.Socket, most: int = 256, most_bytes: int = 32 * 1024 * 1024
+) -> list[list[bytes]]:
+    """Await one message, then take whatever else is already queued without blocking, up to
+    `most` messages or `most_bytes` bytes (what is left stays in ZeroMQ's bounded queue).
 
     Awaiting each message costs an event-loop round trip; draining the ready ones amortises it.
     """
     out = [await sock.recv_multipart()]
-    while len(out) < most:
+    size = sum(len(f) for f in out[0])
+    while len(out) < most and size < most_bytes:
         try:
             out.append(await sock.recv_multipart(flags=zmq.NOBLOCK))
         except zmq.Again:
             break
+        size += sum(len(f) for f in out[-1])
     return out
 
 

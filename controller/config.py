@@ -55,6 +55,9 @@ class Limits:
     max_jobs_per_message: int = 1024
     max_text_chars: int = 100_000
     max_queued: int = 100_000
+    max_queued_bytes: int = 128 * 1024 * 1024
+    max_ids_per_message: int = 4096
+    max_unread_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -175,6 +178,9 @@ def check(cfg: Config) -> None:
         "limits.max_jobs_per_message": cfg.limits.max_jobs_per_message,
         "limits.max_text_chars": cfg.limits.max_text_chars,
         "limits.max_queued": cfg.limits.max_queued,
+        "limits.max_queued_bytes": cfg.limits.max_queued_bytes,
+        "limits.max_ids_per_message": cfg.limits.max_ids_per_message,
+        "limits.max_unread_bytes": cfg.limits.max_unread_bytes,
         "workers.heartbeat_ms": cfg.workers.heartbeat_ms,
         "workers.dead_after_ms": cfg.workers.dead_after_ms,
         "workers.start_timeout_s": cfg.workers.start_timeout_s,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -25,7 +26,18 @@ import zmq
 import zmq.asyncio
 
 from broker.jobs import failure
-from broker.protocol import Code, Kind, Limits, ProtocolError, decode, encode
+from broker.protocol import (
+    ENVELOPE,
+    Code,
+    Kind,
+    Limits,
+    ProtocolError,
+    decode,
+    encode,
+    entry_size,
+    job_size,
+    spans,
+)
 from broker.transport import configure, recv_batch
 from controller.config import Config, from_dict
 from controller.pipeline import Pipeline
@@ -74,6 +86,15 @@ class Controller:
         self.sched = Scheduler(cfg.batching.max_batch_tokens, cfg.batching.max_wait_ms)
         # jobs held here (queued or in flight) at most; enough to keep every in-flight slot full
         self.capacity = cfg.pipeline.max_inflight * max(64, cfg.batching.max_batch_tokens // 8)
+        # Credit: ask the broker for more only while fewer than two batches' worth of tokens wait
+        # here, so the rest of the backlog waits at the broker, where clients are served in turn
+        # and messages are cut to the size limit. Credit is counted in jobs and in bytes; the
+        # `asked_*` fields mirror what the broker still owes us under it.
+        self.target = 2 * cfg.batching.max_batch_tokens
+        self.held = 0  # jobs here, queued or in flight
+        self.asked_jobs = self.asked_bytes = 0
+        self.avg_cost, self.avg_bytes = 64.0, 512.0  # per job, from the jobs seen so far
+        self.epoch = 0  # our registrations with the broker so far
         self.stopping = asyncio.Event()
         self.failed = False  # stopping because the replica could not be restarted
         self.state = "starting"
@@ -81,6 +102,8 @@ class Controller:
         self.executions = open(log_path, "a") if log_path else None  # noqa: SIM115 (lives as long as we do)
 
     def tell(self, kind: Kind, body: dict[str, Any] | None = None, tensors: list = ()) -> None:
+        # the epoch lets us tell the broker's answer to this registration from stale ones
+        body = {**(body or {}), "epoch": self.epoch}
         self.link.send_multipart(encode(kind, body, tensors), copy=False)
 
     def report(self) -> None:
@@ -97,18 +120,7 @@ class Controller:
         await self.sup.wait_ready()
         self.state = "ready"
         self.serving.set()
-        layout = {"tensor": self.cfg.parallel.tensor, "pipeline": self.cfg.parallel.pipeline}
-        self.tell(
-            Kind.READY,
-            {
-                "model": self.model,
-                "tasks": list(TASKS),
-                "layout": layout,
-                "workers": self.sup.rows(),
-                "pid": os.getpid(),
-            },
-        )
-        self.tell(Kind.CREDIT, {"n": self.capacity})
+        self._register()
         loops = [
             asyncio.create_task(c)
             for c in (self._listen(), self._dispatch(), self._collect(), self._beat())
@@ -128,6 +140,56 @@ class Controller:
         if self.executions is not None:
             self.executions.close()
 
+    def _register(self) -> None:
+        """Say `ready` (again): a fresh registration starts with no credit at the broker."""
+        self.epoch += 1
+        self.asked_jobs = self.asked_bytes = 0
+        layout = {"tensor": self.cfg.parallel.tensor, "pipeline": self.cfg.parallel.pipeline}
+        self.tell(
+            Kind.READY,
+            {
+                "model": self.model,
+                "tasks": list(TASKS),
+                "layout": layout,
+                "workers": self.sup.rows(),
+                "pid": os.getpid(),
+                "state": self.state,
+            },
+        )
+        self._top_up()
+
+    def _rejoin(self) -> None:
+        """The broker dropped us (we were stalled past its timeout, or it was): it has put our
+        jobs back in its queue, so the ones still waiting here go; those already inside the
+        pipeline finish, and their results are taken once or dropped as late."""
+        gone = self.sched.clear()
+        self.held -= len(gone)
+        log.warning(
+            "the broker no longer knew us; registering again (%d queued jobs dropped)", len(gone)
+        )
+        self._register()
+
+    def _top_up(self) -> None:
+        """Ask for more work when little waits here and no request stands at the broker."""
+        if not self.epoch:
+            return
+        short = self.target - self.sched.tokens
+        if short <= 0 or (self.asked_jobs > 0 and self.asked_bytes > 0):
+            return
+        want = min(max(16, math.ceil(short / self.avg_cost)), self.capacity - self.held)
+        n = max(0, want - self.asked_jobs)
+        nbytes = max(0, math.ceil(want * self.avg_bytes * 1.25) - self.asked_bytes)
+        if n <= 0 and (nbytes <= 0 or self.asked_jobs <= 0):
+            return
+        self.asked_jobs += n
+        self.asked_bytes += nbytes
+        self.tell(Kind.CREDIT, {"n": n, "bytes": nbytes})
+
+    def _done(self, n: int) -> None:
+        """n jobs left us (answered, failed or cancelled): room for more."""
+        self.held -= n
+        self._top_up()
+
     async def _listen(self) -> None:
         while True:
             for frames in await recv_batch(self.link):
@@ -135,17 +197,25 @@ class Controller:
                     msg = decode(frames, self.limits)
                 except ProtocolError as e:
                     log.warning("bad message from broker: %s", e)
+                    if e.ref is not None:  # so the broker takes back the jobs it carried
+                        self.tell(
+                            Kind.ERROR, {"code": str(e.code), "message": e.message, "ref": e.ref}
+                        )
                     continue
                 if msg.kind == Kind.JOBS:
                     self._accept(msg.body["jobs"])
                 elif msg.kind == Kind.CANCEL:
                     gone = self.sched.drop(set(msg.body["ids"]))  # their places go to others
                     if gone:
-                        self.tell(Kind.CREDIT, {"n": len(gone)})
+                        self._done(len(gone))
                 elif msg.kind == Kind.STOP:
                     self.stopping.set()
                 elif msg.kind == Kind.ERROR:
-                    log.warning("broker says %s: %s", msg.body.get("code"), msg.body.get("message"))
+                    code, epoch = msg.body.get("code"), msg.body.get("epoch")
+                    if code == Code.UNKNOWN_PEER and epoch in (None, self.epoch):
+                        self._rejoin()  # an answer to an older registration is stale: ignored
+                    else:
+                        log.warning("broker says %s: %s", code, msg.body.get("message"))
 
     async def _beat(self) -> None:
         parent = os.getppid()
@@ -189,6 +259,10 @@ class Controller:
         self.report()
 
     def _accept(self, jobs: list[dict[str, Any]]) -> None:
+        sizes = [job_size(j["id"], j["text"]) for j in jobs]
+        self.held += len(jobs)
+        self.asked_jobs -= len(jobs)
+        self.asked_bytes -= sum(sizes)
         embed = [j for j in jobs if j["task"] == "embed"]
         encoded = iter(self.tokenizer.encode([j["text"] for j in embed]))
         items = []
@@ -204,13 +278,28 @@ class Controller:
                     j.get("deadline"),
                 )
             )
+        if items:
+            self.avg_cost = (self.avg_cost + sum(i.cost for i in items) / len(items)) / 2
+            self.avg_bytes = (self.avg_bytes + sum(sizes) / len(sizes)) / 2
         self.sched.add(items)
+        self._top_up()
 
     def fail(self, items: list[Item], code: Code, message: str) -> None:
         if items:
-            entries = [failure(i.id, code, message) for i in items]
-            self.tell(Kind.RESULTS, {"results": entries})
-            self.tell(Kind.CREDIT, {"n": len(entries)})
+            self.results([failure(i.id, code, message) for i in items], None)
+            self._done(len(items))
+
+    def results(self, entries: list[dict[str, Any]], emb: Any) -> None:
+        """`results` to the broker, cut into messages within the limit; an embedding row goes
+        with its entry."""
+        row = 0 if emb is None else emb.shape[1] * emb.element_size()
+        sizes = [entry_size(e) + row for e in entries]
+        for a, b in spans(sizes, self.limits.max_message_bytes - ENVELOPE):
+            part = entries[a:b]
+            if emb is not None:
+                part = [{**e, "row": e["row"] - a} for e in part]
+            body = {"results": part, "stats": self.pipe.stats()}  # stats current with results
+            self.tell(Kind.RESULTS, body, [emb[a:b]] if emb is not None else [])
 
     async def _dispatch(self) -> None:
         while True:
@@ -225,6 +314,7 @@ class Controller:
                 if not self.pipe.may_send(items):
                     await self.pipe.empty.wait()
             await self.pipe.send(items)
+            self._top_up()
 
     async def _collect(self) -> None:
         while True:
@@ -242,9 +332,8 @@ class Controller:
             if self.executions is not None:
                 self.executions.writelines(f"{i.id}\n" for i in flight.items)
                 self.executions.flush()
-            body = {"results": entries, "stats": self.pipe.stats()}  # stats current with results
-            self.tell(Kind.RESULTS, body, [emb.float()] if emb is not None else [])
-            self.tell(Kind.CREDIT, {"n": len(entries)})
+            self.results(entries, emb.float() if emb is not None else None)
+            self._done(len(entries))
 
 
 def identity(pid: int) -> bytes:

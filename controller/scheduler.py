@@ -67,6 +67,13 @@ class Scheduler:
             self.tokens -= sum(i.cost for i in gone)
         return gone
 
+    def clear(self) -> list[Item]:
+        """Everything queued here, taken out (the broker has put these jobs back in its queue)."""
+        gone = list(self.queue)
+        self.queue.clear()
+        self.tokens = 0
+        return gone
+
     async def next(self, idle: Callable[[], bool]) -> list[Item]:
         """The next batch; waits for work, then (unless the pipeline is idle) for a full batch."""
         while True:

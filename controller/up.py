@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import uvloop
@@ -77,6 +78,9 @@ async def serve(cfg: Config) -> int:
                 cfg.limits.max_text_chars,
                 cfg.limits.max_queued,
                 cfg.jobs.max_attempts,
+                cfg.limits.max_queued_bytes,
+                cfg.limits.max_ids_per_message,
+                cfg.limits.max_unread_bytes,
             ),
             heartbeat_s=cfg.workers.heartbeat_ms / 1000,
             dead_after_s=cfg.workers.dead_after_ms / 1000,
@@ -97,6 +101,25 @@ async def serve(cfg: Config) -> int:
         ctx.term()
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0
+
+
+async def unregistered(broker: Broker, ident: bytes, cfg: Config) -> None:
+    """Returns once the controller `ident` has been unknown to the broker for three silence
+    timeouts in a row after it first registered (a controller that lost its registration says
+    `ready` again as soon as it hears so; one that does not is stuck)."""
+    bound = 3 * cfg.workers.dead_after_ms / 1000
+    period = cfg.workers.heartbeat_ms / 1000
+    seen = False
+    missing_since: float | None = None
+    while True:
+        await asyncio.sleep(period)  # the heartbeat period: the broker's view changes no faster
+        now = time.monotonic()
+        if ident in broker.controllers:
+            seen, missing_since = True, None
+        elif seen:
+            missing_since = missing_since or now
+            if now - missing_since > bound:
+                return
 
 
 async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Event) -> None:
@@ -125,9 +148,16 @@ async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Ev
             if broker.registered.is_set():
                 announced = True
                 print(f"ready {broker.endpoint}", flush=True)
-        await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        adrift = asyncio.create_task(unregistered(broker, identity(proc.pid), cfg))
+        await asyncio.wait({exited, stopping, adrift}, return_when=asyncio.FIRST_COMPLETED)
+        adrift.cancel()
         if stop.is_set():
             break
+        if adrift.done() and not adrift.cancelled() and proc.returncode is None:
+            # alive, but it has not managed to register again: a fresh one will
+            log.error("controller %d stays unregistered; killing it", proc.pid)
+            proc.kill()
+            await proc.wait()
         # the controller died under us: its jobs go back to the queue, and it starts again
         broker.lost(identity(proc.pid), f"controller exited with code {proc.returncode}")
         delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]

@@ -107,6 +107,7 @@ async def test_deadline_and_cancel(tmp_path: Path) -> None:
         "failed": 1,
         "cancelled": 1,
         "queued": 0,
+        "queued_bytes": 0,
         "running": 1,
     }
     await journal.close()
