@@ -85,7 +85,11 @@ async def run(fleet: Fleet, jobs: list[dict]) -> tuple[list[Result], list[Result
         return [f.result() for f in futures], after
 
 
-def test_a_batch_refused_by_a_later_stage_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tensor", [1, 2])
+def test_a_batch_refused_by_a_later_stage_ends(
+    tensor: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With tensor 2 both ranks of stage 1 refuse each batch, and it must be handled once.
     # Stage 1 reads batches under a 100 kB limit (about 64 tokens of float32 activations):
     # every multi-job batch of this workload is refused there, by decode, and each of its jobs
     # then runs alone and fits; the long job is refused alone too and must end with that code.
@@ -94,7 +98,9 @@ def test_a_batch_refused_by_a_later_stage_ends(monkeypatch: pytest.MonkeyPatch) 
     jobs = [{"id": f"n{i}", "task": "embed", "text": t} for i, t in enumerate(texts)]
     jobs.insert(9, {"id": "long", "task": "embed", "text": "word " * 150})  # 152 tokens
     # start() returns a started fleet (its `with` would start a second one): try/finally
-    fleet = start("parallel.pipeline=2", "batching.max_batch_tokens=256")
+    fleet = start(
+        f"parallel.tensor={tensor}", "parallel.pipeline=2", "batching.max_batch_tokens=256"
+    )
     try:
         results, after = asyncio.run(run(fleet, jobs))
         status = subprocess.run(
@@ -119,3 +125,9 @@ def test_a_batch_refused_by_a_later_stage_ends(monkeypatch: pytest.MonkeyPatch) 
     counts = json.loads(status.stdout)["jobs"]
     assert counts["running"] == 0 and counts["queued"] == 0, counts
     assert counts["failed"] == 1, counts
+    # every rank of stage 1 reported each refused batch; the controller acted on each once
+    log = fleet.log.read_text()
+    reported = re.findall(r"worker \d+: refused batch (\d+)", log)
+    handled = re.findall(r"refused the batch: .*\(batch (\d+), \d+ jobs\)", log)
+    assert handled and sorted(handled) == sorted(set(handled)), handled
+    assert sorted(reported) == sorted(handled * tensor), (reported, handled)
