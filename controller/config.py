@@ -235,3 +235,34 @@ def check_model(cfg: Config, info: Any) -> None:
         raise ConfigError(
             f"model.max_seq_length = {cfg.model.max_seq_length} exceeds the model's {info.max_position} positions"
         )
+    check_messages(cfg, info)
+
+
+def check_messages(cfg: Config, info: Any) -> None:
+    """Refuse a config whose largest batch message cannot cross a hop within
+    limits.max_message_bytes: the stage (or controller) that receives it would refuse every
+    such batch, and a message past ZeroMQ's hard cap (a multiple of the limit) vanishes unseen."""
+    # imported here: reading a config needs neither torch nor the tokenizer
+    import torch
+
+    from controller.pipeline import largest_messages
+    from workers.tokenizer import Tokenizer
+
+    # the shortest a text can tokenize to: an empty one, the special tokens alone
+    [shortest] = Tokenizer(info).encode([""])
+    hops = largest_messages(
+        cfg.batching.max_batch_tokens,
+        cfg.model.max_seq_length or info.max_seq_length,
+        len(shortest.ids),
+        info.hidden_size,
+        getattr(torch, cfg.model.dtype),
+        cfg.parallel.pipeline,
+    )
+    limit = cfg.limits.max_message_bytes
+    if hops[0].size > limit:
+        raise ConfigError(
+            f"limits.max_message_bytes = {limit} cannot carry the largest message a batch sends: "
+            f"{hops[0]}, with batching.max_batch_tokens = {cfg.batching.max_batch_tokens}; "
+            f"raise limits.max_message_bytes to at least {hops[0].size} "
+            "or lower batching.max_batch_tokens"
+        )

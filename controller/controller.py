@@ -73,6 +73,7 @@ class Controller:
         self.sup = Supervisor(cfg, self.ctx, run_dir, results)
         self.sup.on_change = self.report
         self.sup.on_dead = self._on_dead
+        self.sup.on_failed = self._on_refused
         self.serving = asyncio.Event()  # clear while the replica restarts
         self.restarting: asyncio.Task | None = None
         self.pipe = Pipeline(
@@ -83,6 +84,7 @@ class Controller:
             cfg.pipeline.max_inflight,
             padded=not cfg.batching.padding_free,
         )
+        self.pipe.on_refused = self._on_refused
         self.sched = Scheduler(cfg.batching.max_batch_tokens, cfg.batching.max_wait_ms)
         # jobs held here (queued or in flight) at most; enough to keep every in-flight slot full
         self.capacity = cfg.pipeline.max_inflight * max(64, cfg.batching.max_batch_tokens // 8)
@@ -257,6 +259,46 @@ class Controller:
         self.state = "ready"
         self.serving.set()
         self.report()
+
+    def _on_refused(self, body: dict[str, Any]) -> None:
+        """A worker refused a batch (`failed` on the control link), or we could not read its
+        output: the batch leaves the pipeline and each of its jobs ends or runs again.
+
+        A job refused alone ends with the refusal's own code (decoding is deterministic: it
+        would be refused again). A larger batch may have been refused for its size, not for any
+        one job, so its jobs go back to the front of the queue as suspects, one attempt spent
+        each; suspects run alone, so each reruns at most once more before it ends.
+        """
+        if body.get("fatal"):
+            return  # the worker is exiting: the replica restart takes its batches back
+        batch, stage = body.get("batch"), body.get("stage")
+        where = "the controller" if stage == -1 else f"stage {stage}"
+        cause = f"{where} refused the batch: {body.get('code')}: {body.get('message')}"
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+            # which batch is lost cannot be told; restarting takes every batch inside back
+            self._on_dead(f"{cause} (batch unnamed)")
+            return
+        flight = self.pipe.take(batch)
+        if flight is None:
+            return  # another TP rank's report of it, or a batch a restart already took back
+        items = flight.items
+        log.error("%s (batch %d, %d jobs)", cause, batch, len(items))
+        if len(items) == 1:
+            try:
+                code = Code(body.get("code"))
+            except ValueError:
+                code = Code.INTERNAL
+            self.fail(items, code, cause)
+            return
+        for item in items:
+            item.attempts += 1
+        limit = self.cfg.jobs.max_attempts
+        self.fail(
+            [i for i in items if i.attempts >= limit],
+            Code.RETRIES_EXHAUSTED,
+            f"{limit} attempts lost: {cause}",
+        )
+        self.sched.requeue([i for i in items if i.attempts < limit])
 
     def _accept(self, jobs: list[dict[str, Any]]) -> None:
         sizes = [job_size(j["id"], j["text"]) for j in jobs]

@@ -5,6 +5,10 @@ pushes pooled outputs back to one PULL here. Up to `max_inflight` batches are in
 except that a suspect batch (its job was inside when a worker died) travels alone: it enters an
 empty pipeline and nothing follows it until it is out, so a job that kills workers takes no
 neighbour's attempt with it.
+
+A batch a stage refuses (or whose output the controller cannot read) leaves through `take`, named
+by its id: every message of a batch carries that id as its `ref`, which `decode` hands back even
+with a refusal, so a refused batch can always be told apart from the rest.
 """
 
 from __future__ import annotations
@@ -12,18 +16,113 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import msgpack
 import torch
 import zmq
 import zmq.asyncio
 
-from broker.protocol import Kind, Limits, ProtocolError, decode, encode
+from broker.protocol import DTYPE_NAMES, VERSION, Kind, Limits, ProtocolError, decode, encode
 from broker.transport import configure
 from controller.scheduler import Item
 from workers.packing import pack
 
 log = logging.getLogger("baton.pipeline")
+
+# msgpack's widest unsigned int: no batch id of a live controller gets near it
+MAX_BATCH_ID = 2**64 - 1
+
+
+def batch_body(batch: int, task: str, seq_lens: list[int], padded: bool) -> dict[str, Any]:
+    """The header fields of a batch; every stage forwards them, and the last adds nothing."""
+    return {"batch": batch, "ref": batch, "task": task, "seq_lens": seq_lens, "padded": padded}
+
+
+def encoded_size(
+    kind: str, body: dict[str, Any], tensors: list[tuple[torch.dtype, list[int]]]
+) -> int:
+    """Bytes `encode(kind, body, tensors)` puts on the wire, without building the tensors (the
+    largest batch's may not fit in memory twice): the header as encode writes it, plus the
+    tensors' raw bytes."""
+    header: dict[str, Any] = {"v": VERSION, "kind": str(kind), **body}
+    if tensors:
+        header["tensors"] = [{"dtype": DTYPE_NAMES[d], "shape": list(s)} for d, s in tensors]
+    return len(msgpack.packb(header, use_bin_type=True)) + sum(
+        _numel(shape) * dtype.itemsize for dtype, shape in tensors
+    )
+
+
+@dataclass(slots=True, frozen=True)
+class Hop:
+    """The largest message a batch can put on one hop."""
+
+    name: str  # e.g. "from stage 0 to stage 1"
+    size: int  # bytes, header included
+    payload: str  # what the tensor is, e.g. "float32 [4096, 384] activations"
+    header: int  # bytes of the msgpack header
+
+    def __str__(self) -> str:
+        return f"{self.size} bytes {self.name} ({self.payload} and a {self.header}-byte header)"
+
+
+def largest_messages(
+    max_batch_tokens: int,
+    max_seq_length: int,
+    min_seq_length: int,
+    hidden: int,
+    dtype: torch.dtype,
+    pipeline: int,
+) -> list[Hop]:
+    """The largest message a batch can put on each hop, largest first.
+
+    The worst batch is the scheduler's: up to `max_batch_tokens` tokens, or one job alone of up
+    to `max_seq_length`; as many sequences as fit at the shortest a text can tokenize to (the
+    special tokens alone), which is also the longest `seq_lens` header. Between stages the
+    activations are packed `[T, hidden]` in the model's dtype whether or not the batch is run
+    padded (a stage unpads before it sends); the last stage sends float32 embeddings
+    `[n, hidden]`, one per sequence.
+    """
+    worst: list[list[int]] = []
+    if max_batch_tokens >= min_seq_length:
+        n = max_batch_tokens // min_seq_length
+        # the remainder goes to one sequence, so the batch holds exactly max_batch_tokens
+        last = min(max_seq_length, min_seq_length + max_batch_tokens - n * min_seq_length)
+        worst.append([min_seq_length] * (n - 1) + [last])
+    worst.append([max_seq_length])  # a job alone may exceed the budget
+    best: dict[str, Hop] = {}
+    for seq_lens in worst:
+        tokens, n = sum(seq_lens), len(seq_lens)
+        body = batch_body(MAX_BATCH_ID, "embed", seq_lens, False)
+        hops = [("to stage 0", Kind.BATCH, torch.int64, [tokens], "token ids")]
+        hops += [
+            (f"from stage {s - 1} to stage {s}", Kind.BATCH, dtype, [tokens, hidden], "activations")
+            for s in range(1, pipeline)
+        ]
+        hops.append(
+            (
+                f"from stage {pipeline - 1} to the controller",
+                Kind.OUTPUT,
+                torch.float32,
+                [n, hidden],
+                "embeddings",
+            )
+        )
+        for hop, kind, dt, shape, what in hops:
+            size = encoded_size(kind, body, [(dt, shape)])
+            payload = _numel(shape) * dt.itemsize
+            if hop not in best or size > best[hop].size:
+                best[hop] = Hop(hop, size, f"{DTYPE_NAMES[dt]} {shape} {what}", size - payload)
+    return sorted(best.values(), key=lambda h: -h.size)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
 
 
 @dataclass(slots=True)
@@ -56,6 +155,8 @@ class Pipeline:
         self.empty.set()
         self.slots = asyncio.Semaphore(max_inflight)
         self.ids = itertools.count()
+        # a batch the controller could not read back: (batch id, code, message)
+        self.on_refused: Callable[[dict[str, Any]], None] = lambda body: None
         # what went in: real tokens, and what padding each batch to its longest would have cost
         self.batches = self.tokens = self.padded_tokens = 0
 
@@ -91,11 +192,10 @@ class Pipeline:
         flight = Flight(next(self.ids), items)
         task = items[0].task
         if task == "echo":  # routed through every stage like any batch, but nothing to compute
-            frames = encode(Kind.BATCH, {"batch": flight.id, "task": task, "seq_lens": []})
+            frames = encode(Kind.BATCH, batch_body(flight.id, task, [], self.padded))
         else:
             ids, seq_lens = pack([i.ids for i in items])
-            body = {"batch": flight.id, "task": task, "seq_lens": seq_lens, "padded": self.padded}
-            frames = encode(Kind.BATCH, body, [ids])
+            frames = encode(Kind.BATCH, batch_body(flight.id, task, seq_lens, self.padded), [ids])
             self.tokens += len(ids)
             self.padded_tokens += len(seq_lens) * max(seq_lens)
         self.batches += 1
@@ -107,19 +207,33 @@ class Pipeline:
 
     async def recv(self) -> tuple[Flight, torch.Tensor | None] | None:
         """The next finished batch and its embeddings (None for echo); None for a stale batch id
-        or an unreadable message (its batch then stays inside until a restart takes it back)."""
+        or an unreadable message. An unreadable output whose header names its batch goes to
+        `on_refused`, as a stage's refusal would; one that names none is only logged."""
         try:
             msg = decode(await self.out.recv_multipart(), self.limits, (Kind.OUTPUT,))
         except ProtocolError as e:
-            log.error("unreadable output from the last stage: %s", e)
+            log.error("unreadable output from the last stage: %s %s", e.code, e.message)
+            if e.ref is not None:
+                self.on_refused(
+                    {"batch": e.ref, "code": str(e.code), "message": e.message, "stage": -1}
+                )
             return None
-        flight = self.inflight.pop(msg.body.get("batch"), None)
+        flight = self.take(msg.body.get("batch"))
+        if flight is None:
+            return None
+        return flight, (msg.tensors[0] if msg.tensors else None)
+
+    def take(self, batch: Any) -> Flight | None:
+        """Batch `batch` out of the pipeline (finished or refused), its slot free again; None if
+        it is not inside (a stale id, or already taken: each TP rank reports its refusal)."""
+        known = isinstance(batch, int) and not isinstance(batch, bool)
+        flight = self.inflight.pop(batch, None) if known else None
         if flight is None:
             return None
         if not self.inflight:
             self.empty.set()
         self.slots.release()
-        return flight, (msg.tensors[0] if msg.tensors else None)
+        return flight
 
     def stats(self) -> dict[str, int]:
         return {"batches": self.batches, "tokens": self.tokens, "padded_tokens": self.padded_tokens}

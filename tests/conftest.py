@@ -35,9 +35,13 @@ def start(*sets: str) -> Fleet:
 
 @pytest.fixture(scope="session")
 def small_fleet() -> Iterator[Fleet]:
-    """tensor 1 x pipeline 1, with limits low enough to hit from a test."""
+    """tensor 1 x pipeline 1, with limits low enough to hit from a test. The batch budget is one
+    whose largest output (128 two-token texts: [128, 384] float32) fits the message limit."""
     fleet = start(
-        "limits.max_text_chars=20000", "limits.max_message_bytes=200000", "limits.max_queued=64"
+        "limits.max_text_chars=20000",
+        "limits.max_message_bytes=200000",
+        "batching.max_batch_tokens=256",
+        "limits.max_queued=64",
     )
     try:
         yield fleet

@@ -31,6 +31,10 @@ log = logging.getLogger("baton.worker")
 # Chaos testing: a worker that sees this token id in a batch dies on the spot, as a worker
 # crashing on one poisonous input would. Unset in normal operation.
 FAULT_TOKEN = int(os.environ.get("BATON_FAULT_EXIT_ON_TOKEN", "-1"))
+# Chaos testing: "STAGE:BYTES" makes the workers of that stage read batches under a message limit
+# of BYTES instead of limits.max_message_bytes, so a batch that fits everywhere else is refused
+# there, by decode itself, as one over the real limit would be. Unset in normal operation.
+FAULT_STAGE, _, FAULT_LIMIT = os.environ.get("BATON_FAULT_STAGE_LIMIT", "-1:0").partition(":")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -78,6 +82,9 @@ class Worker:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         self.limits = Limits(spec.max_message_bytes, spec.max_frames)
+        self.batch_limits = self.limits  # what a batch arriving here must fit
+        if int(FAULT_STAGE) == spec.stage:
+            self.batch_limits = Limits(int(FAULT_LIMIT), spec.max_frames)
         self.ctx = zmq.Context()
         self.ctl = self.ctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.IDENTITY, f"w{spec.rank}".encode())
@@ -140,9 +147,14 @@ class Worker:
                 return
 
     def step(self, frames: list[bytes]) -> None:
+        """Run one batch and pass it on. A batch refused here (unreadable, or its result too large
+        to send) is reported `failed` and dropped: the controller takes it out of the pipeline.
+        Every TP rank of a stage refuses the same batch alike (their inputs are identical), so
+        their collectives stay in step. Anything else is reported as fatal and ends the worker:
+        its TP group may be broken, and the replica restart takes the batch back."""
         batch = -1
         try:
-            msg = decode(frames, self.limits, (Kind.BATCH,))
+            msg = decode(frames, self.batch_limits, (Kind.BATCH,))
             batch, seq_lens = msg.body["batch"], msg.body["seq_lens"]
             out: list[torch.Tensor] = []
             if msg.body.get("task", "embed") != "echo":
@@ -159,17 +171,41 @@ class Worker:
             if self.out is None:
                 return
             kind = Kind.OUTPUT if self.spec.last else Kind.BATCH
-            self.out.send_multipart(encode(kind, {**msg.body, "batch": batch}, out), copy=False)
+            sent = encode(kind, {**msg.body, "batch": batch}, out)
+            size = sum(len(f) for f in sent)
+            if size > self.limits.max_message_bytes:
+                # the receiver would refuse it, or past ZeroMQ's hard cap never see it at all
+                where = "the controller" if self.spec.last else f"stage {self.spec.stage + 1}"
+                raise ProtocolError(
+                    Code.TOO_LARGE,
+                    f"the {size}-byte message for {where} exceeds limits.max_message_bytes = "
+                    f"{self.limits.max_message_bytes}",
+                )
+            self.out.send_multipart(sent, copy=False)
         except ProtocolError as e:
-            self.tell(Kind.FAILED, batch=batch, code=str(e.code), message=e.message)
+            if batch == -1 and e.ref is not None:
+                batch = e.ref  # refused by decode: the header still named the batch
+            log.warning(
+                "worker %d: refused batch %s: %s %s", self.spec.rank, batch, e.code, e.message
+            )
+            self.tell(
+                Kind.FAILED,
+                batch=batch,
+                stage=self.spec.stage,
+                code=str(e.code),
+                message=e.message,
+                fatal=False,
+            )
         except Exception as e:
             # a failed collective leaves the group unusable: report, then let the supervisor restart us
             log.exception("worker %d: batch %s failed", self.spec.rank, batch)
             self.tell(
                 Kind.FAILED,
                 batch=batch,
+                stage=self.spec.stage,
                 code=str(Code.WORKER_FAILED),
                 message=f"{type(e).__name__}: {e}",
+                fatal=True,
             )
             raise
 
