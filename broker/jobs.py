@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import heapq
-import itertools
-import os
+import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ class Job:
     controller: bytes | None = None
     entry: dict[str, Any] | None = None  # the final `results` entry
     embedding: torch.Tensor | None = None
+    owner: str | None = None  # the CURVE key (z85) that submitted it; None on an open endpoint
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -61,12 +61,25 @@ class Served:
     tasks: frozenset[str]
 
 
-_ids = itertools.count()
-_prefix = f"j{os.getpid():x}-"
-
-
 def new_id() -> str:
-    return f"{_prefix}{next(_ids)}"
+    # 128 random bits: a broker-made id is a capability, so it must not be guessable
+    return secrets.token_hex(16)
+
+
+def same_job(known: Job, job: Job) -> bool:
+    """Whether `job` may reuse `known`'s id: the same sender asking for the same work."""
+    return (
+        known.owner == job.owner
+        and known.task == job.task
+        and known.text == job.text
+        and known.model == job.model
+    )
+
+
+def taken(jid: str) -> str:
+    # one message whether the content or the sender differs: it says no more than that the id
+    # is in use
+    return f"id {jid!r} is already used by a different job; pick another id"
 
 
 def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_chars: int) -> Job:
@@ -148,6 +161,7 @@ class Table:
             job = Job(
                 row.id, row.task, row.text, row.model, deadline=row.deadline, attempts=row.attempts
             )
+            job.owner = row.owner
             self._enqueue(job)
             n += 1
         return n
@@ -169,7 +183,7 @@ class Table:
                 self._retire(job)
 
     def add(self, jobs: list[Job]) -> None:
-        self.journal.add([(j.id, j.model, j.task, j.text, j.deadline) for j in jobs])
+        self.journal.add([(j.id, j.model, j.task, j.text, j.deadline, j.owner) for j in jobs])
         for job in jobs:
             self._enqueue(job)
         self.counts["accepted"] += len(jobs)
@@ -293,6 +307,8 @@ class Table:
 
 def _finished(row: Row) -> Job:
     state = State(row.state)
-    return Job(
+    job = Job(
         row.id, row.task, row.text, row.model, state=state, entry=row.entry, embedding=row.embedding
     )
+    job.owner = row.owner
+    return job
