@@ -35,7 +35,14 @@ from broker.protocol import (
     error,
     get,
 )
-from broker.transport import configure, recv_batch, send
+from broker.transport import (
+    authenticator,
+    configure,
+    curve_server,
+    recv_batch,
+    recv_batch_from,
+    send,
+)
 
 log = logging.getLogger("baton.broker")
 
@@ -48,6 +55,15 @@ class Admission:
     max_text_chars: int = 100_000
     max_queued: int = 100_000
     max_attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """CURVE on the client endpoint: the server's secret certificate and the allow-list
+    directory of client public certificates (both made by `baton keys`)."""
+
+    server_cert: str
+    client_dir: str
 
 
 @dataclass(slots=True)
@@ -74,17 +90,25 @@ class Broker:
         admission: Admission | None = None,
         heartbeat_s: float = 1.0,
         dead_after_s: float = 10.0,
+        *,
+        backend_endpoint: str = "tcp://127.0.0.1:*",
+        keys: Keys | None = None,
     ) -> None:
         self.limits, self.admission = limits or Limits(), admission or Admission()
         limits = self.limits
         self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
         self.front = ctx.socket(zmq.ROUTER)
         configure(self.front, limits, mandatory=True)
+        # with keys, only CURVE clients on the allow-list get in, and each job belongs to its key
+        self.auth = None
+        if keys is not None:
+            curve_server(self.front, keys.server_cert)
+            self.auth = authenticator(ctx, keys.client_dir)
         self.front.bind(client_endpoint)
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.back = ctx.socket(zmq.ROUTER)
         configure(self.back, limits, mandatory=True)
-        self.back.bind("tcp://127.0.0.1:*")
+        self.back.bind(backend_endpoint)  # `baton up`: ipc:// in its private run directory
         self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self.journal = journal
         self.table = J.Table(journal, self.admission.max_attempts)
@@ -119,17 +143,23 @@ class Broker:
     def close(self) -> None:
         self.front.close(0)
         self.back.close(0)
+        if self.auth is not None:
+            self.auth.stop()
 
     # --- clients ---
 
     async def _front_loop(self) -> None:
         while True:
-            for frames in await recv_batch(self.front):
+            if self.auth is None:
+                got = [(frames, None) for frames in await recv_batch(self.front)]
+            else:
+                got = await recv_batch_from(self.front)
+            for frames, owner in got:
                 ident, rest = frames[0], frames[1:]
                 msg = None
                 try:
                     msg = decode(rest, self.limits, CLIENT_KINDS)
-                    self._on_client(ident, msg)
+                    self._on_client(ident, msg, owner)
                 except ProtocolError as e:
                     # the reply names the request it refuses, whether decode or a handler refused
                     ref = e.ref if msg is None else msg.body.get("ref")
@@ -138,18 +168,20 @@ class Broker:
                     log.exception("client message failed")
                     send(self.front, [ident, *error(Code.INTERNAL, f"{type(e).__name__}: {e}")])
 
-    def _on_client(self, ident: bytes, msg: Message) -> None:
+    def _on_client(self, ident: bytes, msg: Message, owner: str | None = None) -> None:
         ref = msg.body.get("ref")
         if msg.kind == Kind.SUBMIT:
-            self._submit(ident, msg.body, ref)
+            self._submit(ident, msg.body, ref, owner)
         elif msg.kind == Kind.STATUS:
             send(self.front, [ident, *encode(Kind.STATUS, {**self.status(), "ref": ref})])
         elif msg.kind == Kind.CANCEL:
-            self._cancel(ident, msg.body, ref)
+            self._cancel(ident, msg.body, ref, owner)
         elif msg.kind == Kind.PING:
             send(self.front, [ident, *encode(Kind.PONG, {"ref": ref})])
 
-    def _submit(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
+    def _submit(
+        self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
+    ) -> None:
         raw = get(body, "jobs", list)
         if len(raw) > self.admission.max_jobs_per_message:
             raise ProtocolError(
@@ -186,7 +218,12 @@ class Broker:
                 refused.append(J.failure(jid, e.code, e.message))
                 continue
             seen.add(job.id)
+            job.owner = owner
             known = self.table.jobs.get(job.id)
+            if known is not None and not J.same_job(known, job):
+                # an id is an idempotency key, not a way to read or join someone else's job
+                refused.append(J.failure(job.id, Code.DUPLICATE_ID, J.taken(job.id)))
+                continue
             if known is not None:  # the id is an idempotency key: attach, or hand back the result
                 if known.state in J.FINAL:
                     stored.append(known)
@@ -231,7 +268,9 @@ class Broker:
         if stored:
             self._deliver({ident: stored})
 
-    def _cancel(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
+    def _cancel(
+        self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
+    ) -> None:
         ids = get(body, "ids", list)
         if not all(isinstance(i, str) for i in ids):
             raise ProtocolError(Code.BAD_FIELD, "field 'ids' must be a list of strings")
@@ -239,6 +278,9 @@ class Broker:
         running: dict[bytes, list[str]] = defaultdict(list)
         for jid in ids:
             held = self.table.get(jid)
+            if held is not None and held.owner != owner:
+                unknown.append(jid)  # another key's job does not exist, as far as this one knows
+                continue
             where = held.controller if held is not None and held.state is J.State.RUNNING else None
             job = self.table.cancel(jid)
             if job is None:
