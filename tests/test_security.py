@@ -420,3 +420,25 @@ async def test_an_old_journal_gains_the_owner_column(tmp_path: Path) -> None:
         assert journal.lookup(["new-1"])["new-1"].owner == "KEY"
     finally:
         await journal.close()
+
+
+def test_up_refuses_unusable_key_settings(tmp_path: Path) -> None:
+    public, secret = make_keys(tmp_path / "k", "broker")
+    config = str(REPO / "configs" / "minilm.toml")
+    for sets, named in (
+        ([f'endpoints.client_keys="{tmp_path}"'], "endpoints.server_key"),
+        ([f'endpoints.server_key="{secret}"'], "endpoints.client_keys"),
+        (
+            [f'endpoints.client_keys="{tmp_path / "none"}"', f'endpoints.server_key="{secret}"'],
+            "is not a directory",
+        ),
+        (
+            [f'endpoints.client_keys="{tmp_path}"', f'endpoints.server_key="{public}"'],
+            "holds no secret key",
+        ),
+    ):
+        done = baton("up", "--config", config, *(a for s in sets for a in ("--set", s)))
+        assert done.returncode == 2 and named in done.stderr, done.stderr
+        assert "ready" not in done.stdout
+    again = baton("keys", str(tmp_path / "k"), "--name", "broker")
+    assert again.returncode == 2 and "not overwriting" in again.stderr
