@@ -41,7 +41,14 @@ from broker.protocol import (
     job_size,
     spans,
 )
-from broker.transport import configure, recv_batch, send
+from broker.transport import (
+    authenticator,
+    configure,
+    curve_server,
+    recv_batch,
+    recv_batch_from,
+    send,
+)
 
 log = logging.getLogger("baton.broker")
 
@@ -65,6 +72,15 @@ class Admission:
     max_queued_bytes: int = 128 * 1024 * 1024
     max_ids_per_message: int = 4096
     max_unread_bytes: int = 64 * 1024 * 1024  # per client, beyond what ZeroMQ holds
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """CURVE on the client endpoint: the server's secret certificate and the allow-list
+    directory of client public certificates (both made by `baton keys`)."""
+
+    server_cert: str
+    client_dir: str
 
 
 @dataclass(slots=True)
@@ -107,6 +123,9 @@ class Broker:
         admission: Admission | None = None,
         heartbeat_s: float = 1.0,
         dead_after_s: float = 10.0,
+        *,
+        backend_endpoint: str = "tcp://127.0.0.1:*",
+        keys: Keys | None = None,
     ) -> None:
         self.limits, self.admission = limits or Limits(), admission or Admission()
         limits = self.limits
@@ -124,11 +143,16 @@ class Broker:
         self.front.setsockopt(zmq.SNDHWM, FRONT_HWM)
         self.front.setsockopt(zmq.RCVHWM, FRONT_RCVHWM)
         self.outbox = Outbox(self.front, adm.max_unread_bytes)
+        # with keys, only CURVE clients on the allow-list get in, and each job belongs to its key
+        self.auth = None
+        if keys is not None:
+            curve_server(self.front, keys.server_cert)
+            self.auth = authenticator(ctx, keys.client_dir)
         self.front.bind(client_endpoint)
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.back = ctx.socket(zmq.ROUTER)
         configure(self.back, limits, mandatory=True)
-        self.back.bind("tcp://127.0.0.1:*")
+        self.back.bind(backend_endpoint)  # `baton up`: ipc:// in its private run directory
         self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self.journal = journal
         self.table = J.Table(journal, self.admission.max_attempts)
@@ -163,6 +187,8 @@ class Broker:
     def close(self) -> None:
         self.front.close(0)
         self.back.close(0)
+        if self.auth is not None:
+            self.auth.stop()
 
     # --- clients ---
 
@@ -170,12 +196,16 @@ class Broker:
         while True:
             if self.outbox.waiting:  # a client that sends is likely reading again
                 self.outbox.flush()
-            for frames in await recv_batch(self.front):
+            if self.auth is None:
+                got = [(frames, None) for frames in await recv_batch(self.front)]
+            else:
+                got = await recv_batch_from(self.front)
+            for frames, owner in got:
                 ident, rest = frames[0], frames[1:]
                 msg = None
                 try:
                     msg = decode(rest, self.front_limits, CLIENT_KINDS)
-                    self._on_client(ident, msg)
+                    self._on_client(ident, msg, owner)
                 except ProtocolError as e:
                     # the reply names the request it refuses, whether decode or a handler refused
                     ref = e.ref if msg is None else msg.body.get("ref")
@@ -184,18 +214,20 @@ class Broker:
                     log.exception("client message failed")
                     self.outbox.send(ident, error(Code.INTERNAL, f"{type(e).__name__}: {e}"))
 
-    def _on_client(self, ident: bytes, msg: Message) -> None:
+    def _on_client(self, ident: bytes, msg: Message, owner: str | None = None) -> None:
         ref = msg.body.get("ref")
         if msg.kind == Kind.SUBMIT:
-            self._submit(ident, msg.body, ref)
+            self._submit(ident, msg.body, ref, owner)
         elif msg.kind == Kind.STATUS:
             self.outbox.send(ident, encode(Kind.STATUS, {**self.status(), "ref": ref}))
         elif msg.kind == Kind.CANCEL:
-            self._cancel(ident, msg.body, ref)
+            self._cancel(ident, msg.body, ref, owner)
         elif msg.kind == Kind.PING:
             self.outbox.send(ident, encode(Kind.PONG, {"ref": ref}))
 
-    def _submit(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
+    def _submit(
+        self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
+    ) -> None:
         raw = get(body, "jobs", list)
         if len(raw) > self.admission.max_jobs_per_message:
             raise ProtocolError(
@@ -208,7 +240,7 @@ class Broker:
         batch = _Admitted({c.model: J.Served(c.tasks) for c in self.controllers.values()})
         for item in raw:
             try:
-                self._admit(ident, item, batch)
+                self._admit(ident, owner, item, batch)
             except ProtocolError as e:
                 jid = item.get("id") if isinstance(item, dict) else None
                 entry = J.failure(jid if isinstance(jid, str) else None, e.code, e.message)
@@ -224,7 +256,7 @@ class Broker:
         self.acks.add(task)
         task.add_done_callback(self.acks.discard)
 
-    def _admit(self, ident: bytes, item: Any, batch: _Admitted) -> None:
+    def _admit(self, ident: bytes, owner: str | None, item: Any, batch: _Admitted) -> None:
         """One job of a submit: refused (raises), attached to a known id, or fresh."""
         default = next(iter(batch.served), "")
         job = J.validate(item, batch.served, default, self.admission.max_text_chars)
@@ -233,7 +265,11 @@ class Broker:
         if not self.admitting:
             raise ProtocolError(Code.SHUTTING_DOWN, "the broker is draining and admits no new jobs")
         batch.seen.add(job.id)
+        job.owner = owner
         known = self.table.jobs.get(job.id)
+        if known is not None and not J.same_job(known, job):
+            # an id is an idempotency key, not a way to read or join someone else's job
+            raise ProtocolError(Code.DUPLICATE_ID, J.taken(job.id))
         if known is not None:  # the id is an idempotency key: attach, or hand back the result
             if known.state in J.FINAL:
                 batch.stored.append(known)
@@ -241,7 +277,9 @@ class Broker:
                 known.waiters.append(ident)
             batch.ids.append(job.id)
             return
-        job.client, job.size = ident, job_size(job.id, job.text)
+        # clients share the queue per key where keys are required, otherwise per connection
+        job.client = owner.encode() if owner else ident
+        job.size = job_size(job.id, job.text)
         most = self.limits.max_message_bytes - ENVELOPE
         if job.size > most:  # it could never be handed to a controller in one message
             raise ProtocolError(
@@ -278,7 +316,9 @@ class Broker:
         if stored:
             self._deliver({ident: stored})
 
-    def _cancel(self, ident: bytes, body: dict[str, Any], ref: Any) -> None:
+    def _cancel(
+        self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
+    ) -> None:
         ids = get(body, "ids", list)
         if len(ids) > self.admission.max_ids_per_message:
             raise ProtocolError(
@@ -291,6 +331,9 @@ class Broker:
         running: dict[bytes, list[str]] = defaultdict(list)
         for jid in ids:
             held = self.table.get(jid)
+            if held is not None and held.owner != owner:
+                unknown.append(jid)  # another key's job does not exist, as far as this one knows
+                continue
             where = held.controller if held is not None and held.state is J.State.RUNNING else None
             job = self.table.cancel(jid)
             if job is None:

@@ -14,12 +14,15 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.asyncio
 
 from broker.protocol import Code, Kind, Limits, Message, ProtocolError, decode, encode
+from broker.transport import client_keys
 
 REPLY_KINDS = frozenset({Kind.ACCEPTED, Kind.STATUS, Kind.CANCELLED, Kind.PONG, Kind.ERROR})
 BROKER_KINDS = REPLY_KINDS | {Kind.RESULTS}
@@ -63,15 +66,29 @@ def failure(job_id: str, code: str, message: str) -> Result:
 @dataclass(slots=True)
 class _Job:
     body: dict[str, Any]  # what goes on the wire, kept for busy retries
+    size: int = 0  # its encoded bytes, roughly: chunks are bounded by it
     futures: list[asyncio.Future[Result]] = field(default_factory=list)
     attempts: int = 0
 
 
 class Client:
+    """`curve_key` (our secret certificate file) and `server_key` (the broker's public
+    certificate file, or its z85 public key) are for a broker that requires keys
+    (`endpoints.client_keys`); made by `baton keys`. Without them the connection is plain."""
+
     def __init__(
-        self, endpoint: str, *, limits: Limits | None = None, timeout_s: float = 60
+        self,
+        endpoint: str,
+        *,
+        limits: Limits | None = None,
+        timeout_s: float = 60,
+        curve_key: str | Path | None = None,
+        server_key: str | Path | bytes | None = None,
     ) -> None:
+        if (curve_key is None) != (server_key is None):
+            raise ValueError("curve_key and server_key go together: give both or neither")
         self.endpoint = endpoint
+        self.curve_key, self.server_key = curve_key, server_key
         self.limits = limits or Limits()
         self.timeout_s = timeout_s
         self._ctx: zmq.asyncio.Context | None = None
@@ -97,6 +114,9 @@ class Client:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
         self._sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.limits.max_message_bytes)
+        if self.curve_key is not None and self.server_key is not None:
+            server = self.server_key if isinstance(self.server_key, bytes) else str(self.server_key)
+            client_keys(self._sock, str(self.curve_key), server)
         self._sock.connect(self.endpoint)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -135,7 +155,11 @@ class Client:
             if job_id in self._jobs:  # still in flight: the broker would attach it to the first
                 self._jobs[job_id].futures.append(fut)
                 continue
-            self._jobs[job_id] = _Job(body, [fut])
+            size = _wire_size(body)
+            if isinstance(size, str):  # it cannot be sent: it fails alone, the rest go on
+                fut.set_result(failure(job_id, Code.BAD_FIELD, size))
+                continue
+            self._jobs[job_id] = _Job(body, size, [fut])
             fresh.append(body)
         await asyncio.gather(*(self._send_jobs(c) for c in self._chunks(fresh)))
         return futures
@@ -193,7 +217,8 @@ class Client:
         chunk: list[dict] = []
         size = 0
         for body in bodies:
-            n = len(str(body.get("text", "")).encode()) + 128
+            job = self._jobs.get(body["id"])
+            n = (job.size if job is not None else 0) + 128
             if chunk and (len(chunk) == CHUNK or size + n > budget):
                 yield chunk
                 chunk, size = [], 0
@@ -356,6 +381,29 @@ class Client:
                 fut.cancel()
 
 
+def _wire_size(body: dict[str, Any]) -> int | str:
+    """Bytes the job's strings take as UTF-8, or why it cannot go on the wire at all.
+
+    A str may hold what UTF-8 cannot (a lone surrogate, e.g. from json.loads of "\\ud800");
+    msgpack would raise on it and take the whole message down with it.
+    """
+    n = 0
+    for key, value in body.items():
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            return f"field {key!r} is out of range for the wire: {value}"
+        if isinstance(value, str):
+            try:
+                n += len(value.encode())
+            except UnicodeEncodeError as e:
+                return f"field {key!r} is not valid Unicode: {e.reason} at position {e.start}"
+        elif not isinstance(value, int | float | bool | None):
+            try:
+                n += len(msgpack.packb(value))
+            except (TypeError, ValueError, OverflowError) as e:  # UnicodeEncodeError included
+                return f"field {key!r} cannot be sent: {e}"
+    return n
+
+
 def _refusal(body: dict) -> ProtocolError:
     try:
         code = Code(body.get("code"))
@@ -377,10 +425,22 @@ class BlockingClient:
     """Client without async: owns a private event loop. `with BlockingClient(ep) as c: ...`"""
 
     def __init__(
-        self, endpoint: str, *, limits: Limits | None = None, timeout_s: float = 60
+        self,
+        endpoint: str,
+        *,
+        limits: Limits | None = None,
+        timeout_s: float = 60,
+        curve_key: str | Path | None = None,
+        server_key: str | Path | bytes | None = None,
     ) -> None:
+        self._client = Client(
+            endpoint,
+            limits=limits,
+            timeout_s=timeout_s,
+            curve_key=curve_key,
+            server_key=server_key,
+        )
         self._loop = asyncio.new_event_loop()
-        self._client = Client(endpoint, limits=limits, timeout_s=timeout_s)
 
     def __enter__(self) -> BlockingClient:
         self._loop.run_until_complete(self._open())

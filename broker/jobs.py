@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import itertools
-import os
+import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ class Job:
     client: bytes = b""  # whose share of the queue it is served from (fairness between clients)
     size: int = 0  # bytes it takes in a `jobs` message (protocol.job_size); set when queued
     digest: bytes = b""  # of task, model and text, kept once the text is dropped (finished)
+    owner: str | None = None  # the CURVE key (z85) that submitted it; None on an open endpoint
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -65,12 +65,24 @@ class Served:
     tasks: frozenset[str]
 
 
-_ids = itertools.count()
-_prefix = f"j{os.getpid():x}-"
-
-
 def new_id() -> str:
-    return f"{_prefix}{next(_ids)}"
+    # 128 random bits: a broker-made id is a capability, so it must not be guessable
+    return secrets.token_hex(16)
+
+
+def same_job(known: Job, job: Job) -> bool:
+    """Whether `job` may reuse `known`'s id: the same sender asking for the same work."""
+    if known.owner != job.owner or known.task != job.task or known.model != job.model:
+        return False
+    if known.text:
+        return known.text == job.text
+    return known.digest == digest(job.task, job.model, job.text)  # finished: text not kept
+
+
+def taken(jid: str) -> str:
+    # one message whether the content or the sender differs: it says no more than that the id
+    # is in use
+    return f"id {jid!r} is already used by a different job; pick another id"
 
 
 def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_chars: int) -> Job:
@@ -165,6 +177,7 @@ class Table:
             job = Job(
                 row.id, row.task, row.text, row.model, deadline=row.deadline, attempts=row.attempts
             )
+            job.owner = row.owner
             self._enqueue(job)
             n += 1
         return n
@@ -186,7 +199,7 @@ class Table:
                 self._retire(job)
 
     def add(self, jobs: list[Job]) -> None:
-        self.journal.add([(j.id, j.model, j.task, j.text, j.deadline) for j in jobs])
+        self.journal.add([(j.id, j.model, j.task, j.text, j.deadline, j.owner) for j in jobs])
         for job in jobs:
             self._enqueue(job)
         self.counts["accepted"] += len(jobs)
@@ -372,6 +385,8 @@ class Table:
 
 def _finished(row: Row) -> Job:
     state = State(row.state)
-    return Job(
+    job = Job(
         row.id, row.task, row.text, row.model, state=state, entry=row.entry, embedding=row.embedding
     )
+    job.owner = row.owner
+    return job

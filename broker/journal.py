@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,        -- queued | done | failed | cancelled (running is not journaled)
     finished REAL,              -- wall-clock seconds
     entry BLOB,                 -- msgpack of the final `results` entry
-    embedding BLOB              -- raw float32 row, for ok jobs with a vector
+    embedding BLOB,             -- raw float32 row, for ok jobs with a vector
+    owner TEXT                  -- the submitter's CURVE key (z85); NULL on an open endpoint
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
@@ -59,6 +60,7 @@ class Row:
     state: str
     entry: dict[str, Any] | None
     embedding: torch.Tensor | None
+    owner: str | None = None
 
 
 class Journal:
@@ -72,6 +74,7 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={MODES[durability]}")
         self.db.executescript(SCHEMA)
+        _migrate(self.db)
         # reads come from the event loop while the writer thread commits: a connection each
         self.reader = sqlite3.connect(path, check_same_thread=False)
         # one writer thread: SQLite serialises writers anyway, and the event loop must not block
@@ -82,11 +85,11 @@ class Journal:
 
     # --- writes, queued here and committed together ---
 
-    def add(self, rows: list[tuple[str, str, str, str, float | None]]) -> None:
-        """(id, model, task, text, deadline) of newly accepted jobs."""
+    def add(self, rows: list[tuple[str, str, str, str, float | None, str | None]]) -> None:
+        """(id, model, task, text, deadline, owner) of newly accepted jobs."""
         self._write(
-            "INSERT OR IGNORE INTO jobs(id, model, task, text, deadline, state) "
-            "VALUES (?,?,?,?,?,'queued')",
+            "INSERT OR IGNORE INTO jobs(id, model, task, text, deadline, owner, state) "
+            "VALUES (?,?,?,?,?,?,'queued')",
             rows,
         )
 
@@ -160,8 +163,8 @@ class Journal:
     def unfinished(self) -> Iterator[Row]:
         """Every job accepted but not finished, in acceptance order."""
         cur = self.reader.execute(
-            "SELECT id, model, task, text, deadline, attempts, state, entry, embedding FROM jobs "
-            "WHERE state='queued' ORDER BY seq"
+            "SELECT id, model, task, text, deadline, attempts, state, entry, embedding, owner "
+            "FROM jobs WHERE state='queued' ORDER BY seq"
         )
         for r in cur:
             yield _row(r)
@@ -173,7 +176,7 @@ class Journal:
             chunk = ids[i : i + 500]
             marks = ",".join("?" * len(chunk))
             cur = self.reader.execute(
-                "SELECT id, model, task, text, deadline, attempts, state, entry, embedding "
+                "SELECT id, model, task, text, deadline, attempts, state, entry, embedding, owner "
                 f"FROM jobs WHERE id IN ({marks})",
                 chunk,
             )
@@ -189,4 +192,11 @@ class Journal:
 def _row(r: tuple) -> Row:
     entry = msgpack.unpackb(r[7], raw=False) if r[7] is not None else None
     emb = torch.frombuffer(bytearray(r[8]), dtype=torch.float32) if r[8] else None
-    return Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], entry, emb)
+    return Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], entry, emb, r[9])
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Journals written before jobs had owners get the column (NULL: an open endpoint's)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "owner" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")

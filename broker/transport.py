@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import zmq
 import zmq.asyncio
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from broker.protocol import Limits
 
@@ -51,3 +55,72 @@ def send(sock: zmq.asyncio.Socket, frames: list) -> bool:
     """
     fut = sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
     return not fut.done() or fut.exception() is None
+
+
+async def recv_batch_from(
+    sock: zmq.asyncio.Socket, most: int = 256
+) -> list[tuple[list[bytes], str | None]]:
+    """recv_batch for a socket behind ZAP: each message with the User-Id its connection
+    authenticated as (a CURVE client's z85 public key; None where no ZAP handler ran).
+
+    Metadata lives on the zmq.Frame, so this receives with copy=False; only keyed sockets pay
+    for it.
+    """
+
+    def owned(frames: list[zmq.Frame]) -> tuple[list[bytes], str | None]:
+        try:
+            user = frames[-1].get("User-Id")
+        except zmq.ZMQError:  # no such property: the connection was not authenticated
+            user = None
+        return [f.bytes for f in frames], user or None
+
+    out = [owned(await sock.recv_multipart(copy=False))]
+    while len(out) < most:
+        try:
+            out.append(owned(await sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)))
+        except zmq.Again:
+            break
+    return out
+
+
+def curve_server(sock: zmq.Socket, secret_cert: str) -> None:
+    """Make `sock` a CURVE server with the key pair in `secret_cert` (made by `baton keys`).
+
+    Call before bind. Clients must then know the matching public key, and the context's ZAP
+    handler (see `authenticator`) decides which client keys get in.
+    """
+    public, secret = zmq.auth.load_certificate(secret_cert)
+    if secret is None:
+        raise ValueError(f"{secret_cert} holds no secret key (use the .key_secret file)")
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+
+
+def authenticator(ctx: zmq.asyncio.Context, client_keys: str) -> AsyncioAuthenticator:
+    """A ZAP handler on `ctx` that lets in only CURVE clients whose public certificate is in
+    the directory `client_keys` (read now: restart to change the set). Needs a running loop."""
+    keys = zmq.auth.load_certificates(client_keys)  # raises here, where configure_curve logs
+    auth = AsyncioAuthenticator(ctx, log=logging.getLogger("baton.auth"))
+    auth.start()
+    auth.configure_curve(domain="*", location=client_keys)
+    if not keys:
+        logging.getLogger("baton.auth").warning(
+            "%s holds no client keys: nobody gets in", client_keys
+        )
+    return auth
+
+
+def client_keys(sock: zmq.Socket, secret_cert: str, server_public: str | bytes) -> None:
+    """Make `sock` a CURVE client: our key pair from `secret_cert`, the server's public key
+    from a certificate file or as z85 bytes. Call before connect."""
+    public, secret = zmq.auth.load_certificate(secret_cert)
+    if secret is None:
+        raise ValueError(f"{secret_cert} holds no secret key (use the .key_secret file)")
+    if isinstance(server_public, bytes):
+        server = server_public
+    else:
+        server, _ = zmq.auth.load_certificate(server_public)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = server

@@ -12,6 +12,14 @@ from pathlib import Path
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minilm.toml"
 
 
+def _keys(p: argparse.ArgumentParser) -> None:
+    """Flags for a broker whose client endpoint requires keys (`endpoints.client_keys`)."""
+    p.add_argument("--key", default=None, metavar="FILE", help="our secret key (NAME.key_secret)")
+    p.add_argument(
+        "--server-key", default=None, metavar="FILE", help="the broker's public key (NAME.key)"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baton", description="Baton: a job queue for embeddings.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -26,16 +34,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="JSONL of results; - for stdout")
     s.add_argument("--window", type=int, default=512, help="jobs outstanding at once")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds without any progress")
+    _keys(s)
 
     st = sub.add_parser("status", help="show the fleet's workers and job counts")
     st.add_argument("--endpoint", required=True)
     st.add_argument("--json", action="store_true", help="print the status as one JSON object")
     st.add_argument("--timeout", type=float, default=5.0)
+    _keys(st)
 
     c = sub.add_parser("cancel", help="cancel queued or running jobs")
     c.add_argument("--endpoint", required=True)
     c.add_argument("--timeout", type=float, default=10.0)
+    _keys(c)
     c.add_argument("ids", nargs="+", metavar="ID")
+
+    k = sub.add_parser("keys", help="make a CURVE key pair for a broker or a client")
+    k.add_argument("dir", metavar="DIR", help="where to write NAME.key and NAME.key_secret")
+    k.add_argument("--name", default="baton", help="file name stem (default: baton)")
 
     d = sub.add_parser("demo", help="start a fleet and embed a stdlib-docstring workload")
     d.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -68,23 +83,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if (getattr(args, "key", None) is None) != (getattr(args, "server_key", None) is None):
+        p.error("--key and --server-key go together")
     if args.command == "up":
         from controller.up import up
 
         return up(args.config, args.set or [])
     if args.command == "submit":
-        from controller.commands import submit
+        from controller.commands import Keys, submit
 
-        return submit(args.endpoint, args.input, args.output, args.window, args.timeout)
+        keys = Keys(args.key, args.server_key)
+        return submit(args.endpoint, args.input, args.output, args.window, args.timeout, keys)
     if args.command == "status":
-        from controller.commands import status
+        from controller.commands import Keys, status
 
-        return status(args.endpoint, args.json, args.timeout)
+        return status(args.endpoint, args.json, args.timeout, Keys(args.key, args.server_key))
     if args.command == "cancel":
-        from controller.commands import cancel
+        from controller.commands import Keys, cancel
 
-        return cancel(args.endpoint, args.ids, args.timeout)
+        return cancel(args.endpoint, args.ids, args.timeout, Keys(args.key, args.server_key))
+    if args.command == "keys":
+        from controller.commands import make_keys
+
+        return make_keys(args.dir, args.name)
     if args.command == "demo":
         from controller.demo import demo
 

@@ -1,4 +1,4 @@
-"""Client-side CLI commands: `baton submit`, `baton status`, `baton cancel`.
+"""Client-side CLI commands: `baton submit`, `baton status`, `baton cancel`, `baton keys`.
 
 Exit status: 0 when the broker answered (for submit: every job got a row, ok or error), 1 when
 it could not be reached in time or jobs were left unanswered, 2 for unusable arguments.
@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from typing import IO
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -19,21 +22,43 @@ from broker.client import Client, failure
 from broker.protocol import Code, ProtocolError
 
 
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """`--key` (our secret certificate) and `--server-key` (the broker's public one)."""
+
+    key: str | None = None
+    server_key: str | None = None
+
+    def client(self, endpoint: str, timeout: float) -> Client:
+        return Client(endpoint, timeout_s=timeout, curve_key=self.key, server_key=self.server_key)
+
+
 def submit(
-    endpoint: str, input_path: str, output_path: str, window: int = 512, timeout: float = 60
+    endpoint: str,
+    input_path: str,
+    output_path: str,
+    window: int = 512,
+    timeout: float = 60,
+    keys: Keys = Keys(),
 ) -> int:
     if window < 1:
         return _fail("submit", "--window must be at least 1", 2)
     try:
         total = None if input_path == "-" else _count_lines(input_path)
-        with _open(input_path, "r") as src, _open(output_path, "w") as dst:
-            return asyncio.run(_submit(endpoint, src, dst, total, window, timeout))
-    except OSError as e:
+        with _open_in(input_path) as src, _open(output_path, "w") as dst:
+            return asyncio.run(_submit(endpoint, src, dst, total, window, timeout, keys))
+    except (OSError, ValueError) as e:  # ValueError: an unusable key file
         return _fail("submit", str(e), 2)
 
 
 async def _submit(
-    endpoint: str, src: IO[str], dst: IO[str], total: int | None, window: int, timeout: float
+    endpoint: str,
+    src: IO[bytes],
+    dst: IO[str],
+    total: int | None,
+    window: int,
+    timeout: float,
+    keys: Keys = Keys(),
 ) -> int:
     def write(row: dict) -> None:
         dst.write(json.dumps(row) + "\n")
@@ -43,7 +68,7 @@ async def _submit(
     sent: set[str] = set()
     answered = 0
     with tqdm(total=total, unit="job", file=sys.stderr, mininterval=0.5) as bar:
-        async with Client(endpoint, timeout_s=timeout) as client:
+        async with keys.client(endpoint, timeout) as client:
             try:
                 async for result in client.run(_jobs(src, sent, write), window):
                     write(result.to_json())
@@ -55,10 +80,17 @@ async def _submit(
     return 0
 
 
-def _jobs(src: IO[str], sent: set[str], reject: Callable[[dict], None]) -> Iterator[dict]:
+def _jobs(src: IO[bytes], sent: set[str], reject: Callable[[dict], None]) -> Iterator[dict]:
     """Jobs to send; a line that cannot be one gets its error row at once and is not sent."""
-    for n, line in enumerate(src, 1):
-        if not line.strip():
+    for n, raw in enumerate(src, 1):
+        if not raw.strip():
+            continue
+        try:
+            # strict, line by line: one undecodable line is that line's error, not the file's
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            why = f"line {n}: not UTF-8: byte {raw[e.start]:#04x} at offset {e.start}"
+            reject(failure(f"line-{n}", Code.MALFORMED, why).to_json())
             continue
         try:
             job = json.loads(line)
@@ -68,7 +100,7 @@ def _jobs(src: IO[str], sent: set[str], reject: Callable[[dict], None]) -> Itera
         problem = _problem(job, n)
         if problem is not None:
             job_id = job.get("id") if isinstance(job, dict) else None
-            row_id = job_id if isinstance(job_id, str) and job_id else f"line-{n}"
+            row_id = job_id if isinstance(job_id, str) and job_id and _utf8(job_id) else f"line-{n}"
             reject(failure(row_id, Code.BAD_FIELD, problem).to_json())
             continue
         if job["id"] in sent:
@@ -83,6 +115,10 @@ def _problem(job: object, n: int) -> str | None:
     # checked here, not by the broker, so one bad line cannot fail a whole submit message
     if not isinstance(job, dict):
         return f"line {n}: a job must be a JSON object"
+    # JSON escapes can spell what UTF-8 cannot ("\ud800"): such a string cannot be sent
+    bad = next((k for k, v in _strings(job) if not _utf8(v)), None)
+    if bad is not None:
+        return f"line {n}: field {bad!r} is not valid Unicode (a lone surrogate)"
     if not isinstance(job.get("id"), str) or not job["id"]:
         return f"line {n}: field 'id' must be a non-empty string"
     if not isinstance(job.get("text"), str):
@@ -93,11 +129,34 @@ def _problem(job: object, n: int) -> str | None:
     return None
 
 
-def status(endpoint: str, as_json: bool = False, timeout: float = 5) -> int:
+def _strings(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """(field, string) for every string in a JSON value, keys included, however deep."""
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k, str(k))
+            yield from _strings(v, k if isinstance(k, str) and _utf8(k) else key)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v, key)
+
+
+def _utf8(text: str) -> bool:
     try:
-        body = asyncio.run(_ask(endpoint, timeout, lambda c: c.status()))
-    except (TimeoutError, ProtocolError) as e:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def status(endpoint: str, as_json: bool = False, timeout: float = 5, keys: Keys = Keys()) -> int:
+    try:
+        body = asyncio.run(_ask(endpoint, timeout, lambda c: c.status(), keys))
+    except (TimeoutError, ProtocolError) as e:  # before OSError, which TimeoutError is
         return _fail("status", _why(e), 1)
+    except (OSError, ValueError) as e:  # an unusable key file
+        return _fail("status", str(e), 2)
     print(json.dumps(body) if as_json else table(body))
     return 0
 
@@ -119,19 +178,47 @@ def table(body: dict) -> str:
     return "\n".join(lines)
 
 
-def cancel(endpoint: str, ids: list[str], timeout: float = 10) -> int:
+def cancel(endpoint: str, ids: list[str], timeout: float = 10, keys: Keys = Keys()) -> int:
     try:
-        body = asyncio.run(_ask(endpoint, timeout, lambda c: c.cancel(ids)))
-    except (TimeoutError, ProtocolError) as e:
+        body = asyncio.run(_ask(endpoint, timeout, lambda c: c.cancel(ids), keys))
+    except (TimeoutError, ProtocolError) as e:  # before OSError, which TimeoutError is
         return _fail("cancel", _why(e), 1)
+    except (OSError, ValueError) as e:  # an unusable key file
+        return _fail("cancel", str(e), 2)
     print("cancelled: " + (" ".join(body["ids"]) or "-"))
     print("unknown:   " + (" ".join(body["unknown"]) or "-"))
     return 0
 
 
-async def _ask(endpoint: str, timeout: float, call: Callable[[Client], Awaitable[dict]]) -> dict:
-    async with Client(endpoint, timeout_s=timeout) as client:
+async def _ask(
+    endpoint: str, timeout: float, call: Callable[[Client], Awaitable[dict]], keys: Keys = Keys()
+) -> dict:
+    async with keys.client(endpoint, timeout) as client:
         return await call(client)
+
+
+def make_keys(directory: str, name: str) -> int:
+    """`baton keys DIR --name NAME`: a CURVE key pair, DIR/NAME.key (public, to hand out or put
+    in the broker's allow-list) and DIR/NAME.key_secret (readable by its owner only)."""
+    import zmq.auth
+
+    out = Path(directory)
+    public, secret = out / f"{name}.key", out / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        return _fail("keys", f"{public} or {secret} exists; not overwriting a key", 2)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # the secret file is created 0600 from the start, not chmod-ed after being readable
+        old = os.umask(0o077)
+        try:
+            zmq.auth.create_certificates(out, name)
+        finally:
+            os.umask(old)
+        public.chmod(0o644)
+    except OSError as e:
+        return _fail("keys", str(e), 2)
+    print(f"public  {public}\nsecret  {secret}")
+    return 0
 
 
 def _why(e: Exception) -> str:
@@ -151,10 +238,20 @@ def _count_lines(path: str) -> int:
 
 
 @contextlib.contextmanager
+def _open_in(path: str) -> Iterator[IO[bytes]]:
+    """The input as bytes: each line is decoded on its own, strictly, by `_jobs`."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    with open(path, "rb") as f:
+        yield f
+
+
+@contextlib.contextmanager
 def _open(path: str, mode: str) -> Iterator[IO[str]]:
     if path == "-":
         yield sys.stdin if mode == "r" else sys.stdout
         return
-    # undecodable input bytes become U+FFFD rather than ending the run mid-file
-    with open(path, mode, encoding="utf-8", errors="replace") as f:
+    # rows are json.dumps'd (ASCII), so nothing written here can fail to encode
+    with open(path, mode, encoding="utf-8") as f:
         yield f

@@ -46,6 +46,8 @@ class Pipeline:
 @dataclass(slots=True)
 class Endpoints:
     client: str = "tcp://127.0.0.1:5555"
+    client_keys: str = ""  # directory of allowed client public keys; "" = no keys required
+    server_key: str = ""  # the broker's secret certificate (`baton keys`); with client_keys
 
 
 @dataclass(slots=True)

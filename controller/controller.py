@@ -55,7 +55,7 @@ class Controller:
     def __init__(self, cfg: Config, broker: str, run_dir: Path) -> None:
         # sockets of our own: orphans of a dead predecessor must not reach our workers
         run_dir = run_dir / f"c{os.getpid()}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # ipc sockets: ours alone
         self.cfg, self.run_dir = cfg, run_dir
         self.limits = Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames)
         info = load_info(cfg.model.path)

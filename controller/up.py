@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
 import sqlite3
+import stat
 import sys
 import tempfile
 import time
@@ -22,8 +24,9 @@ from pathlib import Path
 import uvloop
 import zmq
 import zmq.asyncio
+import zmq.auth
 
-from broker.broker import Admission, Broker
+from broker.broker import Admission, Broker, Keys
 from broker.journal import Journal
 from broker.protocol import Limits
 from controller.config import Config, ConfigError, check_model, load
@@ -42,6 +45,7 @@ def up(config: str, sets: list[str]) -> int:
     try:
         cfg = load(config, sets)
         check_model(cfg, load_info(cfg.model.path))
+        check_keys(cfg)
     except (ConfigError, ValueError, OSError) as e:
         print(f"baton up: {e}", file=sys.stderr)
         return 2
@@ -60,7 +64,10 @@ async def serve(cfg: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # every internal socket (broker <-> controller, controller <-> workers, stage to stage) is
+    # an ipc:// file in here, and mkdtemp makes it 0700: no other user can connect to any of them
     run_dir = Path(tempfile.mkdtemp(prefix="baton-"))
+    check_private(run_dir)
     journal = Journal(
         cfg.journal.path or str(run_dir / "journal.sqlite3"),
         cfg.journal.durability,
@@ -84,6 +91,8 @@ async def serve(cfg: Config) -> int:
             ),
             heartbeat_s=cfg.workers.heartbeat_ms / 1000,
             dead_after_s=cfg.workers.dead_after_ms / 1000,
+            backend_endpoint=f"ipc://{run_dir}/broker",
+            keys=keys(cfg),
         )
     except BaseException:
         await journal.close()
@@ -120,6 +129,51 @@ async def unregistered(broker: Broker, ident: bytes, cfg: Config) -> None:
             missing_since = missing_since or now
             if now - missing_since > bound:
                 return
+
+
+def keys(cfg: Config) -> Keys | None:
+    e = cfg.endpoints
+    return Keys(e.server_key, e.client_keys) if e.client_keys else None
+
+
+def check_keys(cfg: Config) -> None:
+    """Refuse unusable key settings before anything starts, naming the key."""
+    e = cfg.endpoints
+    if bool(e.client_keys) != bool(e.server_key):
+        raise ConfigError(
+            "config keys 'endpoints.client_keys' and 'endpoints.server_key' go together: "
+            "set both (keys required) or neither (an open endpoint)"
+        )
+    if not e.client_keys:
+        return
+    if not Path(e.client_keys).is_dir():
+        raise ConfigError(f"config key 'endpoints.client_keys': {e.client_keys} is not a directory")
+    try:
+        _, secret = zmq.auth.load_certificate(e.server_key)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key 'endpoints.server_key': {err}") from None
+    if secret is None:
+        raise ConfigError(
+            f"config key 'endpoints.server_key': {e.server_key} holds no secret key "
+            "(name the .key_secret file `baton keys` wrote)"
+        )
+
+
+def check_private(run_dir: Path) -> None:
+    """The run directory must be ours and 0700, and no directory above it may let another user
+    swap it out (writable by others without the sticky bit): say so loudly if one does."""
+    st = run_dir.stat()
+    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        raise RuntimeError(f"run directory {run_dir} is not private (mode {st.st_mode:o})")
+    for parent in run_dir.resolve().parents:
+        mode = parent.stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+            log.warning(
+                "%s is writable by other users without the sticky bit: they could replace the "
+                "run directory %s; set TMPDIR to a private directory",
+                parent,
+                run_dir,
+            )
 
 
 async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Event) -> None:

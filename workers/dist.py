@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+LOOPBACK = "lo"
 
 
 @dataclass(slots=True)
@@ -39,6 +42,11 @@ def init_tp_group(
     if not 0 <= tp_rank < tensor:
         raise ValueError(f"tp_rank {tp_rank} outside 0..{tensor - 1}")
     cuda = device.startswith("cuda")
+    # Every rank is on this host: gloo's pairs and NCCL's bootstrap listen on loopback only, not
+    # on whatever address the hostname resolves to. Neither authenticates its peers; see
+    # docs/security.md. The rendezvous is a file store in the private run directory.
+    os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK
+    os.environ["NCCL_SOCKET_IFNAME"] = LOOPBACK
     if cuda:
         # NCCL binds communicators to the current device, so pick ours before joining.
         torch.cuda.set_device(torch.device(device))
