@@ -62,6 +62,8 @@ RESULTS_TO_CLIENT_BYTES = 1 << 20  # one `results` message to a client, at most
 SENT_KEPT = 64  # recent `jobs` messages per controller, by ref, for a refusal that names one
 SIZE_REFUSALS = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES, Code.TOO_MANY_ITEMS})
 
+JOURNAL_RETRY_MS = 1000  # about the journal's own retry period (journal.RETRY_MAX_S)
+
 
 @dataclass(slots=True)
 class Admission:
@@ -157,6 +159,7 @@ class Broker:
         self.journal = journal
         self.table = J.Table(journal, self.admission.max_attempts)
         self.acks: set[asyncio.Task] = set()
+        self.owing: set[asyncio.Task] = set()  # results waiting for their end to be durable
         self.controllers: dict[bytes, Controller] = {}
         self.admitting = True
         self.registered = asyncio.Event()  # a controller said `ready`
@@ -229,6 +232,9 @@ class Broker:
         self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
     ) -> None:
         raw = get(body, "jobs", list)
+        if not self.journal.ok:  # nothing can be made durable now: refuse, do not promise
+            self._refuse_unjournaled(ident, raw, ref)
+            return
         if len(raw) > self.admission.max_jobs_per_message:
             raise ProtocolError(
                 Code.BAD_FIELD,
@@ -295,6 +301,18 @@ class Broker:
         batch.fresh.append(job)
         batch.bytes += job.size
         batch.ids.append(job.id)
+
+    def _refuse_unjournaled(self, ident: bytes, raw: list[Any], ref: Any) -> None:
+        why = f"the journal cannot be written ({self.journal.error}); retry later"
+        refused = []
+        for item in raw:
+            jid = item.get("id") if isinstance(item, dict) else None
+            entry = J.failure(jid if isinstance(jid, str) else None, Code.JOURNAL_UNAVAILABLE, why)
+            entry["error"]["retry_after_ms"] = JOURNAL_RETRY_MS
+            refused.append(entry)
+        self.outbox.send(ident, encode(Kind.ACCEPTED, {"ids": [], "ref": ref}))
+        if refused:
+            self.outbox.send(ident, encode(Kind.RESULTS, {"results": refused}))
 
     async def _ack(
         self,
@@ -398,6 +416,7 @@ class Broker:
             "jobs": self.table.summary(),
             "unread_bytes": self.outbox.bytes(),
             "admitting": self.admitting,
+            "journal": self.journal.health(),
             "pid": os.getpid(),
         }
 
@@ -518,12 +537,28 @@ class Broker:
                     ctrl.sent.popitem(last=False)
 
     def _owe(self, ended: list[J.Job]) -> None:
-        owed: dict[bytes, list[J.Job]] = defaultdict(list)
-        for job in ended:
-            for w in job.waiters:
-                owed[w].append(job)
-        self._deliver(owed)
-        self._check_idle()
+        """Results go out only once their ends are committed (a delivered job must never run
+        again); those of one call share one group commit and one message per client."""
+        if ended:
+            task = asyncio.create_task(self._owe_durable(ended))
+            self.owing.add(task)
+        elif not self.owing:
+            self._check_idle()  # else the last delivery checks
+
+    async def _owe_durable(self, ended: list[J.Job]) -> None:
+        try:
+            await self.journal.commit()  # waits out a failing disk: results are held meanwhile
+            owed: dict[bytes, list[J.Job]] = defaultdict(list)
+            for job in ended:
+                for w in job.waiters:
+                    owed[w].append(job)
+            self._deliver(owed)
+        except Exception:  # closed while failing: not delivered, so they run again next start
+            log.exception("results not delivered")
+        finally:
+            self.owing.discard(asyncio.current_task())
+            if not self.owing:
+                self._check_idle()  # idle only once everything owed went out
 
     def _check_idle(self) -> None:
         if self.table.queued == 0 and self.table.running == 0:

@@ -28,6 +28,8 @@ REPLY_KINDS = frozenset({Kind.ACCEPTED, Kind.STATUS, Kind.CANCELLED, Kind.PONG, 
 BROKER_KINDS = REPLY_KINDS | {Kind.RESULTS}
 CHUNK = 256  # jobs per submit message; well under the broker's max_jobs_per_message
 SPLIT_ON = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES})  # refusals of size, not of content
+# refusals that say "not now": the job is sent again after the hinted delay
+RETRY_ON = frozenset({Code.BUSY, Code.JOURNAL_UNAVAILABLE})
 BUSY_ATTEMPTS = 8
 BUSY_BASE_S = 0.05
 BUSY_CAP_S = 5.0
@@ -337,7 +339,7 @@ class Client:
             err = e.get("error") if isinstance(e.get("error"), dict) else {}
             code = str(err.get("code", Code.INTERNAL))
             job = self._jobs.get(job_id)
-            if code == Code.BUSY and job is not None and job.attempts < BUSY_ATTEMPTS:
+            if code in RETRY_ON and job is not None and job.attempts < BUSY_ATTEMPTS:
                 busy.append((job_id, err.get("retry_after_ms", e.get("retry_after_ms"))))
                 continue
             self._settle(failure(job_id, code, str(err.get("message", ""))))

@@ -11,11 +11,24 @@ Durability (`journal.durability`):
 - `off`:   the client hears "accepted" before the write reaches the database.
 In every mode writes are group-committed: whatever accumulates while one commit runs goes into
 the next, so throughput does not collapse to one fsync per job.
+
+The journal is the truth, or nothing is acknowledged:
+- One owner: an exclusive flock on `PATH.lock` (holding the owner's pid) is taken before the
+  database is opened; the OS drops it when the owner dies, however it dies.
+- No silent loss at open: the WAL is checked before SQLite sees it (`journal_repair.check_wal`)
+  and `PRAGMA quick_check` runs after; a damaged journal raises JournalDamaged, untouched.
+- A write that fails (disk full, read-only, I/O error) is kept, in order, and retried with a
+  bounded backoff; until one succeeds the journal is unhealthy (`health()`), `commit()` waits,
+  and so does everything that must not happen before its writes are durable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -25,6 +38,10 @@ from typing import Any
 
 import msgpack
 import torch
+
+from broker.journal_repair import JournalDamaged, check_wal, quick_check
+
+log = logging.getLogger("baton.journal")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -45,6 +62,40 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
 
 MODES = {"sync": "FULL", "batch": "NORMAL", "off": "OFF"}
+RETRY_FIRST_S = 0.05  # a failed commit is retried after this, doubling...
+RETRY_MAX_S = 1.0  # ...up to this: the disk is re-tried about once a heartbeat while it fails
+CLOSE_TIMEOUT_S = 5.0  # at close, how long a failing journal gets to take its last writes
+CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+class JournalError(Exception):
+    """The journal cannot be opened; the message says why."""
+
+
+class JournalBusy(JournalError):
+    """Another process owns the journal."""
+
+
+def lock(path: str) -> int:
+    """Take the journal's lock (`PATH.lock`, holding our pid); returns its fd, kept open while we
+    own the journal. The OS releases it when we die, however we die."""
+    name = f"{path}.lock"
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # e.g. a read-only or missing directory
+        raise JournalError(f"cannot take the journal's lock {name}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise JournalBusy(f"the journal {path} is in use by pid {holder} (lock {name})") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass(slots=True)
@@ -70,13 +121,35 @@ class Journal:
                 f"journal.durability must be one of {', '.join(MODES)}, got {durability!r}"
             )
         self.path, self.durability, self.ttl = path, durability, result_ttl_s
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={MODES[durability]}")
-        self.db.executescript(SCHEMA)
-        _migrate(self.db)
-        # reads come from the event loop while the writer thread commits: a connection each
-        self.reader = sqlite3.connect(path, check_same_thread=False)
+        self.lock = lock(path)  # before anything reads the files: they may be changing
+        self.db: sqlite3.Connection | None = None
+        try:
+            # before SQLite opens the database: its recovery would silently drop a damaged WAL
+            why = check_wal(f"{path}-wal")
+            if why:
+                raise JournalDamaged(why)
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            why = quick_check(self.db)
+            if why:
+                raise JournalDamaged(f"PRAGMA quick_check failed: {why}")
+            self.db.execute(f"PRAGMA synchronous={MODES[durability]}")
+            self.db.executescript(SCHEMA)
+            _migrate(self.db)
+            # reads come from the event loop while the writer thread commits: a connection each
+            self.reader = sqlite3.connect(path, check_same_thread=False)
+        except sqlite3.DatabaseError as e:
+            self._release()
+            if e.sqlite_errorcode & 0xFF in CORRUPT_CODES:
+                raise JournalDamaged(str(e)) from e
+            raise
+        except BaseException:
+            self._release()
+            raise
+        # health: None while writes succeed; else the last error and when failing began
+        self.error: str | None = None
+        self.since: float | None = None
+        self.failures = 0
         # one writer thread: SQLite serialises writers anyway, and the event loop must not block
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="journal")
         self.ops: list[tuple[str, list[tuple]]] = []
@@ -128,16 +201,25 @@ class Journal:
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
+        delay = RETRY_FIRST_S
         while self.ops or self.waiters:
             ops, waiters = self.ops, self.waiters
             self.ops, self.waiters = [], []
             try:
                 await loop.run_in_executor(self.pool, self._apply, ops)
-            except Exception as e:
-                for w in waiters:
-                    if not w.done():
-                        w.set_exception(e)
+            except sqlite3.Error as e:
+                # kept, ahead of newer writes (every statement here is idempotent, so a commit
+                # that did land but reported failure may be applied again); the waiters keep
+                # waiting: nothing they guard may happen before these writes are durable
+                self.ops = ops + self.ops
+                self.waiters = waiters + self.waiters
+                self._failing(e)
+                await asyncio.sleep(delay)  # a backoff, so a dead disk is not hammered
+                delay = min(delay * 2, RETRY_MAX_S)
                 continue
+            delay = RETRY_FIRST_S
+            if self.error is not None:
+                self._recovered()
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -145,18 +227,91 @@ class Journal:
     def _apply(self, ops: list[tuple[str, list[tuple]]]) -> None:
         if not ops:
             return
-        with self.db:  # one transaction: the group commit
-            self.db.execute("BEGIN")
+        db = self.db
+        assert db is not None
+        try:  # one transaction: the group commit
+            db.execute("BEGIN")
             for sql, rows in ops:
-                self.db.executemany(sql, rows)
+                db.executemany(sql, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            # a failed COMMIT (e.g. SQLITE_FULL) may leave the transaction open; the retry must
+            # start from a clean slate
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise
+
+    def _failing(self, e: sqlite3.Error) -> None:
+        self.failures += 1
+        first = self.error is None
+        self.error = f"{type(e).__name__}: {e}"
+        if first:  # once per episode: a full disk must not also flood the log
+            self.since = time.time()
+            log.error(
+                "journal %s cannot be written (%s); admitting no new jobs and holding results "
+                "until it can; retrying every %.1f s at most",
+                self.path,
+                self.error,
+                RETRY_MAX_S,
+            )
+
+    def _recovered(self) -> None:
+        log.warning(
+            "journal %s is writable again after %.1f s and %d failed commits; serving",
+            self.path,
+            time.time() - (self.since or time.time()),
+            self.failures,
+        )
+        self.error, self.since, self.failures = None, None, 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def health(self) -> dict[str, Any]:
+        """For `status`: whether writes succeed, the last error and since when they fail."""
+        return {
+            "ok": self.ok,
+            "error": self.error,
+            "since": self.since,
+            "pending": sum(len(rows) for _, rows in self.ops),
+        }
 
     async def close(self) -> None:
         if self.ops or self.waiters or (self.flushing and not self.flushing.done()):
             self._kick()
-            await self.flushing
+            assert self.flushing is not None
+            try:
+                await asyncio.wait_for(asyncio.shield(self.flushing), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                # safe to give up: what is not committed was never acknowledged nor delivered
+                # (accepted jobs are not in it; finished ones run again on the next start)
+                pending = sum(len(rows) for _, rows in self.ops)
+                log.error(
+                    "journal %s: closing with %d writes not committed (%s); their jobs were "
+                    "neither acknowledged nor delivered",
+                    self.path,
+                    pending,
+                    self.error,
+                )
+                self.flushing.cancel()
+                await asyncio.gather(self.flushing, return_exceptions=True)
+                for w in self.waiters:
+                    if not w.done():
+                        w.set_exception(RuntimeError(f"journal closed: {self.error}"))
+                self.ops, self.waiters = [], []
         self.pool.shutdown(wait=True)
         self.reader.close()
-        self.db.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        if self.lock >= 0:
+            os.close(self.lock)  # the flock goes with the last fd
+            self.lock = -1
 
     # --- reads (start-up, and idempotency look-ups of results no longer in memory) ---
 

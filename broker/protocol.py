@@ -76,6 +76,7 @@ class Code(StrEnum):
     DEADLINE = "deadline_exceeded"
     RETRIES_EXHAUSTED = "retries_exhausted"  # every attempt was lost to a dying worker/controller
     SHUTTING_DOWN = "shutting_down"
+    JOURNAL_UNAVAILABLE = "journal_unavailable"  # cannot be made durable now; retry after the hint
     WORKER_FAILED = "worker_failed"
     INTERNAL = "internal"
 

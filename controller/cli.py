@@ -79,6 +79,14 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--timeout", type=float, default=120.0, help="seconds without any progress")
     b.add_argument("--json", default=None, metavar="OUT", help="write the figures here")
+    j = sub.add_parser("journal", help="check a journal, or recover what is intact in one")
+    jsub = j.add_subparsers(dest="action", required=True, metavar="ACTION")
+    jc = jsub.add_parser("check", help="the checks `baton up` makes; exit 1 if damaged")
+    jc.add_argument("path", metavar="PATH")
+    jr = jsub.add_parser(
+        "recover", help="move a damaged journal aside and keep every job proven intact"
+    )
+    jr.add_argument("path", metavar="PATH")
     return p
 
 
@@ -116,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         from controller.bench import bench
 
         return bench(args)
+    if args.command == "journal":
+        from broker.journal_repair import check_command, recover_command
+
+        return (check_command if args.action == "check" else recover_command)(args.path)
     raise AssertionError(args.command)  # argparse only admits the commands above
 
 

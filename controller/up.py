@@ -27,7 +27,8 @@ import zmq.asyncio
 import zmq.auth
 
 from broker.broker import Admission, Broker, Keys
-from broker.journal import Journal
+from broker.journal import Journal, JournalError
+from broker.journal_repair import JournalDamaged
 from broker.protocol import Limits
 from controller.config import Config, ConfigError, check_model, load
 from controller.controller import identity
@@ -42,6 +43,9 @@ RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
 
 def up(config: str, sets: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # a file-size limit (RLIMIT_FSIZE) must reach the journal as a failed write it can hold and
+    # retry, not kill the server (SIGXFSZ's default action)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cfg = load(config, sets)
         check_model(cfg, load_info(cfg.model.path))
@@ -53,6 +57,18 @@ def up(config: str, sets: list[str]) -> int:
         return uvloop.run(serve(cfg))
     except zmq.ZMQError as e:
         print(f"baton up: cannot bind {cfg.endpoints.client}: {e}", file=sys.stderr)
+        return 2
+    except JournalError as e:
+        print(f"baton up: {e}", file=sys.stderr)
+        return 2
+    except JournalDamaged as e:
+        path = cfg.journal.path
+        print(
+            f"baton up: the journal {path} is damaged: {e}\n"
+            f"Nothing was changed. To move the damaged files aside and keep every job that can "
+            f"be proven intact, run:\n    baton journal recover {path}",
+            file=sys.stderr,
+        )
         return 2
     except sqlite3.Error as e:
         print(f"baton up: cannot open the journal {cfg.journal.path!r}: {e}", file=sys.stderr)
@@ -68,11 +84,15 @@ async def serve(cfg: Config) -> int:
     # an ipc:// file in here, and mkdtemp makes it 0700: no other user can connect to any of them
     run_dir = Path(tempfile.mkdtemp(prefix="baton-"))
     check_private(run_dir)
-    journal = Journal(
-        cfg.journal.path or str(run_dir / "journal.sqlite3"),
-        cfg.journal.durability,
-        cfg.journal.result_ttl_s,
-    )
+    try:  # owned, checked and opened before anything starts: a refusal costs nothing
+        journal = Journal(
+            cfg.journal.path or str(run_dir / "journal.sqlite3"),
+            cfg.journal.durability,
+            cfg.journal.result_ttl_s,
+        )
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     ctx = zmq.asyncio.Context()
     try:
         broker = Broker(
