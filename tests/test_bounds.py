@@ -204,3 +204,16 @@ def eventually(probe: Callable[[], dict], holds: Callable[[dict], bool], bound_s
         assert time.monotonic() < deadline, f"not reached within {bound_s} s: {got}"
         time.sleep(0.1)  # the polling period
     return got
+
+
+def test_a_huge_cancel_is_refused_from_its_length_alone(fleet: Fleet) -> None:
+    """2.3 million ids in one 16 MiB cancel: refused `too_many_items` before the list is built,
+    and another client's ping is answered right after."""
+    ids = [f"{i:06x}" for i in range(2_300_000)]
+    with dealer(fleet.endpoint) as bad, dealer(fleet.endpoint) as other:
+        bad.send_multipart(encode(Kind.CANCEL, {"ids": ids, "ref": 1}))
+        other.send_multipart(encode(Kind.PING, {"ref": 2}))
+        assert other.poll(60_000) and bad.poll(60_000), "the broker stopped answering"
+        assert decode(other.recv_multipart(), Limits()).body == {"ref": 2}
+        refusal = decode(bad.recv_multipart(), Limits())
+        assert refusal.kind == Kind.ERROR and refusal.body["code"] == "too_many_items"
