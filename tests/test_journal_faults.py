@@ -255,7 +255,10 @@ def test_a_damaged_journal_is_refused_and_the_fleet_runs_what_was_recovered(
 
     fleet = start(f'journal.path="{journal}"', f'jobs.execution_log="{log}"')
     try:
-        jobs = [{"id": f"q{i}", "task": "echo", "text": "resubmitted"} for i in range(kept)]
+        # the same jobs again (same id, same content): an id with other content is refused
+        jobs = [
+            {"id": f"q{i}", "task": "echo", "text": f"text number {i} " * 3} for i in range(kept)
+        ]
 
         async def go() -> None:
             async with Client(fleet.endpoint, timeout_s=WAIT_S) as client:
@@ -364,7 +367,8 @@ def test_an_unwritable_journal_refuses_holds_and_resumes(tmp_path: Path) -> None
 
         async def again() -> None:
             async with Client(second.endpoint, timeout_s=WAIT_S) as client:
-                jobs = [{"id": i, "task": "echo", "text": "again"} for i in delivered]
+                # the same jobs again: echo(prefix, n) made "<prefix> job <n>" for id <prefix><n>
+                jobs = [{"id": i, "task": "echo", "text": f"{i[0]} job {i[1:]}"} for i in delivered]
                 await all_ok(client, jobs)  # answered from the journal
 
         asyncio.run(again())
