@@ -35,11 +35,10 @@ from broker.protocol import (
     ProtocolError,
     decode,
     encode,
-    entry_size,
     error,
+    fitted,
     get,
     job_size,
-    spans,
 )
 from broker.transport import (
     authenticator,
@@ -374,24 +373,22 @@ class Broker:
         tensor of the ok embeddings that the entries name by row."""
         if self.outbox.waiting:
             self.outbox.flush()
-        budget = min(self.limits.max_message_bytes, RESULTS_TO_CLIENT_BYTES) - ENVELOPE
+        budget = min(self.limits.max_message_bytes, RESULTS_TO_CLIENT_BYTES)
+
+        def build(a: int, b: int) -> list:
+            entries, rows = [], []
+            for j in done[a:b]:
+                if j.embedding is None:
+                    entries.append(j.entry)
+                else:
+                    entries.append({**j.entry, "row": len(rows)})
+                    rows.append(j.embedding)
+            return encode(Kind.RESULTS, {"results": entries}, [torch.stack(rows)] if rows else [])
+
         for ident, done in owed.items():
-            sizes = [
-                entry_size(j.entry)
-                + (0 if j.embedding is None else j.embedding.numel() * j.embedding.element_size())
-                for j in done
-            ]
-            for a, b in spans(sizes, budget):
-                entries, rows = [], []
-                for j in done[a:b]:
-                    if j.embedding is None:
-                        entries.append(j.entry)
-                    else:
-                        entries.append({**j.entry, "row": len(rows)})
-                        rows.append(j.embedding)
-                tensors = [torch.stack(rows)] if rows else []
+            for frames in fitted(build, len(done), budget):
                 # a result no client took stays in the table: it can submit the id again
-                self.outbox.send(ident, encode(Kind.RESULTS, {"results": entries}, tensors))
+                self.outbox.send(ident, frames)
 
     def status(self) -> dict[str, Any]:
         ctrls = list(self.controllers.values())

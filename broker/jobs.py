@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import secrets
 import time
@@ -17,6 +16,7 @@ from broker.journal import Journal, Row
 from broker.protocol import Code, ProtocolError, job_size
 
 MAX_ID_CHARS = 256
+DIGEST_PAST = 256  # finished jobs keep texts up to this long; a digest of longer ones
 
 
 class State(StrEnum):
@@ -45,7 +45,7 @@ class Job:
     embedding: torch.Tensor | None = None
     client: bytes = b""  # whose share of the queue it is served from (fairness between clients)
     size: int = 0  # bytes it takes in a `jobs` message (protocol.job_size); set when queued
-    digest: bytes = b""  # of task, model and text, kept once the text is dropped (finished)
+    digest: int = 0  # of task, model and text, kept instead of a long text once finished
     owner: str | None = None  # the CURVE key (z85) that submitted it; None on an open endpoint
 
     def wire(self) -> dict[str, Any]:
@@ -133,12 +133,12 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_c
     return Job(jid, task, text, model, deadline=deadline)
 
 
-def digest(task: str, model: str, text: str) -> bytes:
-    """What identifies a job's content, so a resubmitted id can be told retry from conflict."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (task, model, text):
-        h.update(part.encode("utf-8", "surrogatepass") + b"\0")
-    return h.digest()
+def digest(task: str, model: str, text: str) -> int:
+    """What identifies a job's content, so a resubmitted id can be told retry from conflict.
+
+    Python's own string hash: SipHash keyed at random per process, so no client can aim for a
+    collision, and digests live only in this process's memory."""
+    return hash((task, model, text))
 
 
 def failure(jid: Any, code: Code, message: str) -> dict[str, Any]:
@@ -234,26 +234,32 @@ class Table:
         clients = self.queues.get(model)
         out: list[Job] = []
         left = nbytes
-        while clients and len(out) < n:
+        full = False
+        while clients and len(out) < n and not full:
             client, queue = next(iter(clients.items()))
-            job = self.jobs.get(queue[0])
-            live = job is not None and job.state is State.QUEUED
-            if live and left is not None and out and job.size > left:
-                break
-            queue.popleft()
+            # a client's turn is one job while others wait, and the rest when it is alone
+            turn = 1 if len(clients) > 1 else n - len(out)
+            while queue and turn:
+                job = self.jobs.get(queue[0])
+                if job is None or job.state is not State.QUEUED:
+                    queue.popleft()  # cancelled or expired while queued: already counted out
+                    continue
+                if left is not None and out and job.size > left:
+                    full = True
+                    break
+                queue.popleft()
+                self._unqueue(job)
+                job.state = State.RUNNING
+                job.controller = controller
+                out.append(job)
+                turn -= 1
+                if left is not None:
+                    left -= job.size
             if not queue:
                 del clients[client]
-            elif live:
+            elif len(clients) > 1 and not full:
                 clients.move_to_end(client)
-            if not live:
-                continue  # cancelled or expired while queued: already counted out
-            self._unqueue(job)
-            job.state = State.RUNNING
-            job.controller = controller
-            self.running += 1
-            out.append(job)
-            if left is not None:
-                left -= job.size
+        self.running += len(out)
         return out
 
     def finish(
@@ -374,8 +380,8 @@ class Table:
 
     def _retire(self, job: Job) -> None:
         # finished jobs stay in memory up to keep_finished, oldest dropped first (the journal
-        # still has them until their TTL); a finished job's text is not kept in memory
-        if job.text:
+        # still has them until their TTL); a finished job's long text is not kept in memory
+        if len(job.text) > DIGEST_PAST:
             job.digest, job.text = digest(job.task, job.model, job.text), ""
         self.finished[job.id] = None
         while len(self.finished) > self.keep_finished:

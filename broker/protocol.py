@@ -9,7 +9,7 @@ allow-listed dtype and a shape whose size is checked against the frame before an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -112,11 +112,12 @@ def job_size(job_id: str, text: str) -> int:
     Computed the same way on both sides of the broker <-> controller link, so that credit in
     bytes means the same thing to both.
     """
-    return (
-        len(job_id.encode("utf-8", "surrogatepass"))
-        + len(text.encode("utf-8", "surrogatepass"))
-        + JOB_OVERHEAD
-    )
+    return _utf8_len(job_id) + _utf8_len(text) + JOB_OVERHEAD
+
+
+def _utf8_len(s: str) -> int:
+    # ASCII (the common case) is one byte a character: no need to encode to count
+    return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
 
 
 DTYPES: dict[str, torch.dtype] = {
@@ -138,25 +139,20 @@ class Message:
     tensors: list[torch.Tensor] = field(default_factory=list)
 
 
-def spans(sizes: Sequence[int], budget: int) -> list[tuple[int, int]]:
-    """Cut items of these sizes into runs [start, end) of at most `budget` bytes each; an item
-    larger than the budget travels alone (admission keeps such items out)."""
-    out: list[tuple[int, int]] = []
-    start, used = 0, 0
-    for i, n in enumerate(sizes):
-        if i > start and used + n > budget:
-            out.append((start, i))
-            start, used = i, 0
-        used += n
-    if start < len(sizes):
-        out.append((start, len(sizes)))
-    return out
-
-
-def entry_size(entry: dict[str, Any]) -> int:
-    """An upper bound of the bytes one `results` entry takes, without encoding it."""
-    err = entry.get("error")
-    return 128 + len(str(entry.get("id"))) * 4 + (len(str(err)) * 4 if err else 0)
+def fitted(build: Callable[[int, int], list], n: int, budget: int) -> Iterator[list]:
+    """The messages for items [0, n), in order, each within `budget` bytes: `build(a, b)`
+    encodes items a..b-1, and a message over the budget is built again as two halves. The
+    common case (everything fits) costs one encoding and no per-item arithmetic; a single item
+    over the budget goes alone (admission keeps such items out)."""
+    todo = [(0, n)]
+    while todo:
+        a, b = todo.pop()
+        frames = build(a, b)
+        if b - a > 1 and sum(len(f) for f in frames) > budget:
+            mid = (a + b) // 2
+            todo += [(mid, b), (a, mid)]
+            continue
+        yield frames
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

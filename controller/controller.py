@@ -27,16 +27,14 @@ import zmq.asyncio
 
 from broker.jobs import failure
 from broker.protocol import (
-    ENVELOPE,
     Code,
     Kind,
     Limits,
     ProtocolError,
     decode,
     encode,
-    entry_size,
+    fitted,
     job_size,
-    spans,
 )
 from broker.transport import configure, recv_batch
 from controller.config import Config, from_dict
@@ -334,14 +332,16 @@ class Controller:
     def results(self, entries: list[dict[str, Any]], emb: Any) -> None:
         """`results` to the broker, cut into messages within the limit; an embedding row goes
         with its entry."""
-        row = 0 if emb is None else emb.shape[1] * emb.element_size()
-        sizes = [entry_size(e) + row for e in entries]
-        for a, b in spans(sizes, self.limits.max_message_bytes - ENVELOPE):
+
+        def build(a: int, b: int) -> list:
             part = entries[a:b]
-            if emb is not None:
+            if emb is not None and a:
                 part = [{**e, "row": e["row"] - a} for e in part]
-            body = {"results": part, "stats": self.pipe.stats()}  # stats current with results
-            self.tell(Kind.RESULTS, body, [emb[a:b]] if emb is not None else [])
+            body = {"results": part, "stats": self.pipe.stats(), "epoch": self.epoch}
+            return encode(Kind.RESULTS, body, [emb[a:b]] if emb is not None else [])
+
+        for frames in fitted(build, len(entries), self.limits.max_message_bytes):
+            self.link.send_multipart(frames, copy=False)
 
     async def _dispatch(self) -> None:
         while True:
