@@ -320,11 +320,15 @@ async def measure(
     goodput: dict[str, float] | None = None,
     progress: bool = True,
     timeout_s: float = 120.0,
+    curve_key: str | Path | None = None,
+    server_key: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run `warmup` (closed loop, uncounted), then every job under `load`; vllm's figures."""
+    """Run `warmup` (closed loop, uncounted), then every job under `load`; vllm's figures.
+    `curve_key` and `server_key` are the Client's, for a broker that requires keys."""
     load.check()
     tag = uuid.uuid4().hex[:8]
-    async with Client(endpoint, timeout_s=timeout_s) as client:
+    keys = {"curve_key": curve_key, "server_key": server_key}
+    async with Client(endpoint, timeout_s=timeout_s, **keys) as client:
         if warmup:
             warm = named(list(warmup), f"warm-{tag}")
             await drive(client, warm, Load(concurrency=load.concurrency or len(warm)))
@@ -357,7 +361,20 @@ def bench(args: Any) -> int:
         print(f"baton bench: {e}", file=sys.stderr)
         return 2
     try:
-        m = run(args.endpoint, jobs, load, warmup=warm, goodput=goodput, timeout_s=args.timeout)
+        # --key/--server-key, where the command line offers them (as submit's do)
+        keys = {
+            "curve_key": getattr(args, "key", None),
+            "server_key": getattr(args, "server_key", None),
+        }
+        m = run(
+            args.endpoint,
+            jobs,
+            load,
+            warmup=warm,
+            goodput=goodput,
+            timeout_s=args.timeout,
+            **keys,
+        )
     except TimeoutError as e:
         print(f"baton bench: {e}", file=sys.stderr)
         return 1
