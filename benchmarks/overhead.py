@@ -5,6 +5,11 @@ between two processes.
 
 The raw echo runs two ways: awaiting every message, and awaiting one then draining whatever else
 is ready without blocking (what Baton's sockets do). `fleet_vs_raw_echo` is against the latter.
+
+`fleet (keyed)` is the same fleet config with client keys required (`endpoints.client_keys`,
+`endpoints.server_key`: CURVE on the client endpoint, ZAP in the broker, every job owned by its
+key), interleaved with the open one; `keyed_vs_open` is what authentication costs. Both fleets'
+internal links are ipc:// in the private run directory, so that is inside both figures.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgpack
 import uvloop
@@ -35,17 +42,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num = 50_000 if a.quick else 200_000
     repeats = a.repeats or (2 if a.quick else 5)
     jobs = [{"task": "echo", "text": "ping"}] * num
-    with common.fleets({"fleet": []}) as f:
-        ep = f["fleet"].endpoint
-        bench.run(ep, jobs[:4096], bench.Load(concurrency=4096), progress=False)  # warm-up
+    with (
+        tempfile.TemporaryDirectory(prefix="baton-keys-") as tmp,
+        common.fleets({"fleet": [], "fleet (keyed)": keyed(Path(tmp))}) as f,
+    ):
+        client_keys = {
+            "fleet": {},
+            "fleet (keyed)": {
+                "curve_key": Path(tmp) / "client.key_secret",
+                "server_key": Path(tmp) / "broker.key",
+            },
+        }
 
-        def fleet() -> Figures:
-            m = bench.run(ep, jobs, bench.Load(concurrency=4096), progress=False)
+        def fleet(name: str) -> Figures:
+            ep, keys = f[name].endpoint, client_keys[name]
+            m = bench.run(ep, jobs, bench.Load(concurrency=4096), progress=False, **keys)
             if m["completed"] != num:
                 raise RuntimeError(f"{m['completed']} of {num} completed: {m['errors']}")
             return {"jobs_per_s": m["request_throughput"]}
 
-        alternatives = {"fleet": fleet}
+        for name, keys in client_keys.items():  # warm-up
+            ep = f[name].endpoint
+            bench.run(ep, jobs[:4096], bench.Load(concurrency=4096), progress=False, **keys)
+        alternatives = {
+            "fleet": lambda: fleet("fleet"),
+            "fleet (keyed)": lambda: fleet("fleet (keyed)"),
+        }
         for name, mode in MODES.items():
             alternatives[name] = lambda mode=mode: raw(mode, num)
         dist: list[dict] = []
@@ -61,8 +83,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "fleet_vs_raw_echo_await_each": common.paired(
                 runs, "fleet", "raw echo (await each)", "jobs_per_s"
             ),
+            "keyed_vs_open": common.paired(runs, "fleet (keyed)", "fleet", "jobs_per_s"),
         },
-        [Target("jobs_per_s", ">=", 20_000)],
+        [Target("jobs_per_s", ">=", 20_000), Target("keyed_vs_open", ">=", 0.95)],
         {
             "jobs": num,
             "fleet_concurrency": 4096,
@@ -70,9 +93,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "raw_message_bytes": len(message(0)),
         },
         disturbance=dist,
-        notes=["fleet jobs travel many to a message; each raw echo message is one job"],
+        notes=[
+            "fleet jobs travel many to a message; each raw echo message is one job",
+            "fleet (keyed): client keys required (CURVE + ZAP on the client endpoint); "
+            "internal links of both fleets are ipc:// in the private run directory",
+        ],
     )
     return common.write(report, a.quick)
+
+
+def keyed(tmp: Path) -> list[str]:
+    """Key pairs for a broker and one client in `tmp` (as `baton keys` makes them), the client's
+    public key alone in an allow-list directory; the `--set`s that make a fleet require keys."""
+    from controller.commands import make_keys
+
+    allowed = tmp / "allowed"
+    allowed.mkdir()
+    for name in ("broker", "client"):
+        if make_keys(str(tmp), name) != 0:
+            raise RuntimeError(f"baton keys {tmp} --name {name} failed")
+    (allowed / "client.key").write_bytes((tmp / "client.key").read_bytes())
+    return [
+        f'endpoints.server_key="{tmp / "broker.key_secret"}"',
+        f'endpoints.client_keys="{allowed}"',
+    ]
 
 
 def message(i: int) -> bytes:
