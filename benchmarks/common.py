@@ -97,12 +97,18 @@ ATTEMPTS = 3
 
 
 def interleave(
-    alternatives: dict[str, Callable[[], Figures]], repeats: int, disturbance: list | None = None
+    alternatives: dict[str, Callable[[], Figures]],
+    repeats: int,
+    disturbance: list | None = None,
+    alternate: bool = False,
 ) -> dict[str, list]:
-    """Each alternative `repeats` times, in turn; their figures in order."""
+    """Each alternative `repeats` times, in turn; their figures in order. `alternate`: every
+    other repeat runs them in reverse order (A B C, C B A, ...), so a drift of the machine within
+    a repeat does not always favour the same one."""
     runs: dict[str, list[Figures]] = {name: [] for name in alternatives}
     for r in range(repeats):
-        for name, fn in alternatives.items():
+        order = list(alternatives.items())
+        for name, fn in reversed(order) if alternate and r % 2 else order:
             best: tuple[float, Figures] | None = None
             for _ in range(ATTEMPTS):
                 meter = Meter()
