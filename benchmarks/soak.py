@@ -195,10 +195,10 @@ async def soak(
     }
 
 
-def growth(samples: list[dict[str, Any]], role: str, num: int) -> list[dict[str, Any]]:
+def growth(samples: list[dict[str, Any]], role: str) -> list[dict[str, Any]]:
     """Per process (pid) that held `role`: RSS after its warm-up and its growth since.
-    Warm-up: the first fifth of the jobs, or for a process that appeared later (a replacement),
-    the first fifth of the jobs it was there for."""
+    Warm-up: the first fifth of the jobs it was there for (from the start, or from when it
+    replaced another, to its last sample)."""
     runs: dict[int, list[dict[str, Any]]] = {}
     for s in samples:
         pid, mb = s["pids"].get(role), s["rss_mb"].get(role)
@@ -208,7 +208,7 @@ def growth(samples: list[dict[str, Any]], role: str, num: int) -> list[dict[str,
     for pid, rows in runs.items():
         first, end = rows[0]["jobs"], rows[-1]["jobs"]
         start = first if first > samples[0]["jobs"] else 0
-        warm = [r for r in rows if r["jobs"] >= start + WARMUP * ((end if start else num) - start)]
+        warm = [r for r in rows if r["jobs"] >= start + WARMUP * (end - start)]
         if not warm:
             continue
         out.append(
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             log = fleet.log
         runs = Counter(executions.read_text().split()) if executions.exists() else Counter()
     roles = list(dict.fromkeys(k for s in r["samples"] for k in s["pids"]))
-    memory = {role: growth(r["samples"], role, num) for role in roles}
+    memory = {role: growth(r["samples"], role) for role in roles}
     worst = {role: max((p["growth_mb"] for p in ps), default=0.0) for role, ps in memory.items()}
     jobs = r["status_jobs"] or {}
     out = {
@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         "fleet_log": str(log),
     }
     out["flat"] = all(g <= FLAT_MB for g in worst.values())
+    # the broker and the controller live through the whole soak; workers only between strikes
+    out["flat_broker_controller"] = all(
+        worst[r] <= FLAT_MB for r in ("broker", "controller") if r in worst
+    )
     out["ok"] = (
         out["flat"] and out["exactly_once"] and not out["failed"] and out["status_done_equals_num"]
     )
@@ -338,7 +342,8 @@ def markdown(out: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        f"Flat (every growth ≤ {out['flat_mb']:g} MB): {'yes' if out['flat'] else '**no**'}.",
+        f"Flat (every growth ≤ {out['flat_mb']:g} MB): {'yes' if out['flat'] else '**no**'}; "
+        f"broker and controller: {'yes' if out['flat_broker_controller'] else '**no**'}.",
     ]
     return "\n".join(lines) + "\n"
 
