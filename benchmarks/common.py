@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -80,8 +81,12 @@ def log(*parts: object) -> None:
 
 @contextmanager
 def fleets(layouts: dict[str, list[str]]) -> Iterator[dict[str, Fleet]]:
-    """One fleet per alternative, all up at once (idle ones only heartbeat), all stopped after."""
+    """One fleet per alternative, all up at once (idle ones only heartbeat), all stopped after,
+    also when this process is sent SIGTERM (e.g. by `timeout`): the fleets run in their own
+    sessions, so nothing else would stop them."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with ExitStack() as stack:
+        stack.callback(signal.signal, signal.SIGTERM, previous)
         out = {}
         for name, sets in layouts.items():
             log(f"starting fleet {name}: {' '.join(sets) or 'defaults'}")
