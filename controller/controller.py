@@ -212,10 +212,11 @@ class Controller:
                     self.stopping.set()
                 elif msg.kind == Kind.ERROR:
                     code, epoch = msg.body.get("code"), msg.body.get("epoch")
-                    if code == Code.UNKNOWN_PEER and epoch in (None, self.epoch):
-                        self._rejoin()  # an answer to an older registration is stale: ignored
-                    else:
+                    if code != Code.UNKNOWN_PEER:
                         log.warning("broker says %s: %s", code, msg.body.get("message"))
+                    elif epoch in (None, self.epoch):
+                        self._rejoin()
+                    # else: an answer to a message of an older registration, already handled
 
     async def _beat(self) -> None:
         parent = os.getppid()
