@@ -51,7 +51,11 @@ from broker.transport import (
 
 log = logging.getLogger("baton.broker")
 
-BUSY_RETRY_MS = 200
+# refusals that mean "not now", with when to try again
+RETRY_AFTER_MS = {
+    Code.BUSY: 200,
+    Code.JOURNAL_UNAVAILABLE: 1000,  # about the journal's own retry period (journal.RETRY_MAX_S)
+}
 # Messages ZeroMQ holds per client each way. Out: what a slow reader leaves waits in the outbox.
 # In: past it ZeroMQ stops reading that client's connection, so a client that floods us waits
 # in its own send queue (TCP backpressure) instead of in our memory.
@@ -60,8 +64,6 @@ FRONT_RCVHWM = 16
 RESULTS_TO_CLIENT_BYTES = 1 << 20  # one `results` message to a client, at most
 SENT_KEPT = 64  # recent `jobs` messages per controller, by ref, for a refusal that names one
 SIZE_REFUSALS = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES, Code.TOO_MANY_ITEMS})
-
-JOURNAL_RETRY_MS = 1000  # about the journal's own retry period (journal.RETRY_MAX_S)
 
 
 @dataclass(slots=True)
@@ -231,9 +233,6 @@ class Broker:
         self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
     ) -> None:
         raw = get(body, "jobs", list)
-        if not self.journal.ok:  # nothing can be made durable now: refuse, do not promise
-            self._refuse_unjournaled(ident, raw, ref)
-            return
         if len(raw) > self.admission.max_jobs_per_message:
             raise ProtocolError(
                 Code.BAD_FIELD,
@@ -249,8 +248,8 @@ class Broker:
             except ProtocolError as e:
                 jid = item.get("id") if isinstance(item, dict) else None
                 entry = J.failure(jid if isinstance(jid, str) else None, e.code, e.message)
-                if e.code == Code.BUSY:
-                    entry["error"]["retry_after_ms"] = BUSY_RETRY_MS
+                if e.code in RETRY_AFTER_MS:
+                    entry["error"]["retry_after_ms"] = RETRY_AFTER_MS[e.code]
                 batch.refused.append(entry)
         if batch.fresh:
             self.table.add(batch.fresh)
@@ -282,6 +281,11 @@ class Broker:
                 known.waiters.append(ident)
             batch.ids.append(job.id)
             return
+        if not self.journal.ok:  # a new job cannot be made durable now: refuse, do not promise
+            raise ProtocolError(
+                Code.JOURNAL_UNAVAILABLE,
+                f"the journal cannot be written ({self.journal.error}); retry later",
+            )
         # clients share the queue per key where keys are required, otherwise per connection
         job.client = owner.encode() if owner else ident
         job.size = job_size(job.id, job.text)
@@ -301,18 +305,6 @@ class Broker:
         batch.bytes += job.size
         batch.ids.append(job.id)
 
-    def _refuse_unjournaled(self, ident: bytes, raw: list[Any], ref: Any) -> None:
-        why = f"the journal cannot be written ({self.journal.error}); retry later"
-        refused = []
-        for item in raw:
-            jid = item.get("id") if isinstance(item, dict) else None
-            entry = J.failure(jid if isinstance(jid, str) else None, Code.JOURNAL_UNAVAILABLE, why)
-            entry["error"]["retry_after_ms"] = JOURNAL_RETRY_MS
-            refused.append(entry)
-        self.outbox.send(ident, encode(Kind.ACCEPTED, {"ids": [], "ref": ref}))
-        if refused:
-            self.outbox.send(ident, encode(Kind.RESULTS, {"results": refused}))
-
     async def _ack(
         self,
         ident: bytes,
@@ -322,7 +314,8 @@ class Broker:
         stored: list[J.Job],
     ) -> None:
         try:
-            await self.journal.commit()
+            if ids:  # a submit refused whole promises nothing, so it need not wait for the disk
+                await self.journal.commit()
         except Exception as e:  # the disk failed us: say so rather than promise
             log.exception("journal commit failed")
             self.outbox.send(ident, error(Code.INTERNAL, f"journal write failed: {e}", ref=ref))
@@ -362,9 +355,8 @@ class Broker:
             ended.append(job)
         for where, jids in running.items():  # so the controller frees their places in its batches
             send(self.back, [where, *encode(Kind.CANCEL, {"ids": jids})])
-        send(
-            self.front,
-            [ident, *encode(Kind.CANCELLED, {"ids": done, "unknown": unknown, "ref": ref})],
+        self.outbox.send(
+            ident, encode(Kind.CANCELLED, {"ids": done, "unknown": unknown, "ref": ref})
         )
         self._owe(ended)
 

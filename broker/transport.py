@@ -11,9 +11,6 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from broker.protocol import Limits
 
-# A peer cannot make us buffer a frame past this many times the protocol limit: ZeroMQ drops the
-# connection instead. Below it, an oversize message is read and refused with a typed error.
-HARD_LIMIT_FACTOR = 1
 HWM = 10_000
 
 
@@ -22,25 +19,31 @@ def configure(sock: zmq.Socket, limits: Limits | None = None, *, mandatory: bool
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     if limits is not None:
-        sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes * HARD_LIMIT_FACTOR)
+        # no frame may exceed what a whole message may hold: ZeroMQ drops a peer sending one
+        # before buffering it; messages whose frames each fit are read and refused by size
+        sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
     if mandatory:
         # an unroutable reply raises EHOSTUNREACH instead of vanishing
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
 
 
 async def recv_batch(
-    sock: zmq.asyncio.Socket, most: int = 256, most_bytes: int = 32 * 1024 * 1024
-) -> list[list[bytes]]:
+    sock: zmq.asyncio.Socket,
+    most: int = 256,
+    most_bytes: int = 32 * 1024 * 1024,
+    copy: bool = True,
+) -> list[list]:
     """Await one message, then take whatever else is already queued without blocking, up to
     `most` messages or `most_bytes` bytes (what is left stays in ZeroMQ's bounded queue).
+    `copy=False` gives zmq.Frames, which carry the connection's metadata.
 
     Awaiting each message costs an event-loop round trip; draining the ready ones amortises it.
     """
-    out = [await sock.recv_multipart()]
+    out = [await sock.recv_multipart(copy=copy)]
     size = sum(len(f) for f in out[0])
     while len(out) < most and size < most_bytes:
         try:
-            out.append(await sock.recv_multipart(flags=zmq.NOBLOCK))
+            out.append(await sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy))
         except zmq.Again:
             break
         size += sum(len(f) for f in out[-1])
@@ -57,15 +60,10 @@ def send(sock: zmq.asyncio.Socket, frames: list) -> bool:
     return not fut.done() or fut.exception() is None
 
 
-async def recv_batch_from(
-    sock: zmq.asyncio.Socket, most: int = 256
-) -> list[tuple[list[bytes], str | None]]:
+async def recv_batch_from(sock: zmq.asyncio.Socket) -> list[tuple[list[bytes], str | None]]:
     """recv_batch for a socket behind ZAP: each message with the User-Id its connection
-    authenticated as (a CURVE client's z85 public key; None where no ZAP handler ran).
-
-    Metadata lives on the zmq.Frame, so this receives with copy=False; only keyed sockets pay
-    for it.
-    """
+    authenticated as (a CURVE client's z85 public key; None where no ZAP handler ran). Only
+    keyed sockets pay for receiving zmq.Frames."""
 
     def owned(frames: list[zmq.Frame]) -> tuple[list[bytes], str | None]:
         try:
@@ -74,13 +72,14 @@ async def recv_batch_from(
             user = None
         return [f.bytes for f in frames], user or None
 
-    out = [owned(await sock.recv_multipart(copy=False))]
-    while len(out) < most:
-        try:
-            out.append(owned(await sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)))
-        except zmq.Again:
-            break
-    return out
+    return [owned(frames) for frames in await recv_batch(sock, copy=False)]
+
+
+def _key_pair(secret_cert: str) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(secret_cert)
+    if secret is None:
+        raise ValueError(f"{secret_cert} holds no secret key (use the .key_secret file)")
+    return public, secret
 
 
 def curve_server(sock: zmq.Socket, secret_cert: str) -> None:
@@ -89,11 +88,7 @@ def curve_server(sock: zmq.Socket, secret_cert: str) -> None:
     Call before bind. Clients must then know the matching public key, and the context's ZAP
     handler (see `authenticator`) decides which client keys get in.
     """
-    public, secret = zmq.auth.load_certificate(secret_cert)
-    if secret is None:
-        raise ValueError(f"{secret_cert} holds no secret key (use the .key_secret file)")
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
+    sock.curve_publickey, sock.curve_secretkey = _key_pair(secret_cert)
     sock.curve_server = True
 
 
@@ -114,13 +109,9 @@ def authenticator(ctx: zmq.asyncio.Context, client_keys: str) -> AsyncioAuthenti
 def client_keys(sock: zmq.Socket, secret_cert: str, server_public: str | bytes) -> None:
     """Make `sock` a CURVE client: our key pair from `secret_cert`, the server's public key
     from a certificate file or as z85 bytes. Call before connect."""
-    public, secret = zmq.auth.load_certificate(secret_cert)
-    if secret is None:
-        raise ValueError(f"{secret_cert} holds no secret key (use the .key_secret file)")
+    sock.curve_publickey, sock.curve_secretkey = _key_pair(secret_cert)
     if isinstance(server_public, bytes):
         server = server_public
     else:
         server, _ = zmq.auth.load_certificate(server_public)
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
     sock.curve_serverkey = server

@@ -102,9 +102,11 @@ class Controller:
         self.executions = open(log_path, "a") if log_path else None  # noqa: SIM115 (lives as long as we do)
 
     def tell(self, kind: Kind, body: dict[str, Any] | None = None, tensors: list = ()) -> None:
+        self.link.send_multipart(self.frames(kind, body, tensors), copy=False)
+
+    def frames(self, kind: Kind, body: dict[str, Any] | None = None, tensors: list = ()) -> list:
         # the epoch lets us tell the broker's answer to this registration from stale ones
-        body = {**(body or {}), "epoch": self.epoch}
-        self.link.send_multipart(encode(kind, body, tensors), copy=False)
+        return encode(kind, {**(body or {}), "epoch": self.epoch}, tensors)
 
     def report(self) -> None:
         if self.state == "starting":
@@ -338,8 +340,8 @@ class Controller:
             part = entries[a:b]
             if emb is not None and a:
                 part = [{**e, "row": e["row"] - a} for e in part]
-            body = {"results": part, "stats": self.pipe.stats(), "epoch": self.epoch}
-            return encode(Kind.RESULTS, body, [emb[a:b]] if emb is not None else [])
+            body = {"results": part, "stats": self.pipe.stats()}
+            return self.frames(Kind.RESULTS, body, [emb[a:b]] if emb is not None else [])
 
         for frames in fitted(build, len(entries), self.limits.max_message_bytes):
             self.link.send_multipart(frames, copy=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,7 @@ def encoded_size(
     if tensors:
         header["tensors"] = [{"dtype": DTYPE_NAMES[d], "shape": list(s)} for d, s in tensors]
     return len(msgpack.packb(header, use_bin_type=True)) + sum(
-        _numel(shape) * dtype.itemsize for dtype, shape in tensors
+        math.prod(shape) * dtype.itemsize for dtype, shape in tensors
     )
 
 
@@ -112,17 +113,10 @@ def largest_messages(
         )
         for hop, kind, dt, shape, what in hops:
             size = encoded_size(kind, body, [(dt, shape)])
-            payload = _numel(shape) * dt.itemsize
+            payload = math.prod(shape) * dt.itemsize
             if hop not in best or size > best[hop].size:
                 best[hop] = Hop(hop, size, f"{DTYPE_NAMES[dt]} {shape} {what}", size - payload)
     return sorted(best.values(), key=lambda h: -h.size)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 @dataclass(slots=True)
