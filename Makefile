@@ -21,16 +21,16 @@ demo: venv
 	$(BIN)/baton demo
 
 test: venv
-	$(BIN)/ruff check broker controller workers tests benchmarks
+	$(BIN)/ruff check baton broker controller wire workers tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check broker controller workers tests benchmarks
-	$(BIN)/ruff format --check broker controller workers tests benchmarks
+	$(BIN)/ruff check baton broker controller wire workers tests benchmarks
+	$(BIN)/ruff format --check baton broker controller wire workers tests benchmarks
 
 format: venv
-	$(BIN)/ruff format broker controller workers tests benchmarks
-	$(BIN)/ruff check --fix broker controller workers tests benchmarks
+	$(BIN)/ruff format baton broker controller wire workers tests benchmarks
+	$(BIN)/ruff check --fix baton broker controller wire workers tests benchmarks
 
 # every benchmark alone: python -m benchmarks.NAME [--quick]; results in benchmarks/results/
 BENCHMARKS := efficiency padding pipeline tensor overhead soak

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.launch import REPO, Fleet
+from baton.launch import REPO, Fleet
 
 CONFIG = REPO / "configs" / "minilm.toml"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -199,8 +199,8 @@ def serve(endpoint: str, jobs: list[dict], concurrency: int = 1024) -> tuple[Fig
     """Throughput of `jobs` through a fleet, closed loop, after a 32-job warm-up; also what the
     controller counted meanwhile (batches, real tokens, tokens if padded to each batch's longest).
     """
-    from broker.client import BlockingClient
-    from controller import bench
+    from baton import bench
+    from baton.client import BlockingClient
 
     bench.run(endpoint, jobs[:32], bench.Load(concurrency=32), progress=False)
     with BlockingClient(endpoint) as c:

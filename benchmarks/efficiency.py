@@ -17,9 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from baton import bench  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.common import MODEL, Figures, Report, Target  # noqa: E402
-from controller import bench  # noqa: E402
 
 BUDGET = 4096  # batching.max_batch_tokens, the default
 

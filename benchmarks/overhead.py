@@ -27,11 +27,11 @@ import uvloop
 import zmq
 import zmq.asyncio
 
+from baton import bench
+from baton.launch import REPO, free_port
 from benchmarks import common
 from benchmarks.common import Figures, Report, Target
-from broker.transport import configure
-from controller import bench
-from controller.launch import REPO, free_port
+from wire.transport import configure
 
 WINDOW = 1024  # raw messages in flight
 MODES = {"raw echo (drain)": "drain", "raw echo (await each)": "each"}
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def keyed(tmp: Path) -> list[str]:
     """Key pairs for a broker and one client in `tmp` (as `baton keys` makes them), the client's
     public key alone in an allow-list directory; the `--set`s that make a fleet require keys."""
-    from controller.commands import make_keys
+    from baton.commands import make_keys
 
     allowed = tmp / "allowed"
     allowed.mkdir()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from baton import bench
 from benchmarks import common
 from benchmarks.common import Figures, Report, Target
-from controller import bench
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from baton import bench
 from benchmarks import common
 from benchmarks.common import Report, Target
-from controller import bench
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

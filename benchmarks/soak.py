@@ -40,10 +40,10 @@ from typing import Any
 
 import uvloop
 
+from baton.client import RETRY_ON, Client
+from baton.launch import Fleet
 from benchmarks.common import CONFIG, RESULTS, Meter, machine
-from broker.client import RETRY_ON, Client
-from broker.protocol import Message
-from controller.launch import Fleet
+from wire.protocol import Message
 
 WARMUP = 0.2  # the first fifth of the jobs fills the bounded windows (finished jobs, journal pages)
 FLAT_MB = 32.0  # growth after warm-up that still counts as flat

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from baton import bench
+from baton.client import BlockingClient
 from benchmarks import common
 from benchmarks.common import Figures, Report, Target
-from broker.client import BlockingClient
-from controller import bench
 from workers.checkpoint import load_info
 from workers.tokenizer import Tokenizer
 

@@ -24,7 +24,7 @@ import zmq.asyncio
 from broker import jobs as J
 from broker.journal import Journal
 from broker.outbox import Outbox
-from broker.protocol import (
+from wire.protocol import (
     CLIENT_KINDS,
     CONTROLLER_KINDS,
     ENVELOPE,
@@ -40,7 +40,7 @@ from broker.protocol import (
     get,
     job_size,
 )
-from broker.transport import (
+from wire.transport import (
     authenticator,
     configure,
     curve_server,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from broker.journal import Journal, Row
-from broker.protocol import Code, ProtocolError, job_size
+from wire.protocol import Code, ProtocolError, job_size
 
 MAX_ID_CHARS = 256
 DIGEST_PAST = 256  # finished jobs keep texts up to this long; a digest of longer ones

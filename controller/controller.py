@@ -26,7 +26,11 @@ import zmq
 import zmq.asyncio
 
 from broker.jobs import failure
-from broker.protocol import (
+from controller.config import Config, from_dict
+from controller.pipeline import Pipeline
+from controller.scheduler import Item, Scheduler
+from controller.supervisor import Supervisor
+from wire.protocol import (
     Code,
     Kind,
     Limits,
@@ -36,11 +40,7 @@ from broker.protocol import (
     fitted,
     job_size,
 )
-from broker.transport import configure, recv_batch
-from controller.config import Config, from_dict
-from controller.pipeline import Pipeline
-from controller.scheduler import Item, Scheduler
-from controller.supervisor import Supervisor
+from wire.transport import configure, recv_batch
 from workers.checkpoint import load_info
 from workers.tokenizer import Tokenizer
 

@@ -26,9 +26,9 @@ import torch
 import zmq
 import zmq.asyncio
 
-from broker.protocol import DTYPE_NAMES, VERSION, Kind, Limits, ProtocolError, decode, encode
-from broker.transport import configure
 from controller.scheduler import Item
+from wire.protocol import DTYPE_NAMES, VERSION, Kind, Limits, ProtocolError, decode, encode
+from wire.transport import configure
 from workers.packing import pack
 
 log = logging.getLogger("baton.pipeline")

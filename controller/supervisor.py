@@ -21,9 +21,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from broker.protocol import Kind, Limits, ProtocolError, decode, encode
-from broker.transport import configure, recv_batch, send
 from controller.config import Config
+from wire.protocol import Kind, Limits, ProtocolError, decode, encode
+from wire.transport import configure, recv_batch, send
 from workers.main import Spec, device_of
 
 log = logging.getLogger("baton.supervisor")

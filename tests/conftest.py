@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from controller.launch import Fleet
+from baton.launch import Fleet
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minilm.toml"
 

@@ -31,7 +31,7 @@ import sys
 import torch
 import zmq
 
-from broker.protocol import Kind, encode
+from wire.protocol import Kind, encode
 
 HIDDEN = 384
 FORGED_BATCHES = 64  # output ids 0..63: a young fleet's batches

@@ -11,9 +11,9 @@ import pytest
 import zmq
 from conftest import dealer
 
-from broker.client import BlockingClient
-from broker.protocol import Limits, Message, decode, encode
-from controller.launch import Fleet
+from baton.client import BlockingClient
+from baton.launch import Fleet
+from wire.protocol import Limits, Message, decode, encode
 
 WAIT_MS = 60_000
 _ids = itertools.count()

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from controller import bench
-from controller.bench import Load, Run, Sample
-from controller.launch import REPO
+from baton import bench
+from baton.bench import Load, Run, Sample
+from baton.launch import REPO
 
 VLLM_KEYS = {
     "completed",
@@ -114,7 +114,7 @@ def test_file_workload_cycles(tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    base = [sys.executable, "-m", "controller.cli", "bench", "--endpoint", "tcp://127.0.0.1:9"]
+    base = [sys.executable, "-m", "baton.cli", "bench", "--endpoint", "tcp://127.0.0.1:9"]
     for extra in (["--goodput", "ttft:100"], ["--concurrency", "0"], ["--rate", "0"]):
         proc = subprocess.run([*base, *extra], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr
@@ -135,7 +135,7 @@ def test_bench_against_a_fleet(small_fleet, tmp_path):
         [
             sys.executable,
             "-m",
-            "controller.cli",
+            "baton.cli",
             "bench",
             "--endpoint",
             small_fleet.endpoint,

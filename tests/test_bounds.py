@@ -13,11 +13,11 @@ import pytest
 import zmq
 from conftest import dealer, start
 
-from broker.client import BlockingClient, Client
+from baton.client import BlockingClient, Client
+from baton.launch import Fleet
 from broker.jobs import Job, Table
 from broker.journal import Journal
-from broker.protocol import Kind, Limits, decode, encode, fitted, job_size
-from controller.launch import Fleet
+from wire.protocol import Kind, Limits, decode, encode, fitted, job_size
 
 WAIT_S = 240
 

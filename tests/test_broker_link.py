@@ -15,7 +15,7 @@ import zmq.asyncio
 from broker.broker import Broker
 from broker.jobs import Job
 from broker.journal import Journal
-from broker.protocol import CONTROLLER_KINDS, Kind, Limits, Message, decode, encode, job_size
+from wire.protocol import CONTROLLER_KINDS, Kind, Limits, Message, decode, encode, job_size
 
 LIMITS = Limits(max_message_bytes=64_000)
 WAIT_S = 30

@@ -17,8 +17,8 @@ import torch
 from conftest import start
 from corpus import reference, texts
 
-from broker.client import Client, Result
-from controller.launch import Fleet
+from baton.client import Client, Result
+from baton.launch import Fleet
 
 N = 300
 WAIT_S = 240
@@ -146,7 +146,7 @@ def test_kill_everything_and_restart_on_the_same_journal(tmp_path: Path) -> None
     try:
         src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
         src.write_text("".join(json.dumps(j) + "\n" for j in jobs))
-        cmd = [sys.executable, "-m", "controller.cli", "submit", "--endpoint", second.endpoint]
+        cmd = [sys.executable, "-m", "baton.cli", "submit", "--endpoint", second.endpoint]
         run = subprocess.run(
             [*cmd, "--input", str(src), "--output", str(out), "--timeout", str(WAIT_S)],
             capture_output=True,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import CONFIG, start
 
-from controller.launch import Fleet
+from baton.launch import Fleet
 
-BATON = [sys.executable, "-m", "controller.cli"]
+BATON = [sys.executable, "-m", "baton.cli"]
 
 
 def baton(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -15,9 +15,9 @@ import torch
 from corpus import reference
 from test_client_offline import Peer, broker_like, vector
 
-from broker.client import Client
-from controller.cli import main
-from controller.launch import REPO, Fleet
+from baton.cli import main
+from baton.client import Client
+from baton.launch import REPO, Fleet
 
 GOOD = ["The quick brown fox.", "A queue of jobs and a fleet of workers.", "Grüße aus Köln 😀"]
 
@@ -82,7 +82,7 @@ def test_submit_from_stdin_reads_bytes(tmp_path: Path) -> None:
     dst = tmp_path / "out.jsonl"
     with Peer(broker_like) as peer:
         done = subprocess.run(
-            [sys.executable, "-m", "controller.cli", "submit", "--endpoint", peer.endpoint]
+            [sys.executable, "-m", "baton.cli", "submit", "--endpoint", peer.endpoint]
             + ["--input", "-", "--output", str(dst)],
             input=data,
             capture_output=True,
@@ -117,7 +117,7 @@ def test_submit_through_a_real_fleet(small_fleet: Fleet, tmp_path: Path) -> None
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_bytes(data)
     done = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "submit", "--endpoint", small_fleet.endpoint]
+        [sys.executable, "-m", "baton.cli", "submit", "--endpoint", small_fleet.endpoint]
         + ["--input", str(src), "--output", str(dst)],
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""broker.client and `baton submit/status/cancel` against a scripted peer, no fleet needed.
+"""baton.client and `baton submit/status/cancel` against a scripted peer, no fleet needed.
 
 The peer is a real ROUTER in a thread that speaks the protocol and answers as a test scripts it;
 the thing under test is the client, so the peer is only as clever as each test needs.
@@ -17,11 +17,11 @@ import pytest
 import torch
 import zmq
 
-import broker.client as client_mod
-from broker.client import BlockingClient, Client, Result
-from broker.protocol import CLIENT_KINDS, Code, Kind, Limits, Message, ProtocolError, decode, encode
-from controller.cli import main
-from controller.launch import free_port
+import baton.client as client_mod
+from baton.cli import main
+from baton.client import BlockingClient, Client, Result
+from baton.launch import free_port
+from wire.protocol import CLIENT_KINDS, Code, Kind, Limits, Message, ProtocolError, decode, encode
 
 Send = Callable[..., None]
 DIM = 4
@@ -484,7 +484,7 @@ def test_cancel(capsys):
 
 
 async def test_demo_push_counts_tokens_latency_and_failures(capsys):
-    from controller.demo import push, report
+    from baton.demo import push, report
 
     with Peer(broker_like) as peer:
         stats = await push(peer.endpoint, ["abc", "", "defgh"], window=2)

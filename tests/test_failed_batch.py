@@ -14,11 +14,11 @@ import torch
 from conftest import CONFIG, start
 from corpus import reference
 
-from broker.client import Client, Result
-from broker.protocol import Kind, Limits, decode, encode
+from baton.client import Client, Result
+from baton.launch import Fleet
 from controller.config import ConfigError, check_model, load
-from controller.launch import Fleet
 from controller.pipeline import batch_body, largest_messages
+from wire.protocol import Kind, Limits, decode, encode
 from workers.checkpoint import load_info
 from workers.packing import pack
 from workers.tokenizer import Tokenizer
@@ -104,7 +104,7 @@ def test_a_batch_refused_by_a_later_stage_ends(
     try:
         results, after = asyncio.run(run(fleet, jobs))
         status = subprocess.run(
-            [sys.executable, "-m", "controller.cli", "status", "--endpoint", fleet.endpoint]
+            [sys.executable, "-m", "baton.cli", "status", "--endpoint", fleet.endpoint]
             + ["--json"],
             capture_output=True,
             text=True,

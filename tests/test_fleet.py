@@ -10,8 +10,8 @@ import torch
 from conftest import start
 from corpus import reference, texts
 
-from broker.client import BlockingClient
-from controller.launch import Fleet
+from baton.client import BlockingClient
+from baton.launch import Fleet
 
 LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]
 N = 200

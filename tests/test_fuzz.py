@@ -14,9 +14,9 @@ from conftest import dealer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.client import BlockingClient
-from broker.protocol import Code, Limits, decode, encode
-from controller.launch import Fleet
+from baton.client import BlockingClient
+from baton.launch import Fleet
+from wire.protocol import Code, Limits, decode, encode
 
 CODES = {str(c) for c in Code}
 LIMIT = 200_000  # small_fleet's limits.max_message_bytes

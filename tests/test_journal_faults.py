@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from conftest import CONFIG, dealer, start
 
-from broker.client import Client, Result
+from baton.client import Client, Result
+from baton.launch import REPO, Fleet, free_port
 from broker.journal import Journal, JournalBusy
 from broker.journal_repair import JournalDamaged, check_wal
-from broker.protocol import Kind, Limits, decode, encode
-from controller.launch import REPO, Fleet, free_port
+from wire.protocol import Kind, Limits, decode, encode
 
 WAIT_S = 120
 N = 2000
@@ -92,7 +92,7 @@ def baton(*args: str, timeout: float = WAIT_S) -> tuple[int, str]:
     """A `baton` command in its own process group, which is killed whatever happens (a `baton up`
     that should have refused but started must not leave its fleet behind)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", *args],
+        [sys.executable, "-m", "baton.cli", *args],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

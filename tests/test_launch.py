@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from controller.launch import Fleet
+from baton.launch import Fleet
 
 # prints ready, leaves a SIGTERM-deaf "worker" in its group, exits on SIGTERM like `baton up`
 FAKE_UP = textwrap.dedent(

@@ -13,8 +13,8 @@ import torch
 from conftest import start
 from corpus import reference
 
-from broker.client import Client, Result
-from controller.launch import Fleet
+from baton.client import Client, Result
+from baton.launch import Fleet
 
 WAIT_S = 240
 # short timeouts, so that a pause "longer than the timeout" is a few seconds

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.protocol import (
+from wire.protocol import (
     CLIENT_KINDS,
     DTYPES,
     Code,

@@ -32,13 +32,13 @@ import zmq
 from conftest import dealer, start
 from corpus import reference, texts
 
-from broker.client import BlockingClient, Client
+from baton.client import BlockingClient, Client
+from baton.launch import REPO, Fleet
 from broker.jobs import new_id
 from broker.journal import Journal
-from broker.protocol import Kind, Limits, decode, encode
-from controller.launch import REPO, Fleet
+from wire.protocol import Kind, Limits, decode, encode
 
-BATON = [sys.executable, "-m", "controller.cli"]
+BATON = [sys.executable, "-m", "baton.cli"]
 ROGUE = [sys.executable, str(Path(__file__).parent / "rogue.py")]
 NOBODY = 65534
 root_only = pytest.mark.skipif(

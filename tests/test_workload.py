@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from controller.workload import docstrings, paragraphs
+from baton.workload import docstrings, paragraphs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def test_same_texts_in_a_fresh_interpreter_that_imported_torch_first():
     # torch monkeypatches stdlib members; the workload must not notice
     code = (
         "import json, sys, torch, zmq\n"
-        "from controller.workload import paragraphs, docstrings\n"
+        "from baton.workload import paragraphs, docstrings\n"
         "json.dump([paragraphs(), docstrings()], sys.stdout)\n"
     )
     out = subprocess.run(

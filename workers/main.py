@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 import zmq
 
-from broker.protocol import Code, Kind, Limits, ProtocolError, decode, encode
-from broker.transport import configure
+from wire.protocol import Code, Kind, Limits, ProtocolError, decode, encode
+from wire.transport import configure
 from workers.bert import BertStage, split_layers
 from workers.checkpoint import Checkpoint, load_info
 from workers.dist import close, init_tp_group

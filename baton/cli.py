@@ -96,32 +96,32 @@ def main(argv: list[str] | None = None) -> int:
     if (getattr(args, "key", None) is None) != (getattr(args, "server_key", None) is None):
         p.error("--key and --server-key go together")
     if args.command == "up":
-        from controller.up import up
+        from baton.up import up
 
         return up(args.config, args.set or [])
     if args.command == "submit":
-        from controller.commands import Keys, submit
+        from baton.commands import Keys, submit
 
         keys = Keys(args.key, args.server_key)
         return submit(args.endpoint, args.input, args.output, args.window, args.timeout, keys)
     if args.command == "status":
-        from controller.commands import Keys, status
+        from baton.commands import Keys, status
 
         return status(args.endpoint, args.json, args.timeout, Keys(args.key, args.server_key))
     if args.command == "cancel":
-        from controller.commands import Keys, cancel
+        from baton.commands import Keys, cancel
 
         return cancel(args.endpoint, args.ids, args.timeout, Keys(args.key, args.server_key))
     if args.command == "keys":
-        from controller.commands import make_keys
+        from baton.commands import make_keys
 
         return make_keys(args.dir, args.name)
     if args.command == "demo":
-        from controller.demo import demo
+        from baton.demo import demo
 
         return demo(args.config, args.set or [], args.num)
     if args.command == "bench":
-        from controller.bench import bench
+        from baton.bench import bench
 
         return bench(args)
     if args.command == "journal":

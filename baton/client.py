@@ -21,8 +21,8 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from broker.protocol import Code, Kind, Limits, Message, ProtocolError, decode, encode
-from broker.transport import client_keys
+from wire.protocol import Code, Kind, Limits, Message, ProtocolError, decode, encode
+from wire.transport import client_keys
 
 REPLY_KINDS = frozenset({Kind.ACCEPTED, Kind.STATUS, Kind.CANCELLED, Kind.PONG, Kind.ERROR})
 BROKER_KINDS = REPLY_KINDS | {Kind.RESULTS}

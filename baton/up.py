@@ -29,9 +29,9 @@ import zmq.auth
 from broker.broker import Admission, Broker, Keys
 from broker.journal import Journal, JournalError
 from broker.journal_repair import JournalDamaged
-from broker.protocol import Limits
 from controller.config import Config, ConfigError, check_model, load
 from controller.controller import identity
+from wire.protocol import Limits
 from workers.checkpoint import load_info
 
 log = logging.getLogger("baton.up")

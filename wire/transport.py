@@ -9,7 +9,7 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from broker.protocol import Limits
+from wire.protocol import Limits
 
 HWM = 10_000
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from broker.client import Client, Result
-from controller.launch import Fleet
-from controller.workload import paragraphs
+from baton.client import Client, Result
+from baton.launch import Fleet
+from baton.workload import paragraphs
 
 # ~27 tokens a paragraph: ~35 s of work at ~6000 tokens/s on a 2-core CPU
 DEFAULT_NUM = 8000

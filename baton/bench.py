@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from broker.client import Client, Result
+from baton.client import Client, Result
 
 WORKLOADS = ("paragraphs", "docstrings")
 LATENCIES = ("e2el",)  # ttft, tpot, itl come with generation
@@ -77,7 +77,7 @@ def workload(name: str, num: int, task: str = "embed") -> list[dict]:
     if num < 1:
         raise ValueError("--num must be at least 1")
     if name in WORKLOADS:
-        from controller import workload as w
+        from baton import workload as w
 
         texts = w.paragraphs(num) if name == "paragraphs" else w.docstrings(num)
         return [{"task": task, "text": t} for t in texts]

@@ -18,8 +18,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from broker.client import Client, failure
-from broker.protocol import Code, ProtocolError
+from baton.client import Client, failure
+from wire.protocol import Code, ProtocolError
 
 
 @dataclass(frozen=True, slots=True)

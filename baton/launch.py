@@ -61,7 +61,7 @@ class Fleet:
         return [
             sys.executable,
             "-m",
-            "controller.cli",
+            "baton.cli",
             "up",
             "--config",
             self.config,
