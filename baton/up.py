@@ -32,7 +32,7 @@ from broker.journal_repair import JournalDamaged
 from controller.config import Config, ConfigError, check_model, load
 from controller.controller import identity
 from wire.protocol import Limits
-from workers.checkpoint import load_info
+from workers.models import load_info
 
 log = logging.getLogger("baton.up")
 

@@ -80,25 +80,23 @@ class Loop:
     """The fleet's model code with nothing around it: tokenize, batch, pack, forward."""
 
     def __init__(self) -> None:
-        from workers.bert import BertStage
-        from workers.checkpoint import Checkpoint, load_info
-        from workers.dist import TPGroup
+        from workers.layers.parallel import TPGroup
+        from workers.models import build, load_info
         from workers.tokenizer import Tokenizer
 
         info = load_info(MODEL)
         self.tokenizer = Tokenizer(info)
-        with Checkpoint(info.path) as ckpt:
-            self.model = BertStage(info, range(info.num_layers), True, True, TPGroup(0, 1, None))
-            self.model.load(ckpt)
+        self.model = build(info, 0, 1, TPGroup(0, 1, None))
 
     def run(self, texts: list[str]) -> None:
+        from workers.layers.attention import Context
         from workers.packing import pack
 
         seqs = [e.ids for e in self.tokenizer.encode(texts)]
         with torch.inference_mode():
             for batch in batches(seqs, BUDGET):
                 ids, seq_lens = pack(batch)
-                self.model(ids, seq_lens)
+                self.model(ids, Context.encoder(seq_lens, False, ids.device))
 
     def count(self, texts: list[str]) -> int:
         """Tokens of `texts` as the fleet counts them (after truncation); not timed work."""
@@ -128,7 +126,7 @@ def timed(work: Callable[[], object], num: int, tokens: int) -> Figures:
 def sentence_transformer():
     from sentence_transformers import SentenceTransformer
 
-    from workers.checkpoint import resolve_model_dir
+    from workers.loader import resolve_model_dir
 
     return SentenceTransformer(str(resolve_model_dir(MODEL)), device="cpu")
 

@@ -11,7 +11,7 @@ from baton import bench
 from baton.client import BlockingClient
 from benchmarks import common
 from benchmarks.common import Figures, Report, Target
-from workers.checkpoint import load_info
+from workers.models import load_info
 from workers.tokenizer import Tokenizer
 
 BUDGET = 4096

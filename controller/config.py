@@ -219,7 +219,7 @@ def check(cfg: Config) -> None:
 
 
 def check_model(cfg: Config, info: Any) -> None:
-    """Layouts that cannot work for this model (a workers.checkpoint.ModelInfo), refused early."""
+    """Layouts that cannot work for this model (a workers.loader.ModelInfo), refused early."""
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     if info.num_heads % tp:
         raise ConfigError(

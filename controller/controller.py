@@ -41,7 +41,7 @@ from wire.protocol import (
     job_size,
 )
 from wire.transport import configure, recv_batch
-from workers.checkpoint import load_info
+from workers.models import load_info
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.controller")

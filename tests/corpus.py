@@ -47,7 +47,7 @@ LONG_CHARS = 2500
 
 
 def model_dir() -> Path:
-    from workers.checkpoint import resolve_model_dir
+    from workers.loader import resolve_model_dir
 
     return resolve_model_dir(MODEL)
 

@@ -19,7 +19,7 @@ from baton.launch import Fleet
 from controller.config import ConfigError, check_model, load
 from controller.pipeline import batch_body, largest_messages
 from wire.protocol import Kind, Limits, decode, encode
-from workers.checkpoint import load_info
+from workers.models import load_info
 from workers.packing import pack
 from workers.tokenizer import Tokenizer
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from corpus import MODEL, reference, sentence_transformer, texts
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from workers import packing
-from workers.bert import BertStage, split_layers
-from workers.checkpoint import Checkpoint, load_info, resolve_model_dir
-from workers.dist import TPGroup
+from workers.layers.attention import Context
+from workers.layers.parallel import TPGroup
+from workers.loader import View, resolve_model_dir, tensors
+from workers.models import build, load_info, split_layers
 from workers.tokenizer import Tokenizer
 
 MIN_COSINE = 0.9999
@@ -23,11 +25,6 @@ SOLO = TPGroup(0, 1, None)
 @pytest.fixture(scope="module")
 def info():
     return load_info(MODEL)
-
-
-@pytest.fixture(scope="module")
-def ckpt(info):
-    return Checkpoint(info.path)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +43,16 @@ def expected(corpus):
 
 
 @pytest.fixture(scope="module")
-def model(info, ckpt):
-    return BertStage(info, range(info.num_layers), True, True, SOLO).load(ckpt)
+def model(info):
+    return build(info, 0, 1, SOLO)
 
 
-def run(stages: list[BertStage], seqs: list[list[int]], padded: bool = False) -> torch.Tensor:
+def run(stages: list, seqs: list[list[int]], padded: bool = False) -> torch.Tensor:
     x, seq_lens = packing.pack(seqs)
+    ctx = Context.encoder(seq_lens, padded, torch.device("cpu"))
     with torch.inference_mode():
         for stage in stages:
-            x = stage(x, seq_lens, padded=padded)
+            x = stage(x, ctx)
     return x
 
 
@@ -63,8 +61,9 @@ def test_info(info):
     assert (info.hidden_size, info.num_layers, info.num_heads) == (384, 6, 12)
     assert (info.intermediate_size, info.vocab_size, info.max_position) == (1536, 30522, 512)
     assert info.max_seq_length == 256
-    assert info.pooling == "mean" and info.normalize
-    assert info.hidden_act == "gelu" and info.layer_norm_eps == 1e-12
+    assert info.extra["pooling"] == "mean" and info.extra["normalize"]
+    assert info.hidden_act == "gelu" and info.norm_eps == 1e-12
+    assert info.family == "bert" and not info.decoder
 
 
 def test_bad_model_dirs(tmp_path):
@@ -72,9 +71,9 @@ def test_bad_model_dirs(tmp_path):
         resolve_model_dir(str(tmp_path))
     with pytest.raises(ValueError, match="cannot import"):
         resolve_model_dir("package:no_such_package_here")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="gpt2"):
+    with pytest.raises(ValueError, match="t5"):
         load_info(str(tmp_path))
 
 
@@ -89,11 +88,8 @@ def test_tokenizer_matches_sentence_transformers(corpus, encoded):
 
 
 @pytest.mark.parametrize("pipeline", [1, 2, 3])
-def test_matches_sentence_transformers(info, ckpt, encoded, expected, pipeline):
-    ranges = split_layers(info.num_layers, pipeline)
-    stages = [
-        BertStage(info, r, i == 0, i == pipeline - 1, SOLO).load(ckpt) for i, r in enumerate(ranges)
-    ]
+def test_matches_sentence_transformers(info, encoded, expected, pipeline):
+    stages = [build(info, i, pipeline, SOLO) for i in range(pipeline)]
     got = run(stages, [e.ids for e in encoded])
     assert got.shape == expected.shape
     cosine = F.cosine_similarity(got, expected)
@@ -111,16 +107,21 @@ def test_batch_independence(model, encoded):
         assert (alone - together[i]).abs().max().item() <= 1e-5, i
 
 
-def test_padded_matches_packed(info, ckpt, model, encoded):
+def test_padded_matches_packed(info, model, encoded):
     seqs = [e.ids for e in encoded]
     assert (run([model], seqs, padded=True) - run([model], seqs)).abs().max().item() <= 1e-5
     # A middle stage returns packed hidden states, which must agree too.
-    middle = BertStage(info, range(2), True, False, SOLO).load(ckpt)
+    middle = build(info, 0, 3, SOLO)  # two layers, no pooling
     diff = (run([middle], seqs, padded=True) - run([middle], seqs)).abs().max().item()
     assert diff <= 1e-4
 
 
-def test_checkpoint_shards(ckpt):
+def views(directory) -> dict[str, View]:
+    return {name: View(handle, name) for handle, name in tensors(directory)}
+
+
+def test_checkpoint_views(info):
+    ckpt = views(info.path)
     for name, dim, shards in [
         ("encoder.layer.0.attention.self.query.weight", 0, 2),
         ("encoder.layer.3.intermediate.dense.weight", 0, 4),
@@ -128,26 +129,31 @@ def test_checkpoint_shards(ckpt):
         ("encoder.layer.5.output.dense.weight", -1, 2),
         ("encoder.layer.1.intermediate.dense.bias", 0, 6),
     ]:
-        full = ckpt.get(name)
-        parts = [ckpt.get(name, dim=dim, shard=s, shards=shards) for s in range(shards)]
+        full = ckpt[name].read()
+        parts = [ckpt[name].shard(dim, s, shards) for s in range(shards)]
         size = full.shape[dim] // shards
         for s, part in enumerate(parts):
             assert torch.equal(part, full.narrow(dim, s * size, size))
         assert torch.equal(torch.cat(parts, dim=dim), full)
     with pytest.raises(ValueError):
-        ckpt.get("encoder.layer.0.attention.self.query.weight", dim=0, shard=0, shards=5)
-    with pytest.raises(KeyError):
-        ckpt.get("no.such.tensor")
+        ckpt["encoder.layer.0.attention.self.query.weight"].shard(0, 0, 5)
 
 
-def test_checkpoint_prefix(tmp_path):
+def test_transposed_view(tmp_path):
+    # GPT-2 stores linear weights [in, out]; a transposed view reads them as [out, in] slices
     weight = torch.arange(12, dtype=torch.float32).view(4, 3)
-    save_file({"bert.encoder.w": weight}, str(tmp_path / "model.safetensors"))
+    save_file({"w": weight}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text("{}")
-    ckpt = Checkpoint(str(tmp_path))
-    assert ckpt.prefix == "bert."
-    assert torch.equal(ckpt.get("encoder.w"), weight)
-    assert torch.equal(ckpt.get("encoder.w", dim=0, shard=1, shards=2), weight[2:])
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        view = View(handle, "w", transposed=True)
+        check_transposed(view, weight)
+
+
+def check_transposed(view: View, weight: torch.Tensor) -> None:
+    assert view.shape == [3, 4]
+    assert torch.equal(view.read(), weight.t())
+    assert torch.equal(view.shard(0, 1, 3), weight.t()[1:2])
+    assert torch.equal(view.shard(1, 1, 2), weight.t()[:, 2:])
 
 
 def test_split_layers():

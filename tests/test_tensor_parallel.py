@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from corpus import MODEL, reference, texts
 
-from workers.bert import BertStage, split_layers
-from workers.checkpoint import Checkpoint, load_info
-from workers.dist import close, init_tp_group
+from workers.layers.attention import Context
+from workers.layers.parallel import close, init_tp_group
+from workers.models import build, load_info
 from workers.tokenizer import Tokenizer
 
 MIN_COSINE = 0.9999
@@ -44,17 +44,14 @@ def worker(
     group = None
     try:
         group = init_tp_group(tp_rank, tp, f"tcp://127.0.0.1:{port}", "cpu", timeout_s=WAIT_S)
-        info = load_info(MODEL)
-        layers = split_layers(info.num_layers, pipeline)[stage]
-        model = BertStage(info, layers, stage == 0, stage == pipeline - 1, group)
-        model.load(Checkpoint(info.path))
+        model = build(load_info(MODEL), stage, pipeline, group)
         seq_lens = [len(s) for s in seqs]
         if stage == 0:
             x = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
         else:
             x = torch.from_numpy(inbox.get(timeout=WAIT_S))
         with torch.inference_mode():
-            y = model(x, seq_lens)
+            y = model(x, Context.encoder(seq_lens, False, torch.device("cpu")))
         results.put((stage, tp_rank, y.numpy()))
     except BaseException:
         results.put((stage, tp_rank, traceback.format_exc()))

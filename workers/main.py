@@ -22,9 +22,9 @@ import zmq
 
 from wire.protocol import Code, Kind, Limits, ProtocolError, decode, encode
 from wire.transport import configure
-from workers.bert import BertStage, split_layers
-from workers.checkpoint import Checkpoint, load_info
-from workers.dist import close, init_tp_group
+from workers.layers.parallel import close, init_tp_group
+from workers.models import load_info
+from workers.runner import ModelRunner
 
 log = logging.getLogger("baton.worker")
 
@@ -61,6 +61,10 @@ class Spec:
     dead_after_ms: int
     max_message_bytes: int
     max_frames: int
+    block_size: int = 16  # KV cache slots per block (decoders)
+    kv_memory: float = (
+        0.25  # KV cache: <= 1 a fraction of the memory free after weights, else bytes
+    )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -113,15 +117,10 @@ class Worker:
         if s.max_seq_length:
             info.max_seq_length = s.max_seq_length
         self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device)
-        layers = split_layers(info.num_layers, s.pipeline)[s.stage]
-        self.model = BertStage(
-            info, layers, s.stage == 0, s.last, self.tp, device=s.device, dtype=DTYPES[s.dtype]
+        self.runner = ModelRunner(
+            info, s.stage, s.pipeline, self.tp, s.device, DTYPES[s.dtype], s.block_size, s.kv_memory
         )
-        with Checkpoint(info.path) as ckpt:
-            self.model.load(ckpt)
-        self.model.eval()
-        self.device = torch.device(s.device)
-        self.tell(Kind.READY)
+        self.tell(Kind.READY, kv_blocks=self.runner.num_blocks)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -155,23 +154,22 @@ class Worker:
         batch = -1
         try:
             msg = decode(frames, self.batch_limits, (Kind.BATCH,))
-            batch, seq_lens = msg.body["batch"], msg.body["seq_lens"]
-            out: list[torch.Tensor] = []
-            if msg.body.get("task", "embed") != "echo":
-                padded = bool(msg.body.get("padded", False))
-                if (
-                    FAULT_TOKEN >= 0
-                    and self.spec.stage == 0
-                    and bool((msg.tensors[0] == FAULT_TOKEN).any())
-                ):
-                    os._exit(70)
-                x = msg.tensors[0].to(self.device, non_blocking=True)
-                with torch.inference_mode():
-                    out.append(self.model(x, seq_lens, padded=padded))
+            batch = msg.body["batch"]
+            if (
+                FAULT_TOKEN >= 0
+                and self.spec.stage == 0
+                and msg.tensors
+                and bool((msg.tensors[0] == FAULT_TOKEN).any())
+            ):
+                os._exit(70)
+            step = self.runner.run(msg.body, msg.tensors)
             if self.out is None:
                 return
             kind = Kind.OUTPUT if self.spec.last else Kind.BATCH
-            sent = encode(kind, {**msg.body, "batch": batch}, out)
+            body = {**msg.body, **step.body}
+            if self.spec.last and msg.body.get("task") == "generate":
+                body = {"batch": batch, "ref": batch, **step.body}  # the header has done its work
+            sent = encode(kind, body, step.tensors)
             size = sum(len(f) for f in sent)
             if size > self.limits.max_message_bytes:
                 # the receiver would refuse it, or past ZeroMQ's hard cap never see it at all

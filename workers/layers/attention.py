@@ -1,0 +1,184 @@
+"""Attention over packed sequences: bidirectional for encoders, causal over a paged KV cache for
+decoders. The metadata (`Context`) is built once per forward by the runner and read by every
+layer; no token ever attends across a sequence boundary and nothing is padded to a batch's longest
+(except in the encoder's `padded` comparison mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers import packing
+
+
+@dataclass(slots=True)
+class Prefill:
+    """One sequence computing several tokens: rows [start, start + q) of the batch; its keys
+    are the cache slots `slots` (all `ctx` of them), or None when they are exactly its new tokens
+    (nothing cached before: plain causal attention on them)."""
+
+    start: int
+    q: int
+    slots: torch.Tensor | None
+    mask: torch.Tensor | None  # [q, ctx], True where query i may see key j
+
+
+@dataclass(slots=True)
+class Decodes:
+    """Sequences computing one token each, attended in one call over their padded keys."""
+
+    rows: torch.Tensor  # [n] batch rows of their tokens
+    slots: torch.Tensor  # [n, max_ctx] cache slots of their keys (padding points at slot 0)
+    mask: torch.Tensor  # [n, 1, 1, max_ctx] True where the key is real
+
+
+@dataclass(slots=True)
+class Context:
+    """How to run attention for one forward of one micro-batch."""
+
+    seq_lens: list[int]  # tokens of each sequence in this forward
+    positions: torch.Tensor  # [T] each token's position in its sequence
+    causal: bool = False
+    # encoders, packed: (count, length, token rows [count*length]) per distinct length
+    groups: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    # encoders, padded comparison mode: [n, 1, 1, max_len] True where the key is a real token
+    key_mask: torch.Tensor | None = None
+    # decoders
+    slot_mapping: torch.Tensor | None = None  # [T] cache slot of each new token
+    prefills: list[Prefill] = field(default_factory=list)
+    decodes: Decodes | None = None
+
+    @property
+    def padded(self) -> bool:
+        return self.key_mask is not None
+
+    @staticmethod
+    def encoder(seq_lens: list[int], padded: bool, device: torch.device) -> Context:
+        positions = packing.positions(seq_lens, device)
+        if padded:
+            mask = packing.mask(seq_lens, device)[:, None, None, :]
+            return Context(seq_lens, positions, key_mask=mask)
+        starts: dict[int, list[int]] = {}
+        for start, length in zip(packing.offsets(seq_lens)[:-1], seq_lens, strict=True):
+            starts.setdefault(length, []).append(start)
+        groups = []
+        for length, s in starts.items():
+            index = (torch.tensor(s)[:, None] + torch.arange(length)).flatten()
+            groups.append((len(s), length, index.to(device)))
+        return Context(seq_lens, positions, groups=groups)
+
+    @staticmethod
+    def decoder(
+        seq_lens: list[int],
+        context_lens: list[int],
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        block_size: int,
+        device: torch.device,
+    ) -> Context:
+        """Sequence i computes its tokens at positions context_lens[i] - seq_lens[i] ..
+        context_lens[i] - 1; its keys are the first context_lens[i] slots of its blocks."""
+        starts = packing.offsets(seq_lens)
+        positions = torch.cat(
+            [torch.arange(c - q, c) for q, c in zip(seq_lens, context_lens, strict=True)]
+        ).to(device)
+        tables = block_tables.to(device=device, dtype=torch.int64)
+
+        def key_slots(i: int, n: int) -> torch.Tensor:
+            j = torch.arange(n, device=device)
+            return tables[i, j // block_size] * block_size + j % block_size
+
+        prefills, decode_ids = [], []
+        for i, (q, c) in enumerate(zip(seq_lens, context_lens, strict=True)):
+            if q == 1 and c > 1:
+                decode_ids.append(i)
+            elif q == c:
+                prefills.append(Prefill(starts[i], q, None, None))
+            else:
+                qpos = torch.arange(c - q, c, device=device)
+                mask = torch.arange(c, device=device)[None, :] <= qpos[:, None]
+                prefills.append(Prefill(starts[i], q, key_slots(i, c), mask))
+        decodes = None
+        if decode_ids:
+            ctx = torch.tensor([context_lens[i] for i in decode_ids], device=device)
+            width = int(ctx.max())
+            j = torch.arange(width, device=device)
+            real = j[None, :] < ctx[:, None]
+            blocks = tables[decode_ids][:, : -(-width // block_size)]
+            slots = blocks.gather(1, (j // block_size).expand(len(decode_ids), -1)) * block_size
+            slots = (slots + j % block_size).masked_fill(~real, 0)
+            rows = torch.tensor([starts[i] for i in decode_ids], device=device)
+            decodes = Decodes(rows, slots, real[:, None, None, :])
+        return Context(
+            seq_lens,
+            positions,
+            causal=True,
+            slot_mapping=slot_mapping.to(device=device, dtype=torch.int64),
+            prefills=prefills,
+            decodes=decodes,
+        )
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention of this rank's heads. q [T, heads, d], k and v
+    [T, kv_heads, d] -> [T, heads, d]. A decoder's layer writes its new K/V into its cache
+    (`k_cache`, `v_cache`: [slots, kv_heads, d], given by the runner) before attending."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context
+    ) -> torch.Tensor:
+        if not ctx.causal:
+            return _padded(q, k, v, ctx) if ctx.padded else _packed(q, k, v, ctx)
+        if self.k_cache.numel():
+            self.k_cache.index_copy_(0, ctx.slot_mapping, k)
+            self.v_cache.index_copy_(0, ctx.slot_mapping, v)
+        out = torch.empty_like(q)
+        gqa = self.heads != self.kv_heads
+        for p in ctx.prefills:
+            rows = slice(p.start, p.start + p.q)
+            qs = q[rows].transpose(0, 1)[None]
+            if p.slots is None:
+                ks, vs = (t[rows].transpose(0, 1)[None] for t in (k, v))
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+            else:
+                ks, vs = (c[p.slots].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=gqa)
+            out[rows] = o[0].transpose(0, 1)
+        d = ctx.decodes
+        if d is not None:
+            qs = q[d.rows][:, :, None, :]  # [n, heads, 1, d]
+            ks, vs = (c[d.slots].transpose(1, 2) for c in (self.k_cache, self.v_cache))
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask, enable_gqa=gqa)
+            out[d.rows] = o[:, :, 0, :]
+        return out
+
+
+def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+    out = torch.empty_like(q)
+    heads, d = q.shape[1:]
+    for count, length, index in ctx.groups:
+        # Gather equal-length sequences into [count, heads, length, d]: a dense batch
+        # with no padding, since every member has the same length.
+        qg, kg, vg = (
+            t.index_select(0, index).view(count, length, heads, d).transpose(1, 2)
+            for t in (q, k, v)
+        )
+        o = F.scaled_dot_product_attention(qg, kg, vg)
+        out.index_copy_(0, index, o.transpose(1, 2).reshape(count * length, heads, d))
+    return out
+
+
+def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """q, k, v [n, max_len, heads, d] -> same shape; padded keys are masked out."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.key_mask)
+    return o.transpose(1, 2)

@@ -1,0 +1,153 @@
+"""Tensor-parallel linear layers: each rank allocates and loads only its own shard.
+
+Every parameter carries a `weight_loader(param, view, shard_id)` that reads its rank's rows or
+columns from a checkpoint `View` (workers/loader.py), nano-vllm style.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.layers.parallel import TPGroup
+from workers.loader import View, divide
+
+
+def param(*shape: int, dtype: torch.dtype | None, loader=None) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    if loader is not None:
+        p.weight_loader = loader
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output rows split across ranks; the output stays sharded."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp: TPGroup,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.out_local = divide(out_features, tp.size, "out_features")
+        self.weight = param(self.out_local, in_features, dtype=dtype, loader=self.weight_loader)
+        self.bias = param(self.out_local, dtype=dtype, loader=self.weight_loader) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, p: nn.Parameter, view: View, shard_id: object = None) -> None:
+        p.copy_(view.shard(0, self.tp.rank, self.tp.size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (SwiGLU's gate and
+    up); checkpoint part `shard_id` fills the shard_id-th block of this rank's rows."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: list[int],
+        tp: TPGroup,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.sizes = [divide(n, tp.size, "out_features") for n in out_features]
+        super().__init__(in_features, sum(out_features), tp, bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+    def weight_loader(self, p: nn.Parameter, view: View, shard_id: object = None) -> None:
+        part = int(shard_id)  # type: ignore[arg-type]
+        start = sum(self.sizes[:part])
+        p[start : start + self.sizes[part]].copy_(view.shard(0, self.tp.rank, self.tp.size))
+
+
+class QKVParallelLinear(nn.Module):
+    """Query, key and value projections in one matmul, split across ranks by whole heads.
+
+    Query heads split evenly. Key/value heads split too when there are at least as many as
+    ranks; otherwise each is replicated on the tp / num_kv_heads ranks whose query heads use it
+    (grouped-query attention). Checkpoints store q, k, v as separate tensors (shard ids "q",
+    "k", "v") or fused in that order (shard id "qkv", as GPT-2 and BERT's fused exports do).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        tp: TPGroup,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.tp, self.head_dim = tp, head_dim
+        self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
+        self.heads = divide(num_heads, tp.size, "num_heads")
+        if num_kv_heads >= tp.size:
+            self.kv_heads = divide(num_kv_heads, tp.size, "num_kv_heads")
+            self.kv_first = tp.rank * self.kv_heads
+        else:
+            divide(tp.size, num_kv_heads, "with fewer KV heads than ranks, the rank count")
+            self.kv_heads = 1
+            self.kv_first = tp.rank * num_kv_heads // tp.size
+        self.q_size, self.kv_size = self.heads * head_dim, self.kv_heads * head_dim
+        rows = self.q_size + 2 * self.kv_size
+        self.weight = param(rows, hidden, dtype=dtype, loader=self.weight_loader)
+        self.bias = param(rows, dtype=dtype, loader=self.weight_loader) if bias else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = F.linear(x, self.weight, self.bias).split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1
+        )
+        return q, k, v
+
+    def _rows(self, part: str) -> tuple[int, int, int]:
+        """(where in this parameter, where in the full part's rows, how many) for a part."""
+        d = self.head_dim
+        if part == "q":
+            return 0, self.tp.rank * self.q_size, self.q_size
+        here = self.q_size if part == "k" else self.q_size + self.kv_size
+        return here, self.kv_first * d, self.kv_size
+
+    def weight_loader(self, p: nn.Parameter, view: View, shard_id: object = None) -> None:
+        fused = {"q": 0, "k": self.total_heads, "v": self.total_heads + self.total_kv_heads}
+        for part in ("q", "k", "v") if shard_id == "qkv" else (str(shard_id),):
+            here, there, n = self._rows(part)
+            if shard_id == "qkv":
+                there += fused[part] * self.head_dim
+            p[here : here + n].copy_(view.read(0, there, n))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split across ranks; takes sharded x, returns full y."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp: TPGroup,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_local = divide(in_features, tp.size, "in_features")
+        self.weight = param(out_features, self.in_local, dtype=dtype, loader=self.weight_loader)
+        self.bias = param(out_features, dtype=dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        # The bias is replicated, so add it after the sum or it would count tp.size times.
+        return y + self.bias if self.bias is not None else y
+
+    def weight_loader(self, p: nn.Parameter, view: View, shard_id: object = None) -> None:
+        p.copy_(view.shard(1, self.tp.rank, self.tp.size))

@@ -1,0 +1,70 @@
+"""What every model family's pipeline stage shares: its place in the layout, and loading."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.layers.parallel import TPGroup
+from workers.loader import ModelInfo, Target, load
+
+
+class Stage(nn.Module):
+    """Layers `layers` of the model on this TP rank; the input side if `first`, the output
+    side (pooling, or final norm and LM head) if `last`. Parameters are created straight on the
+    device, each rank only its own shard; `load` fills them from the checkpoint."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        layers: range,
+        first: bool,
+        last: bool,
+        tp: TPGroup,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if layers and not (layers[0] >= 0 and layers[-1] < info.num_layers):
+            raise ValueError(f"layers {layers} outside the model's 0..{info.num_layers - 1}")
+        self.info, self.layer_ids, self.first, self.last, self.tp = info, layers, first, last, tp
+        self.device = torch.device(device)
+        with self.device:
+            self.build(info, dtype)
+        self.eval()  # inference only; there is no dropout anyway
+
+    def build(self, info: ModelInfo, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def targets(self, name: str) -> list[Target]:
+        """Where checkpoint tensor `name` goes in this stage (empty: nowhere here)."""
+        raise NotImplementedError
+
+    def load(self) -> Stage:
+        load(self, self.info.path)
+        return self
+
+
+class Decoder(Stage):
+    """A pre-norm decoder: token embedding on the first stage, blocks, and on the last stage the
+    final norm and LM head, applied only to the rows that sample (`logits`)."""
+
+    embed: nn.Module | None
+    layers: nn.ModuleDict
+    norm: nn.Module | None
+    lm_head: nn.Module | None
+
+    def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """Token ids [T] (first stage) or hidden [T, hidden] -> hidden [T, hidden]."""
+        if self.first:
+            x = self.embed_tokens(x, ctx.positions)
+        for layer in self.layers.values():
+            x = layer(x, ctx)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Last stage: hidden rows [S, hidden] -> float32 logits [S, vocab] on every rank."""
+        return self.lm_head(self.norm(h)).float()

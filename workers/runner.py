@@ -1,0 +1,108 @@
+"""The model runner of one worker: its stage of the model, its KV cache, and one forward per
+micro-batch.
+
+It owns what the model must not: the paged KV cache (blocks of `block_size` slots for this
+stage's layers and this rank's KV heads, sized from `kv_memory`), and the attention metadata
+built from a batch's header (positions, slot mapping, block tables). The controller's block
+manager decides which slots each sequence uses; the runner only follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers import models
+from workers.layers.attention import Attention, Context
+from workers.layers.parallel import TPGroup
+from workers.loader import ModelInfo
+from workers.sampler import sample
+
+
+@dataclass(slots=True)
+class Step:
+    """What one forward hands on: tensors for the next stage, or (last stage) the result."""
+
+    tensors: list[torch.Tensor]
+    body: dict[str, Any]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for the cache on `device` now (after the weights are in)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot tell the free memory: /proc/meminfo has no MemAvailable")
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        info: ModelInfo,
+        stage: int,
+        pipeline: int,
+        tp: TPGroup,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        block_size: int = 16,
+        kv_memory: float = 0.25,
+    ) -> None:
+        self.info, self.tp, self.block_size = info, tp, block_size
+        self.device = torch.device(device)
+        self.model = models.build(info, stage, pipeline, tp, device, dtype)
+        self.num_blocks = 0
+        if info.decoder:
+            self.allocate_kv_cache(kv_memory, dtype)
+
+    def allocate_kv_cache(self, kv_memory: float, dtype: torch.dtype) -> None:
+        """One tensor [layers, 2, slots, kv_heads, head_dim]; each layer's attention gets views
+        of its K and V slots."""
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if not layers:
+            return  # a stage with no layers (more stages than layers is refused earlier)
+        kv_heads, d = layers[0].kv_heads, layers[0].head_dim
+        per_block = self.block_size * self.info.kv_bytes_per_token(len(layers), kv_heads, dtype)
+        budget = kv_memory if kv_memory > 1 else kv_memory * free_memory(self.device)
+        self.num_blocks = int(budget // per_block)
+        if self.num_blocks < 1:
+            raise ValueError(
+                f"kv.memory = {kv_memory} leaves room for no KV block of {per_block} bytes"
+            )
+        slots = self.num_blocks * self.block_size
+        self.kv_cache = torch.empty(
+            len(layers), 2, slots, kv_heads, d, dtype=dtype, device=self.device
+        )
+        for i, attn in enumerate(layers):
+            attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    @torch.inference_mode()
+    def run(self, body: dict[str, Any], tensors: list[torch.Tensor]) -> Step:
+        """One micro-batch through this stage. `body` and `tensors` as the wire's `batch`."""
+        task = body.get("task", "embed")
+        if task == "echo":  # routed through every stage like any batch, but nothing to compute
+            return Step([], {})
+        x = tensors[0].to(self.device, non_blocking=True)
+        seq_lens = body["seq_lens"]
+        if task == "embed":
+            ctx = Context.encoder(seq_lens, bool(body.get("padded", False)), self.device)
+            return Step([self.model(x, ctx)], {})
+        if not self.info.decoder:
+            raise ValueError(f"task {task!r} needs a decoder; {self.info.name} is an encoder")
+        slot_mapping, block_tables = tensors[1], tensors[2]
+        ctx = Context.decoder(
+            seq_lens, body["context_lens"], slot_mapping, block_tables, self.block_size, self.device
+        )
+        h = self.model(x, ctx)
+        if not self.model.last:
+            return Step([h, slot_mapping, block_tables], {})
+        rows = body["sample"]
+        if not rows:
+            return Step([], {"token_ids": []})
+        ends = torch.tensor(seq_lens, device=self.device).cumsum(0) - 1
+        logits = self.model.logits(h[ends[[r[0] for r in rows]]])
+        return Step([], {"token_ids": sample(logits, rows)})
