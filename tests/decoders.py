@@ -44,7 +44,7 @@ def llama(directory: Path) -> Path:
         intermediate_size=96,
         num_hidden_layers=4,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=1,  # fewer than 2 ranks: tensor 2 replicates it
         max_position_embeddings=128,
         initializer_range=INIT,
         tie_word_embeddings=False,

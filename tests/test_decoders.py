@@ -5,17 +5,28 @@ fleet: tests/test_generate.py.)"""
 
 from __future__ import annotations
 
+import socket
+import traceback
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 from decoders import check_greedy, gpt2, llama
 
-from workers.layers.parallel import TPGroup
+from workers.layers.parallel import TPGroup, close, init_tp_group
 from workers.models import load_info
 from workers.runner import ModelRunner
 from workers.sampler import sample
 
 BLOCK = 4
 SOLO = TPGroup(0, 1, None)
+WAIT_S = 120  # generous bound for a loaded 2-core machine; the test never sleeps
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -28,10 +39,10 @@ class Engine:
     """Just enough of a scheduler to drive runners: each sequence owns fixed blocks, except
     that a sequence may start on another's full blocks (a shared prefix)."""
 
-    def __init__(self, directory, pipeline: int) -> None:
+    def __init__(self, directory, pipeline: int, tp: TPGroup = SOLO) -> None:
         info = load_info(str(directory))
         self.runners = [
-            ModelRunner(info, s, pipeline, SOLO, block_size=BLOCK, kv_memory=4 << 20)
+            ModelRunner(info, s, pipeline, tp, block_size=BLOCK, kv_memory=4 << 20)
             for s in range(pipeline)
         ]
         self.blocks_each = 40
@@ -71,12 +82,63 @@ class Engine:
         return out.body["token_ids"]
 
 
+A = [5, 17, 3, 44, 9, 12, 30, 2, 7, 61, 8]  # 11 tokens: two full blocks and a part
+B = [70, 4, 4, 19, 23]
+C = A[:8] + [50, 51, 52]  # shares A's two full blocks
+
+
 @pytest.mark.parametrize("pipeline", [1, 2])
 def test_greedy_matches_transformers(checkpoint, pipeline):
-    engine = Engine(checkpoint, pipeline)
-    a = [5, 17, 3, 44, 9, 12, 30, 2, 7, 61, 8]  # 11 tokens: two full blocks and a part
-    b = [70, 4, 4, 19, 23]
-    c = a[:8] + [50, 51, 52]  # shares a's two full blocks
+    out = scenario(Engine(checkpoint, pipeline))
+    for seq, prompt in ((0, A), (1, B), (2, C)):
+        check_greedy(checkpoint, prompt, out[seq])
+
+
+def test_tensor_parallel_matches_transformers(checkpoint):
+    # two ranks, each its half of the heads (Llama's one KV head on both), MLP and vocabulary
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=rank_main, args=(str(checkpoint), r, port, results), daemon=True)
+        for r in range(2)
+    ]
+    got: dict[int, object] = {}
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            rank, out = results.get(timeout=WAIT_S)
+            assert not isinstance(out, str), out
+            got[rank] = out
+    finally:
+        for p in procs:
+            p.join(timeout=WAIT_S)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+    assert got[0] == got[1]  # every rank samples the same tokens from the gathered logits
+    for seq, prompt in ((0, A), (1, B), (2, C)):
+        check_greedy(checkpoint, prompt, got[0][seq])
+
+
+def rank_main(directory: str, rank: int, port: int, results) -> None:
+    torch.set_num_threads(1)
+    group = None
+    try:
+        group = init_tp_group(rank, 2, f"tcp://127.0.0.1:{port}", "cpu", timeout_s=WAIT_S)
+        results.put((rank, scenario(Engine(directory, 1, group))))
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+    finally:
+        if group is not None:
+            close(group)
+
+
+def scenario(engine: Engine) -> dict[int, list[int]]:
+    """Greedy tokens of A, B and C: A's prompt in two chunks, B joining while A decodes, C
+    starting on A's cached blocks while both decode."""
+    a, b, c = A, B, C
     out = {0: [], 1: [], 2: []}
     # a's prompt in two chunks; only the second samples
     assert engine.step([(0, a[:6], 0, False)]) == []
@@ -98,8 +160,7 @@ def test_greedy_matches_transformers(checkpoint, pipeline):
             work.append((2, out[2][-1:], len(c) + len(out[2]) - 1, True))
         for seq, token in zip((0, 1, 2), engine.step(work), strict=True):
             out[seq].append(token)
-    for seq, prompt in ((0, a), (1, b), (2, c)):
-        check_greedy(checkpoint, prompt, out[seq])
+    return out
 
 
 def test_seeded_sampling_is_a_function_of_seed_and_position():
