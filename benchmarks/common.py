@@ -249,8 +249,10 @@ def machine() -> dict[str, Any]:
 
 
 def write(report: Report, quick: bool) -> dict[str, Any]:
-    """benchmarks/results/NAME.{json,md,png}; returns the JSON object."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """benchmarks/results/NAME.{json,md,png}, or under results/quick/ (not committed) for a
+    --quick run, which must not overwrite the full results; returns the JSON object."""
+    where = RESULTS / "quick" if quick else RESULTS
+    where.mkdir(parents=True, exist_ok=True)
     ratios = {k: statistics.median(v) for k, v in report.ratios.items()}
     out = {
         "benchmark": report.name,
@@ -273,11 +275,15 @@ def write(report: Report, quick: bool) -> dict[str, Any]:
         "runs": report.runs,
         "disturbance": report.disturbance,
     }
-    base = RESULTS / report.name
+    base = where / report.name
     base.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     base.with_suffix(".md").write_text(markdown(report, out))
-    plot(report, out, base.with_suffix(".png"))
+    try:
+        plot(report, out, base.with_suffix(".png"))
+    except ImportError:
+        log("matplotlib is not installed (`make bench` installs it): no plot")
     log(markdown(report, out))
+    log(f"written: {base}.json, .md")
     return out
 
 
