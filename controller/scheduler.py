@@ -248,6 +248,8 @@ class Scheduler:
         alone = bool(suspects)
         if alone:
             ready = suspects[:1]
+        elif self._suspect_first():
+            ready = []  # a suspect at the head goes now, alone: running ones would starve it
         # decodes first (their latency is what users see), then the prefills under way
         ready.sort(key=lambda s: s.num_tokens - s.num_cached_tokens > 1)
         batch = MicroBatch("generate", [], epoch=self.epoch)
@@ -294,6 +296,11 @@ class Scheduler:
         for s in batch.seqs:
             s.inflight = True
         return batch
+
+    def _suspect_first(self) -> bool:
+        head = self.waiting[0] if self.waiting else None
+        # only when it fits: else the running ones must go on, to free blocks for it
+        return head is not None and head.suspect and not head.oneshot and self.bm.can_allocate(head)
 
     def _put(self, batch: MicroBatch, seq: Sequence, q: int, chosen: set[int]) -> int:
         if seq.num_cached_tokens + q == seq.num_tokens:
