@@ -44,6 +44,14 @@ class Pipeline:
 
 
 @dataclass(slots=True)
+class KV:
+    """The paged KV cache of decoder models (encoders have none)."""
+
+    block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
+    memory: float = 0.25  # <= 1: fraction of the memory free after weights; > 1: bytes
+
+
+@dataclass(slots=True)
 class Endpoints:
     client: str = "tcp://127.0.0.1:5555"
     client_keys: str = ""  # directory of allowed client public keys; "" = no keys required
@@ -90,6 +98,7 @@ class Config:
     parallel: Parallel = field(default_factory=Parallel)
     batching: Batching = field(default_factory=Batching)
     pipeline: Pipeline = field(default_factory=Pipeline)
+    kv: KV = field(default_factory=KV)
     endpoints: Endpoints = field(default_factory=Endpoints)
     limits: Limits = field(default_factory=Limits)
     journal: Journal = field(default_factory=Journal)
@@ -188,6 +197,8 @@ def check(cfg: Config) -> None:
         "workers.start_timeout_s": cfg.workers.start_timeout_s,
         "journal.result_ttl_s": cfg.journal.result_ttl_s,
         "jobs.max_attempts": cfg.jobs.max_attempts,
+        "kv.block_size": cfg.kv.block_size,
+        "kv.memory": cfg.kv.memory,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -225,6 +236,12 @@ def check_model(cfg: Config, info: Any) -> None:
         raise ConfigError(
             f"parallel.tensor = {tp} does not divide the model's {info.num_heads} attention heads"
         )
+    kv = info.num_kv_heads
+    if kv % tp and tp % kv:
+        raise ConfigError(
+            f"parallel.tensor = {tp} neither divides the model's {kv} KV heads nor is a multiple "
+            "of them (each rank needs whole KV heads, or one replicated)"
+        )
     if info.intermediate_size % tp:
         raise ConfigError(
             f"parallel.tensor = {tp} does not divide the model's MLP width {info.intermediate_size}"
@@ -250,16 +267,29 @@ def check_messages(cfg: Config, info: Any) -> None:
     from controller.pipeline import largest_messages
     from workers.tokenizer import Tokenizer
 
-    # the shortest a text can tokenize to: an empty one, the special tokens alone
-    [shortest] = Tokenizer(info).encode([""])
-    hops = largest_messages(
-        cfg.batching.max_batch_tokens,
-        cfg.model.max_seq_length or info.max_seq_length,
-        len(shortest.ids),
-        info.hidden_size,
-        getattr(torch, cfg.model.dtype),
-        cfg.parallel.pipeline,
-    )
+    dtype = getattr(torch, cfg.model.dtype)
+    if info.decoder:
+        positions = info.max_position
+        hops = largest_messages(
+            cfg.batching.max_batch_tokens,
+            positions,
+            1,
+            info.hidden_size,
+            dtype,
+            cfg.parallel.pipeline,
+            generate=(positions, cfg.kv.block_size),
+        )
+    else:
+        # the shortest a text can tokenize to: an empty one, the special tokens alone
+        [shortest] = Tokenizer(info).encode([""])
+        hops = largest_messages(
+            cfg.batching.max_batch_tokens,
+            cfg.model.max_seq_length or info.max_seq_length,
+            len(shortest.ids),
+            info.hidden_size,
+            dtype,
+            cfg.parallel.pipeline,
+        )
     limit = cfg.limits.max_message_bytes
     if hops[0].size > limit:
         raise ConfigError(

@@ -1,9 +1,11 @@
 """The controller of one model replica: asyncio on uvloop, one process.
 
-It registers with the broker, asks for work by credits, tokenizes, forms padding-free batches,
-keeps several in flight through the pipeline, returns results, and supervises its workers. When a
-worker dies, the whole replica is restarted (its TP groups cannot be mended piecemeal) and the
-batches that were inside go back to the front of the queue.
+It registers with the broker, asks for work by credits, admits jobs (tasks.py), forms
+padding-free micro-batches (scheduler.py), keeps several in flight through the pipeline, returns
+results and streamed tokens, and supervises its workers. When a worker dies, the whole replica is
+restarted (its TP groups cannot be mended piecemeal): the one-shot batches that were inside go back
+to the front of the queue, and every generating sequence is recomputed from its prompt and the
+tokens it has so far (the workers' KV cache died with them).
 """
 
 from __future__ import annotations
@@ -26,10 +28,21 @@ import zmq
 import zmq.asyncio
 
 from broker.jobs import failure
+from controller.block_manager import BlockManager
 from controller.config import Config, from_dict
-from controller.pipeline import Pipeline
-from controller.scheduler import Item, Scheduler
+from controller.pipeline import Landed, Pipeline
+from controller.scheduler import MicroBatch, Scheduler
+from controller.sequence import Refusal, Sequence
 from controller.supervisor import Supervisor
+from controller.tasks import (
+    PROMPT_TOO_LONG,
+    Codec,
+    Generate,
+    Task,
+    generation_info,
+    model_info,
+    tasks_of,
+)
 from wire.protocol import (
     Code,
     Kind,
@@ -41,12 +54,13 @@ from wire.protocol import (
     job_size,
 )
 from wire.transport import configure, recv_batch
-from workers.models import load_info
-from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("baton.controller")
 
-TASKS = ("embed", "echo")  # echo: routed through every stage, no model; measures the path
+# the streaming kind of issue 7 (wire.protocol.Kind gains TOKENS; encode sends the string alike)
+TOKENS = getattr(Kind, "TOKENS", "tokens")
+# bytes of a job's sampling parameters in a `jobs` message, at most (7 short keys and values)
+PARAMS_BYTES = 256
 
 
 class Controller:
@@ -56,11 +70,9 @@ class Controller:
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # ipc sockets: ours alone
         self.cfg, self.run_dir = cfg, run_dir
         self.limits = Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames)
-        info = load_info(cfg.model.path)
-        if cfg.model.max_seq_length:
-            info.max_seq_length = cfg.model.max_seq_length
-        self.model = cfg.model.name or info.name
-        self.tokenizer = Tokenizer(info)
+        self.info = model_info(cfg.model.path, cfg.model.max_seq_length)
+        self.model = cfg.model.name or self.info.name
+        self.tasks: dict[str, Task] = tasks_of(self.info, Codec(self.info))
         self.ctx = zmq.asyncio.Context()
         self.link = self.ctx.socket(zmq.DEALER)
         # a fixed identity lets `baton up` tell the broker which controller's jobs to requeue
@@ -81,15 +93,22 @@ class Controller:
             self.limits,
             cfg.pipeline.max_inflight,
             padded=not cfg.batching.padding_free,
+            block_size=cfg.kv.block_size,
         )
         self.pipe.on_refused = self._on_refused
-        self.sched = Scheduler(cfg.batching.max_batch_tokens, cfg.batching.max_wait_ms)
+        # a decoder's block manager comes with the workers' `ready` (their KV capacity)
+        self.sched = Scheduler(
+            cfg.batching.max_batch_tokens,
+            cfg.batching.max_wait_ms,
+            eos_token_id=self.info.eos_token_id,
+        )
         # jobs held here (queued or in flight) at most; enough to keep every in-flight slot full
         self.capacity = cfg.pipeline.max_inflight * max(64, cfg.batching.max_batch_tokens // 8)
         # Credit: ask the broker for more only while fewer than two batches' worth of tokens wait
-        # here, so the rest of the backlog waits at the broker, where clients are served in turn
-        # and messages are cut to the size limit. Credit is counted in jobs and in bytes; the
-        # `asked_*` fields mirror what the broker still owes us under it.
+        # here (and, for a decoder, KV blocks are free for them), so the rest of the backlog
+        # waits at the broker, where clients are served in turn and messages are cut to the size
+        # limit. Credit is counted in jobs and in bytes; the `asked_*` fields mirror what the
+        # broker still owes us under it.
         self.target = 2 * cfg.batching.max_batch_tokens
         self.held = 0  # jobs here, queued or in flight
         self.asked_jobs = self.asked_bytes = 0
@@ -112,14 +131,41 @@ class Controller:
         if self.state == "starting":
             return  # the broker hears of the workers in our `ready`
         self.tell(
-            Kind.REPORT,
-            {"workers": self.sup.rows(), "state": self.state, "stats": self.pipe.stats()},
+            Kind.REPORT, {"workers": self.sup.rows(), "state": self.state, "stats": self.stats()}
         )
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.pipe.stats(), **self.sched.stats()}
+        if self.sched.bm is not None:
+            out["kv"] = self.sched.bm.stats()
+        return out
+
+    def _size_kv(self) -> bool:
+        """(Re)size the KV cache to what every worker holds; True if it changed. Every
+        generating sequence is recomputed then: the blocks it held are gone or renumbered."""
+        if not self.info.decoder:
+            return False
+        blocks = self.sup.kv_blocks()
+        if not blocks:
+            raise RuntimeError("the workers of a decoder reported no KV blocks (kv.memory?)")
+        bm = self.sched.bm
+        if bm is not None and bm.num_blocks == blocks:
+            return False
+        if bm is None:
+            self.sched.bm = BlockManager(blocks, self.cfg.kv.block_size)
+        else:
+            self.sched.recompute_all(blocks)
+        gen = self.tasks["generate"]
+        assert isinstance(gen, Generate)
+        gen.kv_tokens = blocks * self.cfg.kv.block_size
+        log.info("KV cache: %d blocks of %d tokens", blocks, self.cfg.kv.block_size)
+        return True
 
     async def run(self) -> None:
         self.sup.spawn()
         supervise = asyncio.create_task(self.sup.run())
         await self.sup.wait_ready()
+        self._size_kv()
         self.state = "ready"
         self.serving.set()
         self._register()
@@ -147,17 +193,17 @@ class Controller:
         self.epoch += 1
         self.asked_jobs = self.asked_bytes = 0
         layout = {"tensor": self.cfg.parallel.tensor, "pipeline": self.cfg.parallel.pipeline}
-        self.tell(
-            Kind.READY,
-            {
-                "model": self.model,
-                "tasks": list(TASKS),
-                "layout": layout,
-                "workers": self.sup.rows(),
-                "pid": os.getpid(),
-                "state": self.state,
-            },
-        )
+        body = {
+            "model": self.model,
+            "tasks": list(self.tasks),
+            "layout": layout,
+            "workers": self.sup.rows(),
+            "pid": os.getpid(),
+            "state": self.state,
+        }
+        if (gen := generation_info(self.info)) is not None:
+            body["generation"] = gen
+        self.tell(Kind.READY, body)
         self._top_up()
 
     def _rejoin(self) -> None:
@@ -178,6 +224,9 @@ class Controller:
         short = self.target - self.sched.tokens
         if short <= 0 or (self.asked_jobs > 0 and self.asked_bytes > 0):
             return
+        bm = self.sched.bm
+        if bm is not None and bm.num_free * bm.block_size <= self.sched.tokens:
+            return  # the KV cache is full: new prompts would only wait here
         want = min(max(16, math.ceil(short / self.avg_cost)), self.capacity - self.held)
         n = max(0, want - self.asked_jobs)
         nbytes = max(0, math.ceil(want * self.avg_bytes * 1.25) - self.asked_bytes)
@@ -207,7 +256,8 @@ class Controller:
                 if msg.kind == Kind.JOBS:
                     self._accept(msg.body["jobs"])
                 elif msg.kind == Kind.CANCEL:
-                    gone = self.sched.drop(set(msg.body["ids"]))  # their places go to others
+                    # their places (and KV blocks) go to others at once
+                    gone = self.sched.drop(set(msg.body["ids"]))
                     if gone:
                         self._done(len(gone))
                 elif msg.kind == Kind.STOP:
@@ -236,19 +286,33 @@ class Controller:
     async def _restart(self, cause: str) -> None:
         self.serving.clear()
         self.state = "restarting"
-        lost = [i for f in sorted(self.pipe.abandon(), key=lambda f: f.id) for i in f.items]
-        for item in lost:
-            item.attempts += 1
-        spent = [i for i in lost if i.attempts >= self.cfg.jobs.max_attempts]
-        self.fail(
-            spent, Code.RETRIES_EXHAUSTED, f"{self.cfg.jobs.max_attempts} attempts lost: {cause}"
-        )
-        self.sched.requeue([i for i in lost if i.attempts < self.cfg.jobs.max_attempts])
+        limit = self.cfg.jobs.max_attempts
+        lost = [f.batch for f in sorted(self.pipe.abandon(), key=lambda f: f.id)]
+        oneshot = [s for b in lost if b.oneshot for s in b.seqs]
+        # a generate step inside when the worker died is an attempt lost, like a one-shot batch
+        stepping = [s for b in lost if not b.oneshot for s in b.seqs if not s.is_finished()]
+        for seq in (*oneshot, *stepping):
+            seq.attempts += 1
+            seq.suspect = True
+        spent = [s for s in (*oneshot, *stepping) if s.attempts >= limit]
+        for seq in spent:
+            if not seq.oneshot:
+                self.sched.finish(seq)
+        self.fail(spent, Code.RETRIES_EXHAUSTED, f"{limit} attempts lost: {cause}")
+        self.sched.requeue([s for s in oneshot if s.attempts < limit])
+        # the KV cache died with the workers: every generating sequence starts over from its
+        # prompt and the tokens it has (those already streamed are not sent again)
+        recomputed = len(self.sched.running)
+        self.sched.recompute_all()
         log.error(
-            "%s; restarting the replica, %d jobs back in the queue", cause, len(lost) - len(spent)
+            "%s; restarting the replica, %d jobs back in the queue, %d sequences to recompute",
+            cause,
+            len(oneshot) - sum(1 for s in spent if s.oneshot),
+            recomputed,
         )
         try:
             await self.sup.restart(cause)
+            self._size_kv()
         except RuntimeError as e:
             # the replica cannot be brought back here; exiting lets `baton up` start a fresh
             # controller, and the broker requeues what we held
@@ -267,8 +331,9 @@ class Controller:
 
         A job refused alone ends with the refusal's own code (decoding is deterministic: it
         would be refused again). A larger batch may have been refused for its size, not for any
-        one job, so its jobs go back to the front of the queue as suspects, one attempt spent
-        each; suspects run alone, so each reruns at most once more before it ends.
+        one job, so its jobs run again as suspects, one attempt spent each: one-shot jobs from
+        the front of the queue, generating sequences from where they were (their blocks kept);
+        suspects run alone, so each reruns at most once more before it ends.
         """
         if body.get("fatal"):
             return  # the worker is exiting: the replica restart takes its batches back
@@ -282,55 +347,67 @@ class Controller:
         flight = self.pipe.take(batch)
         if flight is None:
             return  # another TP rank's report of it, or a batch a restart already took back
-        items = flight.items
-        log.error("%s (batch %d, %d jobs)", cause, batch, len(items))
-        if len(items) == 1:
+        mb = flight.batch
+        seqs = [s for s in mb.seqs if not s.is_finished() or mb.oneshot]
+        log.error("%s (batch %d, %d jobs)", cause, batch, len(mb))
+        if len(mb) == 1:
             try:
                 code = Code(body.get("code"))
             except ValueError:
                 code = Code.INTERNAL
-            self.fail(items, code, cause)
+            for seq in seqs:
+                if not seq.oneshot:
+                    self.sched.finish(seq)
+            self.fail(seqs, code, cause)
             return
-        for item in items:
-            item.attempts += 1
         limit = self.cfg.jobs.max_attempts
-        self.fail(
-            [i for i in items if i.attempts >= limit],
-            Code.RETRIES_EXHAUSTED,
-            f"{limit} attempts lost: {cause}",
-        )
-        self.sched.requeue([i for i in items if i.attempts < limit])
+        for seq in seqs:
+            seq.attempts += 1
+            seq.suspect = True
+        spent = [s for s in seqs if s.attempts >= limit]
+        for seq in spent:
+            if not seq.oneshot:
+                self.sched.finish(seq)
+        self.fail(spent, Code.RETRIES_EXHAUSTED, f"{limit} attempts lost: {cause}")
+        again = [s for s in seqs if s.attempts < limit]
+        if mb.oneshot:
+            self.sched.requeue(again)
+        else:
+            self.sched.release(again)
 
     def _accept(self, jobs: list[dict[str, Any]]) -> None:
-        sizes = [job_size(j["id"], j["text"]) for j in jobs]
+        sizes = [job_bytes(j) for j in jobs]
         self.held += len(jobs)
         self.asked_jobs -= len(jobs)
         self.asked_bytes -= sum(sizes)
-        embed = [j for j in jobs if j["task"] == "embed"]
-        encoded = iter(self.tokenizer.encode([j["text"] for j in embed]))
-        items = []
-        for j in jobs:
-            e = next(encoded) if j["task"] == "embed" else None
-            items.append(
-                Item(
-                    j["id"],
-                    j["task"],
-                    e.ids if e else [],
-                    e.truncated if e else False,
-                    j.get("attempts") or 0,
-                    j.get("deadline"),
-                )
-            )
-        if items:
-            self.avg_cost = (self.avg_cost + sum(i.cost for i in items) / len(items)) / 2
+        # each task admits its jobs in one call (one batched tokenizer call per task)
+        by_task: dict[str, list[int]] = {}
+        for k, j in enumerate(jobs):
+            by_task.setdefault(j.get("task"), []).append(k)
+        admitted: list[Sequence | Refusal | None] = [None] * len(jobs)
+        for name, ks in by_task.items():
+            task = self.tasks.get(name)
+            if task is None:
+                for k in ks:
+                    admitted[k] = Refusal(str(Code.UNKNOWN_TASK), f"this model does not {name}")
+                continue
+            for k, got in zip(ks, task.admit([jobs[k] for k in ks]), strict=True):
+                admitted[k] = got
+        seqs = [a for a in admitted if isinstance(a, Sequence)]
+        refused = [(j, a) for j, a in zip(jobs, admitted, strict=True) if isinstance(a, Refusal)]
+        if refused:
+            self.results([failure(j["id"], r.code, r.message) for j, r in refused], None)
+            self.held -= len(refused)
+        if seqs:
+            self.avg_cost = (self.avg_cost + sum(s.cost for s in seqs) / len(seqs)) / 2
             self.avg_bytes = (self.avg_bytes + sum(sizes) / len(sizes)) / 2
-        self.sched.add(items)
+        self.sched.add(seqs)
         self._top_up()
 
-    def fail(self, items: list[Item], code: Code, message: str) -> None:
-        if items:
-            self.results([failure(i.id, code, message) for i in items], None)
-            self._done(len(items))
+    def fail(self, seqs: list[Sequence], code: Code | str, message: str) -> None:
+        if seqs:
+            self.results([failure(s.id, code, message) for s in seqs], None)
+            self._done(len(seqs))
 
     def results(self, entries: list[dict[str, Any]], emb: Any) -> None:
         """`results` to the broker, cut into messages within the limit; an embedding row goes
@@ -346,39 +423,99 @@ class Controller:
         for frames in fitted(build, len(entries), self.limits.max_message_bytes):
             self.link.send_multipart(frames, copy=False)
 
+    def stream(self, seqs: list[Sequence]) -> None:
+        """`tokens` to the broker: each sequence's tokens not sent yet, all in one message (cut
+        to the limit). `index` counts the generated tokens before the delta, so a client keeps
+        its place across a recompute here or a restart elsewhere."""
+        deltas = []
+        for s in seqs:
+            new = s.completion_token_ids[s.num_streamed :]
+            if new:
+                deltas.append({"id": s.id, "index": s.num_streamed, "token_ids": new})
+                s.num_streamed += len(new)
+        if not deltas:
+            return
+
+        def build(a: int, b: int) -> list:
+            return self.frames(TOKENS, {"deltas": deltas[a:b]})
+
+        for frames in fitted(build, len(deltas), self.limits.max_message_bytes):
+            self.link.send_multipart(frames, copy=False)
+
+    def _set_aside(self) -> None:
+        """Fail what the scheduler set aside: past its deadline, or too big for the KV cache."""
+        if self.sched.late:
+            late, self.sched.late = self.sched.late, []
+            self.fail(late, Code.DEADLINE, "the deadline passed before the job ran")
+        if self.sched.unfit:
+            unfit, self.sched.unfit = self.sched.unfit, []
+            self.fail(unfit, PROMPT_TOO_LONG, "the sequence no longer fits the KV cache")
+
     async def _dispatch(self) -> None:
         while True:
             await self.pipe.reserve()
-            items = await self.sched.next(self.pipe.idle)
-            if self.sched.late:
-                late, self.sched.late = self.sched.late, []
-                self.fail(late, Code.DEADLINE, "the deadline passed before the job ran")
-            # both may change while we wait for the other: send only when both hold at once
-            while not (self.serving.is_set() and self.pipe.may_send(items)):
-                await self.serving.wait()
-                if not self.pipe.may_send(items):
-                    await self.pipe.empty.wait()
-            await self.pipe.send(items)
+            while True:
+                batch = await self.sched.next(self.pipe.idle)
+                self._set_aside()
+                # both may change while we wait for the other: send only when both hold at once
+                while not (self.serving.is_set() and self.pipe.may_send(batch)):
+                    await self.serving.wait()
+                    if not self.pipe.may_send(batch):
+                        await self.pipe.empty.wait()
+                if batch.oneshot or batch.epoch == self.sched.epoch:
+                    break
+                # formed before a restart took the KV back: its sequences are queued again
+            await self.pipe.send(batch)
             self._top_up()
 
     async def _collect(self) -> None:
         while True:
-            got = await self.pipe.recv()
-            if got is None:
-                continue  # a batch from before a restart: its jobs were requeued
-            flight, emb = got
-            entries = [
-                {"id": i.id, "status": "ok", "tokens": i.tokens, "truncated": i.truncated}
-                for i in flight.items
-            ]
-            if emb is not None:
-                for k, entry in enumerate(entries):
-                    entry["row"] = k
-            if self.executions is not None:
-                self.executions.writelines(f"{i.id}\n" for i in flight.items)
-                self.executions.flush()
-            self.results(entries, emb.float() if emb is not None else None)
-            self._done(len(entries))
+            landed = await self.pipe.recv()
+            if landed is None:
+                continue  # a batch from before a restart (requeued), or refused
+            if landed.flight.batch.oneshot:
+                self._finish_oneshot(landed)
+            else:
+                self._finish_step(landed.flight.batch, landed.token_ids or [])
+
+    def _finish_oneshot(self, landed: Landed) -> None:
+        mb, emb = landed.flight.batch, landed.emb
+        task = self.tasks[mb.task]
+        entries = [task.result(s, k if emb is not None else None) for k, s in enumerate(mb.seqs)]
+        self._executed(mb.seqs)
+        self.results(entries, emb.float() if emb is not None else None)
+        self._done(len(entries))
+
+    def _finish_step(self, mb: MicroBatch, token_ids: list[int]) -> None:
+        """A generate step is back: its tokens streamed, its finished sequences answered, and
+        its sequences schedulable again."""
+        stepped, finished = self.sched.postprocess(mb, token_ids)
+        self.stream(stepped)
+        if finished:
+            task = self.tasks["generate"]
+            self._executed(finished)
+            self.results([task.result(s) for s in finished], None)
+            self._done(len(finished))
+
+    def _executed(self, seqs: list[Sequence]) -> None:
+        if self.executions is not None:
+            self.executions.writelines(f"{s.id}\n" for s in seqs)
+            self.executions.flush()
+
+
+def job_bytes(job: dict[str, Any]) -> int:
+    """What the broker counted for this job against our byte credit (wire.protocol.job_size).
+    A token-id prompt is counted at msgpack's widest int, and the parameters at their most:
+    counting more than the broker did only makes us ask again sooner, counting less could
+    leave us waiting for credit the broker thinks it has used."""
+    text = job.get("text")
+    n = job_size(job["id"], text if isinstance(text, str) else "")
+    ids = job.get("token_ids")
+    if isinstance(ids, list):
+        n += 9 * len(ids)
+    if "params" in job:
+        n += PARAMS_BYTES + 9 * len(job["params"].get("stop_token_ids") or ())
+    return n
 
 
 def identity(pid: int) -> bytes:

@@ -1,7 +1,11 @@
 """Drives micro-batches through the stages without waiting for one to leave before the next.
 
 Stage 0 is fed over one PUSH per TP rank (each rank needs the same tokens); the last stage's rank 0
-pushes pooled outputs back to one PULL here. Up to `max_inflight` batches are inside at once,
+pushes outputs back to one PULL here: pooled embeddings for an embed batch, one sampled token per
+sampling sequence for a generate step. A generate step carries, besides its new tokens, where their
+K/V go (`slot_mapping`) and each sequence's blocks (`block_tables`); every stage keeps its own
+layers' K/V, and takes micro-batches in the order they were sent, so a step always sees the K/V
+of the steps sent before it. Up to `max_inflight` batches are inside at once,
 except that a suspect batch (its job was inside when a worker died) travels alone: it enters an
 empty pipeline and nothing follows it until it is out, so a job that kills workers takes no
 neighbour's attempt with it.
@@ -26,7 +30,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from controller.scheduler import Item
+from controller.scheduler import MicroBatch
 from wire.protocol import DTYPE_NAMES, VERSION, Kind, Limits, ProtocolError, decode, encode
 from wire.transport import configure
 from workers.packing import pack
@@ -76,16 +80,23 @@ def largest_messages(
     hidden: int,
     dtype: torch.dtype,
     pipeline: int,
+    generate: tuple[int, int] | None = None,
 ) -> list[Hop]:
     """The largest message a batch can put on each hop, largest first.
 
-    The worst batch is the scheduler's: up to `max_batch_tokens` tokens, or one job alone of up
-    to `max_seq_length`; as many sequences as fit at the shortest a text can tokenize to (the
-    special tokens alone), which is also the longest `seq_lens` header. Between stages the
+    Embed: the worst batch is the scheduler's: up to `max_batch_tokens` tokens, or one job alone
+    of up to `max_seq_length`; as many sequences as fit at the shortest a text can tokenize to
+    (the special tokens alone), which is also the longest `seq_lens` header. Between stages the
     activations are packed `[T, hidden]` in the model's dtype whether or not the batch is run
     padded (a stage unpads before it sends); the last stage sends float32 embeddings
     `[n, hidden]`, one per sequence.
+
+    Generate (`generate` = (max_positions, block_size)): the worst step is `max_batch_tokens`
+    decodes of one token each, every one sampling, every context at the model's last position:
+    the longest header, and block tables of `max_positions / block_size` blocks a row.
     """
+    if generate is not None:
+        return _largest_generate(max_batch_tokens, hidden, dtype, pipeline, *generate)
     worst: list[list[int]] = []
     if max_batch_tokens >= min_seq_length:
         n = max_batch_tokens // min_seq_length
@@ -119,12 +130,89 @@ def largest_messages(
     return sorted(best.values(), key=lambda h: -h.size)
 
 
+def _largest_generate(
+    tokens: int, hidden: int, dtype: torch.dtype, pipeline: int, max_positions: int, block_size: int
+) -> list[Hop]:
+    n = tokens
+    width = -(-max_positions // block_size)
+    # the widest value msgpack can be handed in each field (floats are always 9 bytes)
+    row = [n - 1, 1.0, 2**63 - 1, 1.0, 2**63 - 1, max_positions]
+    body = generate_body(MAX_BATCH_ID, [1] * n, [max_positions] * n, [row] * n)
+    rest = [(torch.int64, [tokens]), (torch.int32, [n, width])]  # slot_mapping, block_tables
+    hops: list[Hop] = []
+    for s in range(pipeline):
+        name = "to stage 0" if s == 0 else f"from stage {s - 1} to stage {s}"
+        x = (torch.int64, [tokens]) if s == 0 else (dtype, [tokens, hidden])
+        what = "token ids" if s == 0 else "activations"
+        size = encoded_size(Kind.BATCH, body, [x, *rest])
+        payload = sum(math.prod(sh) * dt.itemsize for dt, sh in [x, *rest])
+        desc = f"{DTYPE_NAMES[x[0]]} {x[1]} {what}, slot mapping, int32 [{n}, {width}] block tables"
+        hops.append(Hop(name, size, desc, size - payload))
+    out = {"batch": MAX_BATCH_ID, "ref": MAX_BATCH_ID, "token_ids": [2**32 - 1] * n}
+    size = encoded_size(Kind.OUTPUT, out, [])
+    hops.append(
+        Hop(f"from stage {pipeline - 1} to the controller", size, "sampled token ids", size)
+    )
+    return sorted(hops, key=lambda h: -h.size)
+
+
+def generate_body(
+    batch: int, seq_lens: list[int], context_lens: list[int], sample: list[list[Any]]
+) -> dict[str, Any]:
+    """The header of a generate step (docs: the generation wire spec)."""
+    return {
+        "batch": batch,
+        "ref": batch,
+        "task": "generate",
+        "seq_lens": seq_lens,
+        "context_lens": context_lens,
+        "sample": sample,
+    }
+
+
+def generate_message(batch_id: int, mb: MicroBatch, block_size: int) -> tuple[dict, list]:
+    """The body and tensors of a generate step: each sequence's new tokens, where their K/V go
+    (slot = block * block_size + offset), and the blocks it attends over."""
+    x: list[int] = []
+    slots: list[torch.Tensor] = []
+    context_lens: list[int] = []
+    tables: list[list[int]] = []
+    for seq, q in zip(mb.seqs, mb.seq_lens, strict=True):
+        start, end = seq.num_cached_tokens, seq.num_cached_tokens + q
+        x += seq.token_ids[start:end]
+        pos = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.int64)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        context_lens.append(end)
+        tables.append(seq.block_table[: -(-end // block_size)])
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+    sample = []
+    for i in mb.sample:
+        seq = mb.seqs[i]
+        p = seq.params
+        assert p is not None
+        seed = -1 if p.seed is None else p.seed
+        sample.append([i, p.temperature, p.top_k, p.top_p, seed, seq.num_completion_tokens])
+    body = generate_body(batch_id, list(mb.seq_lens), context_lens, sample)
+    return body, [torch.tensor(x, dtype=torch.int64), torch.cat(slots), block_tables]
+
+
 @dataclass(slots=True)
 class Flight:
     """A micro-batch inside the pipeline."""
 
     id: int
-    items: list[Item]
+    batch: MicroBatch
+
+
+@dataclass(slots=True)
+class Landed:
+    """A micro-batch out of the last stage: embeddings (embed), sampled tokens (generate)."""
+
+    flight: Flight
+    emb: torch.Tensor | None = None
+    token_ids: list[int] | None = None
 
 
 class Pipeline:
@@ -136,8 +224,9 @@ class Pipeline:
         limits: Limits,
         max_inflight: int,
         padded: bool = False,
+        block_size: int = 16,
     ) -> None:
-        self.limits, self.padded = limits, padded
+        self.limits, self.padded, self.block_size = limits, padded, block_size
         self.ctx, self.stage0 = ctx, stage0
         self.feeds: list[zmq.asyncio.Socket] = []
         self.connect()
@@ -169,26 +258,38 @@ class Pipeline:
     def idle(self) -> bool:
         return not self.inflight
 
-    def may_send(self, items: list[Item]) -> bool:
+    def may_send(self, batch: MicroBatch) -> bool:
         """False while a suspect must travel alone; then wait for `empty`."""
         if not self.inflight:
             return True
-        return not items[0].attempts and not any(
-            f.items[0].attempts for f in self.inflight.values()
-        )
+        return not batch.suspect and not any(f.batch.suspect for f in self.inflight.values())
 
     async def reserve(self) -> None:
         """Wait for room for one more batch; the caller then forms it and calls `send`."""
         await self.slots.acquire()
 
-    async def send(self, items: list[Item]) -> Flight:
-        """Hand the packed batch to every stage-0 rank (after `reserve`, once `may_send`)."""
-        flight = Flight(next(self.ids), items)
-        task = items[0].task
+    def unreserve(self) -> None:
+        """Give back a reserved slot no batch was sent in."""
+        self.slots.release()
+
+    async def send(self, batch: MicroBatch) -> Flight | None:
+        """Hand the batch to every stage-0 rank (after `reserve`, once `may_send`). None, and
+        the slot given back, when every sequence of it was cancelled while it waited."""
+        batch = batch.pruned()
+        if not batch.seqs:
+            self.unreserve()
+            return None
+        flight = Flight(next(self.ids), batch)
+        task = batch.task
         if task == "echo":  # routed through every stage like any batch, but nothing to compute
             frames = encode(Kind.BATCH, batch_body(flight.id, task, [], self.padded))
+        elif not batch.oneshot:
+            body, tensors = generate_message(flight.id, batch, self.block_size)
+            frames = encode(Kind.BATCH, body, tensors)
+            self.tokens += len(tensors[0])
+            self.padded_tokens += len(tensors[0])
         else:
-            ids, seq_lens = pack([i.ids for i in items])
+            ids, seq_lens = pack([s.token_ids for s in batch.seqs])
             frames = encode(Kind.BATCH, batch_body(flight.id, task, seq_lens, self.padded), [ids])
             self.tokens += len(ids)
             self.padded_tokens += len(seq_lens) * max(seq_lens)
@@ -199,23 +300,39 @@ class Pipeline:
             await sock.send_multipart(frames, copy=False)
         return flight
 
-    async def recv(self) -> tuple[Flight, torch.Tensor | None] | None:
-        """The next finished batch and its embeddings (None for echo); None for a stale batch id
-        or an unreadable message. An unreadable output whose header names its batch goes to
-        `on_refused`, as a stage's refusal would; one that names none is only logged."""
+    async def recv(self) -> Landed | None:
+        """The next finished batch; None for a stale batch id or an unreadable message. An
+        unreadable output whose header names its batch goes to `on_refused`, as a stage's
+        refusal would; one that names none is only logged."""
         try:
             msg = decode(await self.out.recv_multipart(), self.limits, (Kind.OUTPUT,))
         except ProtocolError as e:
             log.error("unreadable output from the last stage: %s %s", e.code, e.message)
             if e.ref is not None:
-                self.on_refused(
-                    {"batch": e.ref, "code": str(e.code), "message": e.message, "stage": -1}
-                )
+                self.refused(e.ref, str(e.code), e.message)
             return None
-        flight = self.take(msg.body.get("batch"))
+        batch = msg.body.get("batch")
+        known = isinstance(batch, int) and not isinstance(batch, bool)
+        flight = self.inflight.get(batch) if known else None
         if flight is None:
             return None
-        return flight, (msg.tensors[0] if msg.tensors else None)
+        if flight.batch.oneshot:
+            self.take(batch)
+            return Landed(flight, emb=msg.tensors[0] if msg.tensors else None)
+        token_ids = msg.body.get("token_ids")
+        if not (
+            isinstance(token_ids, list)
+            and len(token_ids) == len(flight.batch.sample)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids)
+        ):
+            want = len(flight.batch.sample)
+            self.refused(batch, "bad_field", f"output token_ids is not a list of {want} ints")
+            return None
+        self.take(batch)
+        return Landed(flight, token_ids=token_ids)
+
+    def refused(self, batch: Any, code: str, message: str) -> None:
+        self.on_refused({"batch": batch, "code": code, "message": message, "stage": -1})
 
     def take(self, batch: Any) -> Flight | None:
         """Batch `batch` out of the pipeline (finished or refused), its slot free again; None if

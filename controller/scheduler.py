@@ -1,9 +1,22 @@
-"""Forms micro-batches from tokenized jobs: a token budget, a maximum wait, FIFO order.
+"""One scheduler for every task: a deque of waiting sequences, a list of running ones.
 
-A batch holds one task (a run of same-task jobs at the head of the queue); a job whose earlier run
-was lost with a dying worker runs alone, so a job that kills workers cannot take its neighbours'
-attempts with it. Jobs past their deadline are set aside (`late`) instead. A batch leaves when it is full (the next job would exceed `max_batch_tokens`), when its oldest job
-has waited `max_wait_ms`, or at once when the pipeline is idle (waiting then only adds latency).
+One-shot tasks (embed, echo) run once, whole: a batch holds one task (a run of same-task jobs at
+the head of the queue) within the token budget; it leaves when full, when its oldest job has
+waited `max_wait_ms`, or at once when the pipeline is idle (waiting then only adds latency).
+
+Generate sequences are scheduled per iteration: every call forms a micro-batch of the running
+sequences not already in flight (decodes first, one token each, then the prefills under way) and
+admits waiting ones while the token budget lasts and their KV blocks fit. A long prompt is cut
+into chunks so the micro-batch stays within `max_batch_tokens`; only the chunk that reaches the
+end of a sequence samples a token. With P stages up to `pipeline.max_inflight` disjoint
+micro-batches are inside at once; a sequence is in at most one of them. When a running sequence
+cannot get its next block, the most recently admitted sequence not in flight is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed (prompt and the
+tokens made so far) when it is admitted again.
+
+A job whose earlier run was lost with a dying worker, or in a refused batch, is a suspect and
+runs alone, so a job that kills workers cannot take its neighbours' attempts with it. Jobs past
+their deadline are set aside (`late`); the controller fails them.
 """
 
 from __future__ import annotations
@@ -11,82 +24,170 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from controller.block_manager import BlockManager
+from controller.sequence import Sequence, Status
 
 
 @dataclass(slots=True)
-class Item:
-    """One job as the controller holds it: the broker's id, its tokens, and when it arrived."""
+class MicroBatch:
+    """One step's work: the sequences, how many tokens each computes, which ones sample."""
 
-    id: str
     task: str
-    ids: list[int]
-    truncated: bool
-    attempts: int = 0  # runs lost before this one; > 0 marks a suspect that runs alone
-    deadline: float | None = None  # wall-clock seconds
-    arrived: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence]
+    seq_lens: list[int] = field(default_factory=list)  # generate: tokens computed this step
+    sample: list[int] = field(default_factory=list)  # indices into seqs that sample a token
+    epoch: int = 0  # the scheduler's KV epoch it was formed in (generate)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
 
     @property
-    def tokens(self) -> int:
-        return len(self.ids)
+    def oneshot(self) -> bool:
+        return not self.seqs or self.seqs[0].oneshot
 
     @property
-    def cost(self) -> int:
-        """Budget units: its tokens, and at least 1 so token-free tasks (echo) still fill batches."""
-        return max(1, len(self.ids))
+    def suspect(self) -> bool:
+        return any(s.suspect for s in self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seq_lens) if self.seq_lens else sum(s.num_tokens for s in self.seqs)
+
+    def pruned(self) -> MicroBatch:
+        """Without the sequences that finished (were cancelled) since it was formed."""
+        if self.oneshot or not any(s.is_finished() for s in self.seqs):
+            return self
+        keep = [i for i, s in enumerate(self.seqs) if not s.is_finished()]
+        rows = {old: new for new, old in enumerate(keep)}
+        return MicroBatch(
+            self.task,
+            [self.seqs[i] for i in keep],
+            [self.seq_lens[i] for i in keep],
+            [rows[i] for i in self.sample if i in rows],
+            self.epoch,
+        )
 
 
 class Scheduler:
-    def __init__(self, max_batch_tokens: int, max_wait_ms: float) -> None:
+    def __init__(
+        self,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        block_manager: BlockManager | None = None,
+        eos_token_id: int | None = None,
+    ) -> None:
         self.budget = max_batch_tokens
         self.max_wait = max_wait_ms / 1000
-        self.queue: deque[Item] = deque()
-        self.tokens = 0
-        self.arrived = asyncio.Event()
-        self.late: list[Item] = []  # past their deadline; the controller fails them
+        self.bm = block_manager  # None: the model does not generate
+        self.eos = eos_token_id
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # generate sequences holding blocks, admission order
+        self.tokens = 0  # cost of the waiting sequences
+        self.arrived = asyncio.Event()  # something may have become schedulable
+        self.late: list[Sequence] = []  # past their deadline; the controller fails them
+        self.unfit: list[Sequence] = []  # more tokens than the whole KV cache; failed likewise
+        self.epoch = 0  # bumped whenever every block is taken back (the KV is gone)
+        self.preemptions = 0
 
     def __len__(self) -> int:
-        return len(self.queue)
+        return len(self.waiting)
 
-    def add(self, items: list[Item]) -> None:
-        self.queue.extend(items)
-        self.tokens += sum(i.cost for i in items)
+    # -- the queue -----------------------------------------------------------------------------
+
+    def add(self, seqs: Iterable[Sequence]) -> None:
+        seqs = list(seqs)
+        self.waiting.extend(seqs)
+        self.tokens += sum(s.cost for s in seqs)
         self.arrived.set()
 
-    def requeue(self, items: list[Item]) -> None:
-        """Jobs whose batch must run again go first: they have waited longest."""
-        self.queue.extendleft(reversed(items))
-        self.tokens += sum(i.cost for i in items)
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Sequences that must run again go first: they have waited longest."""
+        for s in seqs:
+            s.status = Status.WAITING
+            s.inflight = False
+        self.waiting.extendleft(reversed(seqs))
+        self.tokens += sum(s.cost for s in seqs)
         self.arrived.set()
 
-    def drop(self, ids: set[str]) -> list[Item]:
-        gone = [i for i in self.queue if i.id in ids]
+    def drop(self, ids: set[str]) -> list[Sequence]:
+        """Cancelled: out of the queue, and running ones end now, their blocks freed at once
+        (a step still in flight wrote them before any later micro-batch reaches them: every
+        stage takes micro-batches in order). One-shot batches in flight are not held here."""
+        gone = [s for s in self.waiting if s.id in ids]
         if gone:
-            self.queue = deque(i for i in self.queue if i.id not in ids)
-            self.tokens -= sum(i.cost for i in gone)
+            self.waiting = deque(s for s in self.waiting if s.id not in ids)
+            self.tokens -= sum(s.cost for s in gone)
+            for s in gone:
+                s.status = Status.FINISHED
+        for s in [s for s in self.running if s.id in ids]:
+            self.finish(s, "cancelled")
+            gone.append(s)
+        if gone:
+            self.arrived.set()  # freed blocks may let a waiting sequence in
         return gone
 
-    def clear(self) -> list[Item]:
-        """Everything queued here, taken out (the broker has put these jobs back in its queue)."""
-        gone = list(self.queue)
-        self.queue.clear()
+    def clear(self) -> list[Sequence]:
+        """Every sequence held here, taken out (the broker has put these jobs back in its queue):
+        waiting ones, and running ones, whose generation would go to a job now elsewhere."""
+        gone = list(self.waiting)
+        self.waiting.clear()
         self.tokens = 0
+        for s in gone:
+            s.status = Status.FINISHED
+        for s in list(self.running):
+            self.finish(s, "cancelled")
+            gone.append(s)
         return gone
 
-    async def next(self, idle: Callable[[], bool]) -> list[Item]:
-        """The next batch; waits for work, then (unless the pipeline is idle) for a full batch."""
-        while True:
-            while not self.queue:
-                self.arrived.clear()
-                await self.arrived.wait()
-            batch = await self._fill(idle)
-            if batch:
-                return batch
+    def finish(self, seq: Sequence, reason: str | None = None) -> None:
+        """A running sequence ends (done, cancelled, late or failed): its blocks go back."""
+        seq.status = Status.FINISHED
+        seq.finish_reason = seq.finish_reason or reason
+        if self.bm is not None and seq.block_table:
+            self.bm.deallocate(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.arrived.set()  # its blocks may let a waiting sequence in
 
-    async def _fill(self, idle: Callable[[], bool]) -> list[Item]:
-        while self.tokens < self.budget and not idle():
-            left = self.queue[0].arrived + self.max_wait - time.monotonic()
+    def release(self, seqs: Iterable[Sequence]) -> None:
+        """Running sequences whose step was refused: schedulable again, blocks kept (the K/V
+        before the step is intact; the step's own slots are simply written again)."""
+        for s in seqs:
+            s.inflight = False
+        self.arrived.set()
+
+    def recompute_all(self, num_blocks: int | None = None) -> None:
+        """The workers' KV is gone (a replica restart): every running sequence goes back to the
+        front of the queue, in admission order, to be recomputed; every block is free again."""
+        seqs, self.running = self.running, []
+        for s in seqs:
+            s.block_table.clear()
+            s.num_cached_tokens = s.num_hashed_blocks = 0
+        if self.bm is not None:
+            self.bm.reset(num_blocks)
+        self.epoch += 1
+        self.requeue(seqs)
+
+    # -- forming batches -----------------------------------------------------------------------
+
+    async def next(self, idle: Callable[[], bool]) -> MicroBatch:
+        """The next micro-batch; waits for work, and (a one-shot batch, unless the pipeline is
+        idle or generation is waiting for its turn) for a full batch."""
+        while True:
+            self.arrived.clear()
+            if self.waiting and self.waiting[0].oneshot and not self._ready():
+                await self._fill(idle)
+            batch = self.schedule()
+            if batch is not None:
+                return batch
+            await self.arrived.wait()
+
+    async def _fill(self, idle: Callable[[], bool]) -> None:
+        while self.waiting and self.tokens < self.budget and not idle():
+            left = self.waiting[0].arrived + self.max_wait - time.monotonic()
             if left <= 0:
                 break
             self.arrived.clear()
@@ -94,22 +195,181 @@ class Scheduler:
                 await asyncio.wait_for(self.arrived.wait(), left)
             except TimeoutError:
                 break
-        return self.take()
 
-    def take(self) -> list[Item]:
-        out: list[Item] = []
+    def _ready(self) -> bool:
+        return any(not s.inflight for s in self.running)
+
+    def schedule(self) -> MicroBatch | None:
+        """A micro-batch now, or None when nothing can run (all in flight, no room)."""
+        while self.waiting and self.waiting[0].oneshot:
+            batch = self.take()
+            if batch.seqs:
+                return batch  # else it took only late jobs: go on with the next ones
+        return self._step()
+
+    def take(self) -> MicroBatch:
+        """A one-shot batch from the head: one task, within the budget, a suspect alone."""
+        out: list[Sequence] = []
         used = 0
         now = time.time()
-        task = self.queue[0].task if self.queue else ""
-        while self.queue and self.queue[0].task == task:
-            item = self.queue[0]
-            if out and (item.attempts or out[0].attempts or used + item.cost > self.budget):
+        task = self.waiting[0].task if self.waiting else ""
+        while self.waiting and self.waiting[0].task == task:
+            seq = self.waiting[0]
+            if out and (seq.suspect or out[0].suspect or used + seq.cost > self.budget):
                 break
-            self.queue.popleft()
-            self.tokens -= item.cost
-            if item.deadline is not None and item.deadline <= now:
-                self.late.append(item)
+            self.waiting.popleft()
+            self.tokens -= seq.cost
+            if seq.deadline is not None and seq.deadline <= now:
+                seq.status = Status.FINISHED
+                self.late.append(seq)
             else:
-                out.append(item)
-                used += item.cost
-        return out
+                seq.status = Status.RUNNING
+                out.append(seq)
+                used += seq.cost
+        return MicroBatch(task, out)
+
+    def _step(self) -> MicroBatch | None:
+        """A generate micro-batch: running sequences not in flight, then admissions."""
+        if self.bm is None:
+            return None
+        now = time.time()
+        ready = []
+        for s in self.running:
+            if s.inflight:
+                continue
+            if s.deadline is not None and s.deadline <= now:
+                self.late.append(s)  # finished below, not while iterating
+            else:
+                ready.append(s)
+        for s in self.late:
+            if s.status is Status.RUNNING:
+                self.finish(s, "deadline")
+        suspects = [s for s in ready if s.suspect]
+        alone = bool(suspects)
+        if alone:
+            ready = suspects[:1]
+        elif self._suspect_first():
+            ready = []  # a suspect at the head goes now, alone: running ones would starve it
+        # decodes first (their latency is what users see), then the prefills under way
+        ready.sort(key=lambda s: s.num_tokens - s.num_cached_tokens > 1)
+        batch = MicroBatch("generate", [], epoch=self.epoch)
+        chosen: set[int] = set()
+        used = 0
+        for seq in ready:
+            if seq.status is not Status.RUNNING:
+                continue  # preempted for another earlier in this pass
+            q = min(seq.num_tokens - seq.num_cached_tokens, self.budget - used)
+            if q <= 0:
+                break
+            if not self._room(seq, chosen):
+                continue  # it was preempted itself
+            self.bm.may_append(seq)
+            used += self._put(batch, seq, q, chosen)
+        while not alone and self.waiting and not self.waiting[0].oneshot and used < self.budget:
+            seq = self.waiting[0]
+            if seq.deadline is not None and seq.deadline <= now:
+                self.waiting.popleft()
+                self.tokens -= seq.cost
+                seq.status = Status.FINISHED
+                self.late.append(seq)
+                continue
+            if seq.suspect and batch.seqs:
+                break
+            if not self.bm.can_allocate(seq):
+                if not self.running:  # nothing holds a block: it can never fit
+                    self.waiting.popleft()
+                    self.tokens -= seq.cost
+                    seq.status = Status.FINISHED
+                    self.unfit.append(seq)
+                    continue
+                break
+            self.waiting.popleft()
+            self.tokens -= seq.cost
+            self.bm.allocate(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            q = min(seq.num_tokens - seq.num_cached_tokens, self.budget - used)
+            used += self._put(batch, seq, q, chosen)
+            alone = seq.suspect
+        if not batch.seqs:
+            return None
+        for s in batch.seqs:
+            s.inflight = True
+        return batch
+
+    def _suspect_first(self) -> bool:
+        head = self.waiting[0] if self.waiting else None
+        # only when it fits: else the running ones must go on, to free blocks for it
+        return head is not None and head.suspect and not head.oneshot and self.bm.can_allocate(head)
+
+    def _put(self, batch: MicroBatch, seq: Sequence, q: int, chosen: set[int]) -> int:
+        if seq.num_cached_tokens + q == seq.num_tokens:
+            batch.sample.append(len(batch.seqs))
+        batch.seqs.append(seq)
+        batch.seq_lens.append(q)
+        chosen.add(id(seq))
+        return q
+
+    def _room(self, seq: Sequence, chosen: set[int]) -> bool:
+        """Blocks for every token of seq, preempting the most recently admitted sequences not
+        in flight (and not in this batch) until they fit; False if seq itself had to go."""
+        while not self.bm.can_append(seq):
+            victim = next(
+                s for s in reversed(self.running) if not s.inflight and id(s) not in chosen
+            )  # seq itself qualifies, so there is always one
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        self.bm.deallocate(seq)
+        self.running.remove(seq)
+        self.preemptions += 1
+        self.requeue([seq])
+
+    # -- results -------------------------------------------------------------------------------
+
+    def postprocess(
+        self, batch: MicroBatch, token_ids: list[int]
+    ) -> tuple[list[Sequence], list[Sequence]]:
+        """A generate step came back with one token per sample row: append them, register the
+        blocks now computed, end the sequences that hit a stop condition (their blocks freed).
+        Returns (sequences that got a token, sequences that finished)."""
+        sampled = dict(zip(batch.sample, token_ids, strict=True))
+        stepped: list[Sequence] = []
+        finished: list[Sequence] = []
+        for i, (seq, q) in enumerate(zip(batch.seqs, batch.seq_lens, strict=True)):
+            seq.inflight = False
+            if seq.status is not Status.RUNNING:
+                continue  # cancelled (or late) while its step was inside
+            seq.suspect = False
+            seq.num_cached_tokens += q
+            if i in sampled:
+                token = sampled[i]
+                seq.append(token)
+                stepped.append(seq)
+                reason = self._stop(seq, token)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    finished.append(seq)
+                    continue
+            self.bm.commit(seq)
+        self.arrived.set()
+        return stepped, finished
+
+    def _stop(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        assert p is not None
+        if (token == self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_completion_tokens >= p.max_new_tokens:
+            return "length"
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "waiting": len(self.waiting),
+            "running": len(self.running),
+            "preemptions": self.preemptions,
+        }

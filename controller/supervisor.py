@@ -42,6 +42,7 @@ class Slot:
     state: str = "starting"  # starting -> ready -> dead | stopped
     restarts: int = 0
     cause: str = ""
+    kv_blocks: int | None = None  # KV blocks its kv.memory holds (its `ready`; decoders only)
     seen: float = field(default_factory=time.monotonic)
 
     def row(self) -> dict[str, Any]:
@@ -56,6 +57,13 @@ class Slot:
             "restarts": self.restarts,
             "last_cause": self.cause,
         }
+
+
+def kv_fields(cfg: Config) -> dict[str, Any]:
+    """The [kv] keys for the workers' Spec, once it has the fields (`block_size`, `kv_memory`)."""
+    fields = getattr(Spec, "__dataclass_fields__", {})
+    kv = {"block_size": cfg.kv.block_size, "kv_memory": cfg.kv.memory}
+    return {k: v for k, v in kv.items() if k in fields}
 
 
 class Supervisor:
@@ -98,6 +106,7 @@ class Supervisor:
                             dead_after_ms=cfg.workers.dead_after_ms,
                             max_message_bytes=cfg.limits.max_message_bytes,
                             max_frames=cfg.limits.max_frames,
+                            **kv_fields(cfg),
                         )
                     )
                 )
@@ -114,6 +123,12 @@ class Supervisor:
     def first_stage(self) -> list[str]:
         return [s.spec.inp for s in self.slots if s.spec.stage == 0]
 
+    def kv_blocks(self) -> int | None:
+        """The KV blocks every worker holds (each holds its own layers and heads of every
+        block): the minimum over the workers; None when no worker has a KV cache."""
+        counts = [s.kv_blocks for s in self.slots if s.kv_blocks is not None]
+        return min(counts) if counts else None
+
     def rows(self) -> list[dict[str, Any]]:
         return [s.row() for s in self.slots]
 
@@ -126,6 +141,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
             )
             slot.pid, slot.state, slot.seen = slot.proc.pid, "starting", time.monotonic()
+            slot.kv_blocks = None  # a fresh worker says again in its `ready`
 
     async def wait_ready(self) -> None:
         """All workers ready, or an error naming the one that was not (bounded by start_timeout_s)."""
@@ -156,6 +172,9 @@ class Supervisor:
                 if msg.kind == Kind.HELLO:
                     slot.pid = msg.body.get("pid", slot.pid)
                 elif msg.kind == Kind.READY:
+                    kv = msg.body.get("kv_blocks")
+                    valid = isinstance(kv, int) and not isinstance(kv, bool) and kv >= 0
+                    slot.kv_blocks = kv if valid else None
                     slot.state = "ready"
                     if all(s.state == "ready" for s in self.slots):
                         self.all_ready.set()

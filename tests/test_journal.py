@@ -11,7 +11,6 @@ import torch
 
 from broker.jobs import Job, State, Table
 from broker.journal import Journal
-from controller.scheduler import Item, Scheduler
 
 
 def jobs(n: int, model: str = "m", deadline: float | None = None) -> list[Job]:
@@ -111,31 +110,3 @@ async def test_deadline_and_cancel(tmp_path: Path) -> None:
         "running": 1,
     }
     await journal.close()
-
-
-def item(jid: str, n: int, **kw: object) -> Item:
-    return Item(jid, kw.pop("task", "embed"), list(range(n)), False, **kw)
-
-
-async def test_scheduler_batches_by_budget_task_and_suspicion() -> None:
-    s = Scheduler(max_batch_tokens=10, max_wait_ms=0)
-    s.add([item("a", 4), item("b", 4), item("c", 4), item("e1", 0, task="echo"), item("d", 3)])
-    assert [i.id for i in s.take()] == ["a", "b"]  # budget
-    assert [i.id for i in s.take()] == ["c"]  # a task change ends a batch
-    assert [i.id for i in s.take()] == ["e1"]
-    s.requeue([item("x", 1, attempts=1), item("y", 1, attempts=1)])
-    assert [i.id for i in s.take()] == ["x"]  # a job that was in a lost batch runs alone
-    assert [i.id for i in s.take()] == ["y"]
-    s.add([item("old", 2, deadline=1.0), item("new", 2)])
-    assert [i.id for i in s.take()] == ["d", "new"] and [i.id for i in s.late] == ["old"]
-    assert s.drop({"nothing"}) == [] and s.tokens == 0
-
-
-async def test_scheduler_waits_for_a_fuller_batch_only_while_busy() -> None:
-    s = Scheduler(max_batch_tokens=100, max_wait_ms=60_000)
-    s.add([item("a", 5)])
-    assert [i.id for i in await asyncio.wait_for(s.next(lambda: True), 5)] == ["a"]  # idle: go
-    s.add([item("b", 5)])
-    busy = asyncio.create_task(s.next(lambda: False))
-    s.add([item("c", 95)])  # the budget is reached: the batch leaves without waiting out max_wait
-    assert [i.id for i in await asyncio.wait_for(busy, 5)] == ["b", "c"]

@@ -1,0 +1,202 @@
+"""The controller's half of each task: admission (a job -> a Sequence, or a typed refusal) and the
+result entry a finished Sequence becomes. A registry maps task names to types; which tasks a
+replica serves follows from its model (an encoder embeds, a decoder generates; both echo).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from controller.sequence import Refusal, SamplingParams, Sequence
+from wire.protocol import Code
+from workers.loader import ModelInfo
+from workers.models import load_info
+from workers.tokenizer import Encoded, Tokenizer
+
+# The typed codes of issue 7 (wire.protocol.Code gains them); strings travel the same way.
+EMPTY_PROMPT = "empty_prompt"
+PROMPT_TOO_LONG = "prompt_too_long"
+TOKEN_OUT_OF_RANGE = "token_out_of_range"
+
+
+def model_info(path: str, max_seq_length: int = 0) -> ModelInfo:
+    """The one place the controller reads its model (the workers' loader reads it alike)."""
+    info = load_info(path)
+    if max_seq_length:
+        info.max_seq_length = max_seq_length
+    return info
+
+
+class Codec:
+    """Text <-> token ids with the model's own tokenizer (workers/tokenizer.py: an encoder
+    truncates as sentence-transformers does, a decoder never does: a prompt too long for the
+    model is refused instead). A model without tokenizer.json takes token ids only."""
+
+    def __init__(self, model: ModelInfo) -> None:
+        self.model = model
+        self._tok = Tokenizer(model) if model.tokenizer is not None else None
+
+    @property
+    def has_text(self) -> bool:
+        return self._tok is not None
+
+    def encode(self, texts: list[str]) -> list[Encoded]:
+        if not texts:
+            return []
+        if self._tok is None:
+            raise Refusal(str(Code.BAD_FIELD), "this model has no tokenizer: send token_ids")
+        return self._tok.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids) if self._tok is not None else ""
+
+
+class Task:
+    """A task type: how its jobs are admitted and what their result entries say."""
+
+    name: ClassVar[str]
+    oneshot: ClassVar[bool] = True
+
+    def __init__(self, model: ModelInfo, codec: Codec) -> None:
+        self.model, self.codec = model, codec
+
+    def admit(self, jobs: list[dict[str, Any]]) -> list[Sequence | Refusal]:
+        raise NotImplementedError
+
+    def result(self, seq: Sequence, row: int | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _texts(self, jobs: list[dict[str, Any]]) -> list[Encoded | Refusal]:
+        """Each job's text tokenized (one batched call), or why it cannot be."""
+        out: list[Encoded | Refusal | None] = [None] * len(jobs)
+        todo = []
+        for k, j in enumerate(jobs):
+            if not isinstance(j.get("text"), str):
+                out[k] = Refusal(str(Code.BAD_FIELD), f"a {self.name} job needs a text")
+            else:
+                todo.append(k)
+        try:
+            for k, e in zip(todo, self.codec.encode([jobs[k]["text"] for k in todo]), strict=True):
+                out[k] = e
+        except Refusal as r:
+            for k in todo:
+                out[k] = r
+        return out  # type: ignore[return-value]
+
+
+def _seq(j: dict[str, Any], task: str, ids: list[int], **kw: Any) -> Sequence:
+    return Sequence(
+        j["id"], task, ids, attempts=j.get("attempts") or 0, deadline=j.get("deadline"), **kw
+    )
+
+
+class Embed(Task):
+    name = "embed"
+
+    def admit(self, jobs: list[dict[str, Any]]) -> list[Sequence | Refusal]:
+        return [
+            e if isinstance(e, Refusal) else _seq(j, self.name, e.ids, truncated=e.truncated)
+            for j, e in zip(jobs, self._texts(jobs), strict=True)
+        ]
+
+    def result(self, seq: Sequence, row: int | None = None) -> dict[str, Any]:
+        entry = {"id": seq.id, "status": "ok", "tokens": seq.num_tokens, "truncated": seq.truncated}
+        if row is not None:
+            entry["row"] = row  # its embedding's row in the message's tensor
+        return entry
+
+
+class Echo(Task):
+    """Routed through every stage like any batch, nothing computed: measures the path."""
+
+    name = "echo"
+
+    def admit(self, jobs: list[dict[str, Any]]) -> list[Sequence | Refusal]:
+        return [_seq(j, self.name, []) for j in jobs]
+
+    def result(self, seq: Sequence, row: int | None = None) -> dict[str, Any]:
+        return {"id": seq.id, "status": "ok", "tokens": 0, "truncated": False}
+
+
+class Generate(Task):
+    name = "generate"
+    oneshot = False
+
+    def __init__(self, model: ModelInfo, codec: Codec) -> None:
+        super().__init__(model, codec)
+        self.kv_tokens = 0  # tokens the KV cache holds (0 = not known yet); set by the controller
+
+    def admit(self, jobs: list[dict[str, Any]]) -> list[Sequence | Refusal]:
+        texts = [j for j in jobs if "token_ids" not in j]
+        encoded = iter(self._texts(texts))
+        out: list[Sequence | Refusal] = []
+        for j in jobs:
+            try:
+                if "token_ids" in j:
+                    ids = j["token_ids"]
+                else:
+                    e = next(encoded)
+                    if isinstance(e, Refusal):
+                        raise e
+                    ids = e.ids
+                out.append(self.check(j, ids))
+            except Refusal as r:
+                out.append(r)
+        return out
+
+    def check(self, j: dict[str, Any], ids: Any) -> Sequence:
+        """The prompt and its parameters, checked against the model and the KV cache."""
+        if not isinstance(ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in ids
+        ):
+            raise Refusal(str(Code.BAD_FIELD), "token_ids must be a list of ints")
+        if not ids:
+            raise Refusal(EMPTY_PROMPT, "the prompt has no tokens")
+        vocab = self.model.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise Refusal(TOKEN_OUT_OF_RANGE, f"token id {bad} is outside [0, {vocab})")
+        params = SamplingParams.parse(j.get("params"))
+        need = len(ids) + params.max_new_tokens
+        if need > self.model.max_position:
+            raise Refusal(
+                PROMPT_TOO_LONG,
+                f"{len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the "
+                f"model's {self.model.max_position} positions",
+            )
+        if self.kv_tokens and need > self.kv_tokens:
+            raise Refusal(
+                PROMPT_TOO_LONG,
+                f"{len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the "
+                f"KV cache's {self.kv_tokens} tokens (raise kv.memory)",
+            )
+        return _seq(j, self.name, list(ids), params=params, oneshot=False)
+
+    def result(self, seq: Sequence, row: int | None = None) -> dict[str, Any]:
+        ids = seq.completion_token_ids
+        entry: dict[str, Any] = {"id": seq.id, "status": "ok", "token_ids": ids}
+        if self.codec.has_text:
+            entry["text"] = self.codec.decode(ids)
+        entry["finish_reason"] = seq.finish_reason
+        entry["prompt_tokens"] = seq.num_prompt_tokens
+        return entry
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Embed, Echo, Generate)}
+
+
+def tasks_of(model: ModelInfo, codec: Codec) -> dict[str, Task]:
+    """The tasks this model serves, by name, in the order `ready` lists them."""
+    names = ("generate", "echo") if model.decoder else ("embed", "echo")
+    return {n: TASKS[n](model, codec) for n in names}
+
+
+def generation_info(model: ModelInfo) -> dict[str, Any] | None:
+    """The "generation" entry of the controller's `ready`; None for an encoder."""
+    if not model.decoder:
+        return None
+    return {
+        "vocab_size": model.vocab_size,
+        "max_positions": model.max_position,
+        "eos_token_id": model.eos_token_id,
+    }
