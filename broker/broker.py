@@ -66,17 +66,6 @@ SENT_KEPT = 64  # recent `jobs` messages per controller, by ref, for a refusal t
 SIZE_REFUSALS = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES, Code.TOO_MANY_ITEMS})
 
 
-@dataclass(slots=True)
-class Admission:
-    max_jobs_per_message: int = 1024
-    max_text_chars: int = 100_000
-    max_queued: int = 100_000
-    max_attempts: int = 3
-    max_queued_bytes: int = 128 * 1024 * 1024
-    max_ids_per_message: int = 4096
-    max_unread_bytes: int = 64 * 1024 * 1024  # per client, beyond what ZeroMQ holds
-
-
 @dataclass(frozen=True, slots=True)
 class Keys:
     """CURVE on the client endpoint: the server's secret certificate and the allow-list
@@ -123,29 +112,22 @@ class Broker:
         client_endpoint: str,
         journal: Journal,
         limits: Limits | None = None,
-        admission: Admission | None = None,
+        *,
+        max_attempts: int = 3,
         heartbeat_s: float = 1.0,
         dead_after_s: float = 10.0,
-        *,
         backend_endpoint: str = "tcp://127.0.0.1:*",
         keys: Keys | None = None,
     ) -> None:
-        self.limits, self.admission = limits or Limits(), admission or Admission()
-        limits = self.limits
-        adm = self.admission
-        # clients' lists are short: a longer one is refused by msgpack before it is built
-        self.front_limits = Limits(
-            limits.max_message_bytes,
-            limits.max_frames,
-            max(adm.max_jobs_per_message, adm.max_ids_per_message),
-        )
+        self.limits = limits = limits or Limits()
+        self.front_limits = limits.front()
         self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
         self.refs = itertools.count(1)
         self.front = ctx.socket(zmq.ROUTER)
         configure(self.front, limits, mandatory=True)
         self.front.setsockopt(zmq.SNDHWM, FRONT_HWM)
         self.front.setsockopt(zmq.RCVHWM, FRONT_RCVHWM)
-        self.outbox = Outbox(self.front, adm.max_unread_bytes)
+        self.outbox = Outbox(self.front, limits.max_unread_bytes)
         # with keys, only CURVE clients on the allow-list get in, and each job belongs to its key
         self.auth = None
         if keys is not None:
@@ -158,7 +140,7 @@ class Broker:
         self.back.bind(backend_endpoint)  # `baton up`: ipc:// in its private run directory
         self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self.journal = journal
-        self.table = J.Table(journal, self.admission.max_attempts)
+        self.table = J.Table(journal, max_attempts)
         self.acks: set[asyncio.Task] = set()
         self.owing: set[asyncio.Task] = set()  # results waiting for their end to be durable
         self.controllers: dict[bytes, Controller] = {}
@@ -233,10 +215,10 @@ class Broker:
         self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
     ) -> None:
         raw = get(body, "jobs", list)
-        if len(raw) > self.admission.max_jobs_per_message:
+        if len(raw) > self.limits.max_jobs_per_message:
             raise ProtocolError(
                 Code.BAD_FIELD,
-                f"{len(raw)} jobs in one submit; at most {self.admission.max_jobs_per_message}",
+                f"{len(raw)} jobs in one submit; at most {self.limits.max_jobs_per_message}",
             )
         self.table.recall(
             [i["id"] for i in raw if isinstance(i, dict) and isinstance(i.get("id"), str)]
@@ -263,7 +245,7 @@ class Broker:
     def _admit(self, ident: bytes, owner: str | None, item: Any, batch: _Admitted) -> None:
         """One job of a submit: refused (raises), attached to a known id, or fresh."""
         default = next(iter(batch.served), "")
-        job = J.validate(item, batch.served, default, self.admission.max_text_chars)
+        job = J.validate(item, batch.served, default, self.limits.max_text_chars)
         if job.id in batch.seen:
             raise ProtocolError(Code.DUPLICATE_ID, f"id {job.id!r} appears twice in this submit")
         if not self.admitting:
@@ -294,7 +276,7 @@ class Broker:
             raise ProtocolError(
                 Code.TOO_LARGE, f"the job takes {job.size} bytes; one message carries {most}"
             )
-        adm = self.admission
+        adm = self.limits
         if (
             self.table.queued + len(batch.fresh) >= adm.max_queued
             or self.table.queued_bytes + batch.bytes + job.size > adm.max_queued_bytes
@@ -330,10 +312,10 @@ class Broker:
         self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
     ) -> None:
         ids = get(body, "ids", list)
-        if len(ids) > self.admission.max_ids_per_message:
+        if len(ids) > self.limits.max_ids_per_message:
             raise ProtocolError(
                 Code.TOO_MANY_ITEMS,
-                f"{len(ids)} ids in one cancel; at most {self.admission.max_ids_per_message}",
+                f"{len(ids)} ids in one cancel; at most {self.limits.max_ids_per_message}",
             )
         if not all(isinstance(i, str) for i in ids):
             raise ProtocolError(Code.BAD_FIELD, "field 'ids' must be a list of strings")

@@ -17,6 +17,8 @@ from typing import Any
 import msgpack
 import torch
 
+from wire.limits import Limits
+
 VERSION = 1
 
 
@@ -89,15 +91,6 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.ref: Any = None  # the request's ref, when its header could be read
-
-
-@dataclass(slots=True, frozen=True)
-class Limits:
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_frames: int = 8
-    # items in any one list of a header: msgpack refuses a longer list from its length prefix,
-    # before building it, so a message of millions of tiny items cannot stall a loop
-    max_items: int = 1 << 20
 
 
 # Bytes a job adds to a `jobs` message beyond its id and text: keys, task, deadline, attempts.
