@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from broker import jobs as J
+from broker.admission import Admission
 from broker.journal import Journal
 from broker.outbox import Outbox
 from wire.protocol import (
@@ -38,7 +39,6 @@ from wire.protocol import (
     error,
     fitted,
     get,
-    job_size,
 )
 from wire.transport import (
     authenticator,
@@ -51,11 +51,6 @@ from wire.transport import (
 
 log = logging.getLogger("baton.broker")
 
-# refusals that mean "not now", with when to try again
-RETRY_AFTER_MS = {
-    Code.BUSY: 200,
-    Code.JOURNAL_UNAVAILABLE: 1000,  # about the journal's own retry period (journal.RETRY_MAX_S)
-}
 # Messages ZeroMQ holds per client each way. Out: what a slow reader leaves waits in the outbox.
 # In: past it ZeroMQ stops reading that client's connection, so a client that floods us waits
 # in its own send queue (TCP backpressure) instead of in our memory.
@@ -90,19 +85,6 @@ class Controller:
     credit_bytes: int = 0  # bytes (protocol.job_size) likewise
     seen: float = field(default_factory=time.monotonic)
     sent: OrderedDict[int, list[str]] = field(default_factory=OrderedDict)
-
-
-@dataclass(slots=True)
-class _Admitted:
-    """What one submit message came to, job by job."""
-
-    served: dict[str, J.Served]
-    ids: list[str] = field(default_factory=list)  # accepted or attached, in order
-    refused: list[dict[str, Any]] = field(default_factory=list)
-    stored: list[J.Job] = field(default_factory=list)  # known ids whose result is kept
-    fresh: list[J.Job] = field(default_factory=list)  # new jobs, to journal and queue
-    seen: set[str] = field(default_factory=set)
-    bytes: int = 0
 
 
 class Broker:
@@ -144,7 +126,7 @@ class Broker:
         self.acks: set[asyncio.Task] = set()
         self.owing: set[asyncio.Task] = set()  # results waiting for their end to be durable
         self.controllers: dict[bytes, Controller] = {}
-        self.admitting = True
+        self.admission = Admission(self.table, limits)
         self.registered = asyncio.Event()  # a controller said `ready`
         self.idle = asyncio.Event()  # nothing queued or running
         recovered = self.table.recover()
@@ -160,7 +142,7 @@ class Broker:
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting, wait (bounded) for every held job to finish, tell controllers to stop."""
-        self.admitting = False
+        self.admission.admitting = False
         try:
             await asyncio.wait_for(self.idle.wait(), timeout_s)
             drained = True
@@ -214,78 +196,18 @@ class Broker:
     def _submit(
         self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
     ) -> None:
-        raw = get(body, "jobs", list)
-        if len(raw) > self.limits.max_jobs_per_message:
-            raise ProtocolError(
-                Code.BAD_FIELD,
-                f"{len(raw)} jobs in one submit; at most {self.limits.max_jobs_per_message}",
-            )
-        self.table.recall(
-            [i["id"] for i in raw if isinstance(i, dict) and isinstance(i.get("id"), str)]
-        )
-        batch = _Admitted({c.model: J.Served(c.tasks) for c in self.controllers.values()})
-        for item in raw:
-            try:
-                self._admit(ident, owner, item, batch)
-            except ProtocolError as e:
-                jid = item.get("id") if isinstance(item, dict) else None
-                entry = J.failure(jid if isinstance(jid, str) else None, e.code, e.message)
-                if e.code in RETRY_AFTER_MS:
-                    entry["error"]["retry_after_ms"] = RETRY_AFTER_MS[e.code]
-                batch.refused.append(entry)
-        if batch.fresh:
-            self.table.add(batch.fresh)
+        served = {c.model: J.Served(c.tasks) for c in self.controllers.values()}
+        admitted = self.admission.submit(body, served, ident, owner)
+        if admitted.fresh:
+            self.table.add(admitted.fresh)
             self.idle.clear()
             self._dispatch()
         # "accepted" only once the journal holds the jobs; meanwhile the door stays open
-        task = asyncio.create_task(self._ack(ident, batch.ids, ref, batch.refused, batch.stored))
+        task = asyncio.create_task(
+            self._ack(ident, admitted.ids, ref, admitted.refused, admitted.stored)
+        )
         self.acks.add(task)
         task.add_done_callback(self.acks.discard)
-
-    def _admit(self, ident: bytes, owner: str | None, item: Any, batch: _Admitted) -> None:
-        """One job of a submit: refused (raises), attached to a known id, or fresh."""
-        default = next(iter(batch.served), "")
-        job = J.validate(item, batch.served, default, self.limits.max_text_chars)
-        if job.id in batch.seen:
-            raise ProtocolError(Code.DUPLICATE_ID, f"id {job.id!r} appears twice in this submit")
-        if not self.admitting:
-            raise ProtocolError(Code.SHUTTING_DOWN, "the broker is draining and admits no new jobs")
-        batch.seen.add(job.id)
-        job.owner = owner
-        known = self.table.jobs.get(job.id)
-        if known is not None and not J.same_job(known, job):
-            # an id is an idempotency key, not a way to read or join someone else's job
-            raise ProtocolError(Code.DUPLICATE_ID, J.taken(job.id))
-        if known is not None:  # the id is an idempotency key: attach, or hand back the result
-            if known.state in J.FINAL:
-                batch.stored.append(known)
-            elif ident not in known.waiters:
-                known.waiters.append(ident)
-            batch.ids.append(job.id)
-            return
-        if not self.journal.ok:  # a new job cannot be made durable now: refuse, do not promise
-            raise ProtocolError(
-                Code.JOURNAL_UNAVAILABLE,
-                f"the journal cannot be written ({self.journal.error}); retry later",
-            )
-        # clients share the queue per key where keys are required, otherwise per connection
-        job.client = owner.encode() if owner else ident
-        job.size = job_size(job.id, job.text)
-        most = self.limits.max_message_bytes - ENVELOPE
-        if job.size > most:  # it could never be handed to a controller in one message
-            raise ProtocolError(
-                Code.TOO_LARGE, f"the job takes {job.size} bytes; one message carries {most}"
-            )
-        adm = self.limits
-        if (
-            self.table.queued + len(batch.fresh) >= adm.max_queued
-            or self.table.queued_bytes + batch.bytes + job.size > adm.max_queued_bytes
-        ):
-            raise ProtocolError(Code.BUSY, "the queue is full; retry later")
-        job.waiters.append(ident)
-        batch.fresh.append(job)
-        batch.bytes += job.size
-        batch.ids.append(job.id)
 
     async def _ack(
         self,
@@ -386,7 +308,7 @@ class Broker:
             ],
             "jobs": self.table.summary(),
             "unread_bytes": self.outbox.bytes(),
-            "admitting": self.admitting,
+            "admitting": self.admission.admitting,
             "journal": self.journal.health(),
             "pid": os.getpid(),
         }
