@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 import uuid
@@ -21,11 +22,12 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from wire.protocol import Code, Kind, Limits, Message, ProtocolError, decode, encode
-from wire.transport import client_keys
+from wire.protocol import Code, Kind, Limits, Message, ProtocolError, encode
+from wire.transport import Peer, client_keys, serve
+
+log = logging.getLogger("baton.client")
 
 REPLY_KINDS = frozenset({Kind.ACCEPTED, Kind.STATUS, Kind.CANCELLED, Kind.PONG, Kind.ERROR})
-BROKER_KINDS = REPLY_KINDS | {Kind.RESULTS}
 CHUNK = 256  # jobs per submit message; well under the broker's max_jobs_per_message
 SPLIT_ON = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES})  # refusals of size, not of content
 # refusals that say "not now": the job is sent again after the hinted delay
@@ -291,21 +293,22 @@ class Client:
 
     async def _read(self) -> None:
         assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                msg = decode(frames, self.limits, BROKER_KINDS)
-            except ProtocolError:
-                continue  # nothing sane to route it to; the waiter's timeout bounds the loss
-            if msg.kind == Kind.RESULTS:
-                self._results(msg)
-                continue
-            ref = msg.body.pop("ref", None)
-            fut = self._replies.get(ref) if isinstance(ref, int) else None
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+        # a message that cannot be decoded has nothing sane to route it to: it is dropped, and
+        # the waiter's timeout bounds the loss
+        await serve(
+            self._sock,
+            self.limits,
+            {Kind.RESULTS: self._results, **dict.fromkeys(REPLY_KINDS, self._reply)},
+            log=log,
+        )
 
-    def _results(self, msg: Message) -> None:
+    def _reply(self, _peer: Peer, msg: Message) -> None:
+        ref = msg.body.pop("ref", None)
+        fut = self._replies.get(ref) if isinstance(ref, int) else None
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def _results(self, _peer: Peer, msg: Message) -> None:
         entries = msg.body.get("results")
         if not isinstance(entries, list):
             return

@@ -31,6 +31,7 @@ from broker.journal import Journal, JournalError
 from broker.journal_repair import JournalDamaged
 from controller.config import Config, ConfigError, check_model, load
 from controller.controller import identity
+from wire.transport import Heartbeat
 from workers.checkpoint import load_info
 
 log = logging.getLogger("baton.up")
@@ -100,8 +101,7 @@ async def serve(cfg: Config) -> int:
             journal,
             cfg.limits,
             max_attempts=cfg.jobs.max_attempts,
-            heartbeat_s=cfg.workers.heartbeat_ms / 1000,
-            dead_after_s=cfg.workers.dead_after_ms / 1000,
+            heartbeat=Heartbeat(cfg.workers.heartbeat_ms / 1000, cfg.workers.dead_after_ms / 1000),
             backend_endpoint=f"ipc://{run_dir}/broker",
             keys=keys(cfg),
         )

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,27 +27,27 @@ from broker.admission import Admission
 from broker.journal import Journal
 from broker.outbox import Outbox
 from wire.protocol import (
-    CLIENT_KINDS,
-    CONTROLLER_KINDS,
     ENVELOPE,
     Code,
     Kind,
     Limits,
     Message,
     ProtocolError,
-    decode,
     encode,
     error,
     fitted,
     get,
 )
 from wire.transport import (
+    Handler,
+    Heartbeat,
+    Peer,
+    Pulse,
     authenticator,
     configure,
     curve_server,
-    recv_batch,
-    recv_batch_from,
     send,
+    serve,
 )
 
 log = logging.getLogger("baton.broker")
@@ -83,7 +84,7 @@ class Controller:
     epoch: int = 0  # which registration of this controller process this is
     credit: int = 0  # jobs it asked for and has not been sent yet
     credit_bytes: int = 0  # bytes (protocol.job_size) likewise
-    seen: float = field(default_factory=time.monotonic)
+    pulse: Pulse = field(default_factory=lambda: Heartbeat().pulse(time.monotonic()))
     sent: OrderedDict[int, list[str]] = field(default_factory=OrderedDict)
 
 
@@ -96,14 +97,13 @@ class Broker:
         limits: Limits | None = None,
         *,
         max_attempts: int = 3,
-        heartbeat_s: float = 1.0,
-        dead_after_s: float = 10.0,
+        heartbeat: Heartbeat | None = None,
         backend_endpoint: str = "tcp://127.0.0.1:*",
         keys: Keys | None = None,
     ) -> None:
         self.limits = limits = limits or Limits()
         self.front_limits = limits.front()
-        self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
+        self.heartbeat = heartbeat or Heartbeat()
         self.refs = itertools.count(1)
         self.front = ctx.socket(zmq.ROUTER)
         configure(self.front, limits, mandatory=True)
@@ -161,43 +161,38 @@ class Broker:
     # --- clients ---
 
     async def _front_loop(self) -> None:
-        while True:
-            if self.outbox.waiting:  # a client that sends is likely reading again
-                self.outbox.flush()
-            if self.auth is None:
-                got = [(frames, None) for frames in await recv_batch(self.front)]
-            else:
-                got = await recv_batch_from(self.front)
-            for frames, owner in got:
-                ident, rest = frames[0], frames[1:]
-                msg = None
-                try:
-                    msg = decode(rest, self.front_limits, CLIENT_KINDS)
-                    self._on_client(ident, msg, owner)
-                except ProtocolError as e:
-                    # the reply names the request it refuses, whether decode or a handler refused
-                    ref = e.ref if msg is None else msg.body.get("ref")
-                    self.outbox.send(ident, error(e.code, e.message, ref=ref))
-                except Exception as e:  # a bug must not take the door down for everyone
-                    log.exception("client message failed")
-                    self.outbox.send(ident, error(Code.INTERNAL, f"{type(e).__name__}: {e}"))
+        await serve(
+            self.front,
+            self.front_limits,
+            {
+                Kind.SUBMIT: self._submit,
+                Kind.STATUS: self._status,
+                Kind.CANCEL: self._cancel,
+                Kind.PING: self._ping,
+            },
+            routed=True,
+            keyed=self.auth is not None,
+            answer=lambda peer, frames: self.outbox.send(peer.ident, frames),
+            before=self._flush_if_waiting,
+            log=log,
+        )
 
-    def _on_client(self, ident: bytes, msg: Message, owner: str | None = None) -> None:
-        ref = msg.body.get("ref")
-        if msg.kind == Kind.SUBMIT:
-            self._submit(ident, msg.body, ref, owner)
-        elif msg.kind == Kind.STATUS:
-            self.outbox.send(ident, encode(Kind.STATUS, {**self.status(), "ref": ref}))
-        elif msg.kind == Kind.CANCEL:
-            self._cancel(ident, msg.body, ref, owner)
-        elif msg.kind == Kind.PING:
-            self.outbox.send(ident, encode(Kind.PONG, {"ref": ref}))
+    def _flush_if_waiting(self) -> None:
+        if self.outbox.waiting:  # a client that sends is likely reading again
+            self.outbox.flush()
 
-    def _submit(
-        self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
-    ) -> None:
+    def _status(self, peer: Peer, msg: Message) -> None:
+        self.outbox.send(
+            peer.ident, encode(Kind.STATUS, {**self.status(), "ref": msg.body.get("ref")})
+        )
+
+    def _ping(self, peer: Peer, msg: Message) -> None:
+        self.outbox.send(peer.ident, encode(Kind.PONG, {"ref": msg.body.get("ref")}))
+
+    def _submit(self, peer: Peer, msg: Message) -> None:
+        ident, owner, ref = peer.ident, peer.user, msg.body.get("ref")
         served = {c.model: J.Served(c.tasks) for c in self.controllers.values()}
-        admitted = self.admission.submit(body, served, ident, owner)
+        admitted = self.admission.submit(msg.body, served, ident, owner)
         if admitted.fresh:
             self.table.add(admitted.fresh)
             self.idle.clear()
@@ -230,10 +225,9 @@ class Broker:
         if stored:
             self._deliver({ident: stored})
 
-    def _cancel(
-        self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
-    ) -> None:
-        ids = get(body, "ids", list)
+    def _cancel(self, peer: Peer, msg: Message) -> None:
+        ident, owner, ref = peer.ident, peer.user, msg.body.get("ref")
+        ids = get(msg.body, "ids", list)
         if len(ids) > self.limits.max_ids_per_message:
             raise ProtocolError(
                 Code.TOO_MANY_ITEMS,
@@ -316,56 +310,61 @@ class Broker:
     # --- controllers ---
 
     async def _back_loop(self) -> None:
-        while True:
-            for frames in await recv_batch(self.back):
-                ident, rest = frames[0], frames[1:]
-                try:
-                    msg = decode(rest, self.limits, CONTROLLER_KINDS)
-                    self._on_controller(ident, msg)
-                except ProtocolError as e:
-                    log.warning("bad message from controller %r: %s %s", ident, e.code, e.message)
-                    if e.code in SIZE_REFUSALS and ident in self.controllers:
-                        # results we cannot read: its jobs go back to the queue rather than
-                        # stay leased to it, and it must register again
-                        self.lost(ident, f"sent a message refused as {e.code}: {e.message}")
-                except Exception:
-                    log.exception("controller message failed")
+        await serve(
+            self.back,
+            self.limits,
+            {
+                Kind.READY: self._register,
+                Kind.CREDIT: self._known(self._credit),
+                Kind.RESULTS: self._known(self._results),
+                Kind.REPORT: self._known(self._report),
+                Kind.ERROR: self._known(self._refused),
+                Kind.HEARTBEAT: self._known(lambda ctrl, msg: None),  # its arrival was the point
+            },
+            routed=True,
+            refused=self._unreadable,
+            log=log,
+        )
 
-    def _on_controller(self, ident: bytes, msg: Message) -> None:
-        ctrl = self.controllers.get(ident)
-        if ctrl is not None:
-            ctrl.seen = time.monotonic()  # any traffic is a heartbeat
-        if msg.kind == Kind.READY:
-            self._register(ident, msg.body)
-        elif ctrl is None:
-            # one we dropped (silent too long, or we were) or never knew: it registers again
-            epoch = msg.body.get("epoch")
-            send(
-                self.back,
-                [
-                    ident,
-                    *error(
-                        Code.UNKNOWN_PEER,
-                        "unknown controller: say `ready` again",
-                        epoch=epoch if isinstance(epoch, int) else None,
-                    ),
-                ],
-            )
-        elif msg.kind == Kind.CREDIT:
-            ctrl.credit += get(msg.body, "n", int)
-            ctrl.credit_bytes += get(msg.body, "bytes", int)
-            self._dispatch()
-        elif msg.kind == Kind.RESULTS:
-            ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
-            self._results(msg, ident)
-        elif msg.kind == Kind.REPORT:
-            ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
-            ctrl.state = get(msg.body, "state", str, ctrl.state)
-            ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
-        elif msg.kind == Kind.ERROR:
-            self._refused(ctrl, msg.body)
+    def _known(self, handler: Callable[[Controller, Message], None]) -> Handler:
+        """A handler for a registered controller's message; any other is told to register."""
 
-    def _register(self, ident: bytes, b: dict[str, Any]) -> None:
+        def known(peer: Peer, msg: Message) -> None:
+            ctrl = self.controllers.get(peer.ident)
+            if ctrl is None:
+                # one we dropped (silent too long, or we were) or never knew: it registers again
+                epoch = msg.body.get("epoch")
+                refusal = error(
+                    Code.UNKNOWN_PEER,
+                    "unknown controller: say `ready` again",
+                    epoch=epoch if isinstance(epoch, int) else None,
+                )
+                send(self.back, [peer.ident, *refusal])
+                return
+            ctrl.pulse.hear(time.monotonic())  # any traffic is a heartbeat
+            handler(ctrl, msg)
+
+        return known
+
+    def _unreadable(self, peer: Peer, e: ProtocolError) -> None:
+        log.warning("bad message from controller %r: %s %s", peer.ident, e.code, e.message)
+        if e.code in SIZE_REFUSALS and peer.ident in self.controllers:
+            # results we cannot read: its jobs go back to the queue rather than stay leased to
+            # it, and it must register again
+            self.lost(peer.ident, f"sent a message refused as {e.code}: {e.message}")
+
+    def _credit(self, ctrl: Controller, msg: Message) -> None:
+        ctrl.credit += get(msg.body, "n", int)
+        ctrl.credit_bytes += get(msg.body, "bytes", int)
+        self._dispatch()
+
+    def _report(self, ctrl: Controller, msg: Message) -> None:
+        ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
+        ctrl.state = get(msg.body, "state", str, ctrl.state)
+        ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
+
+    def _register(self, peer: Peer, msg: Message) -> None:
+        ident, b = peer.ident, msg.body
         old = self.controllers.get(ident)
         self.controllers[ident] = Controller(
             ident,
@@ -375,6 +374,7 @@ class Broker:
             get(b, "workers", list, []),
             get(b, "pid", int, None),
             epoch=get(b, "epoch", int, 0),
+            pulse=self.heartbeat.pulse(time.monotonic()),
         )
         if old is not None:
             # it registers again without having been dropped: what it held is gone from it
@@ -383,8 +383,9 @@ class Broker:
         log.info("controller %r ready for model %s", ident, b["model"])
         self.registered.set()
 
-    def _refused(self, ctrl: Controller, body: dict[str, Any]) -> None:
+    def _refused(self, ctrl: Controller, msg: Message) -> None:
         """The controller could not read one of our `jobs` messages: its jobs go back."""
+        body = msg.body
         code, ref = body.get("code"), body.get("ref")
         log.warning("controller %r refused message %r: %s %s", ctrl.ident, ref, code, body)
         ids = ctrl.sent.pop(ref, None) if isinstance(ref, int) else None
@@ -393,7 +394,9 @@ class Broker:
             self._owe(failed)
             self._dispatch()
 
-    def _results(self, msg: Message, ident: bytes) -> None:
+    def _results(self, ctrl: Controller, msg: Message) -> None:
+        ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
+        ident = ctrl.ident
         entries = get(msg.body, "results", list)
         emb = msg.tensors[0] if msg.tensors else None
         ended = []
@@ -478,22 +481,21 @@ class Broker:
         ticks = 0
         last = time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_s)  # the heartbeat period itself
+            await asyncio.sleep(self.heartbeat.period_s)  # the heartbeat period itself
             ticks += 1
             self.outbox.flush()
             self._owe(self.table.expire(time.time()))
             if ticks % 60 == 0:
                 self.journal.expire()
             now = time.monotonic()
-            if now - last > max(3 * self.heartbeat_s, self.dead_after_s / 2):
-                # we ourselves were stopped (SIGSTOP, swapped out, a blocked loop): the
-                # controllers' silence is ours; judge them from now on
+            if self.heartbeat.stalled(now - last):
+                # the controllers' silence is ours: judge them from now on
                 log.warning("the broker was stalled for %.1f s", now - last)
                 for ctrl in self.controllers.values():
-                    ctrl.seen = now
+                    ctrl.pulse.hear(now)
             last = now
             for ident, ctrl in list(self.controllers.items()):
-                if now - ctrl.seen > self.dead_after_s:
-                    self.lost(ident, f"silent for {now - ctrl.seen:.1f} s")
-                else:
-                    send(self.back, [ident, *encode(Kind.HEARTBEAT)])
+                if ctrl.pulse.silent(now):
+                    self.lost(ident, f"silent for {ctrl.pulse.quiet_s(now):.1f} s")
+                elif ctrl.pulse.due(now) and send(self.back, [ident, *encode(Kind.HEARTBEAT)]):
+                    ctrl.pulse.beat(now)
