@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import jobs as J
-from wire.protocol import ENVELOPE, Code, Limits, ProtocolError, get, job_size
+from wire.protocol import ENVELOPE, Code, Limits, ProtocolError, get
 
 # refusals that mean "not now", with when to try again
 RETRY_AFTER_MS = {
@@ -71,7 +71,7 @@ class Admission:
         owner: str | None,
         out: Admitted,
     ) -> None:
-        job = J.validate(item, served, next(iter(served), ""), self.limits.max_text_chars)
+        job = J.validate(item, served, next(iter(served), ""), self.limits)
         once_in_message(job, out)
         self.open()
         out.seen.add(job.id)
@@ -83,7 +83,7 @@ class Admission:
         durable(self.table)
         # clients share the queue per key where keys are required, otherwise per connection
         job.client = owner.encode() if owner else ident
-        job.size = job_size(job.id, job.text)
+        job.size = job.measure()
         fits(job, self.limits)
         room(job, self.table, self.limits, out)
         job.waiters.append(ident)

@@ -77,6 +77,7 @@ class Controller:
     model: str
     tasks: frozenset[str]
     layout: dict[str, int]
+    generation: J.Generation | None = None  # a decoder's bounds, from its `ready`
     workers: list[dict[str, Any]] = field(default_factory=list)
     pid: int | None = None
     state: str = "ready"
@@ -191,7 +192,7 @@ class Broker:
 
     def _submit(self, peer: Peer, msg: Message) -> None:
         ident, owner, ref = peer.ident, peer.user, msg.body.get("ref")
-        served = {c.model: J.Served(c.tasks) for c in self.controllers.values()}
+        served = {c.model: J.Served(c.tasks, c.generation) for c in self.controllers.values()}
         admitted = self.admission.submit(msg.body, served, ident, owner)
         if admitted.fresh:
             self.table.add(admitted.fresh)
@@ -317,6 +318,7 @@ class Broker:
                 Kind.READY: self._register,
                 Kind.CREDIT: self._known(self._credit),
                 Kind.RESULTS: self._known(self._results),
+                Kind.TOKENS: self._known(self._tokens),
                 Kind.REPORT: self._known(self._report),
                 Kind.ERROR: self._known(self._refused),
                 Kind.HEARTBEAT: self._known(lambda ctrl, msg: None),  # its arrival was the point
@@ -371,6 +373,7 @@ class Broker:
             get(b, "model", str),
             frozenset(get(b, "tasks", list)),
             get(b, "layout", dict),
+            _generation(get(b, "generation", dict, None)),
             get(b, "workers", list, []),
             get(b, "pid", int, None),
             epoch=get(b, "epoch", int, 0),
@@ -411,6 +414,31 @@ class Broker:
             if job is not None:  # None: late or duplicate, dropped
                 ended.append(job)
         self._owe(ended)
+
+    def _tokens(self, ctrl: Controller, msg: Message) -> None:
+        """Generated tokens as they come: each delta goes to every client waiting on its job,
+        only while that job runs on this controller's lease (a lost lease's late deltas are
+        dropped). Never journaled: the final result is what counts."""
+        owed: dict[bytes, list[dict[str, Any]]] = defaultdict(list)
+        for delta in get(msg.body, "deltas", list):
+            if not _is_delta(delta):
+                raise ProtocolError(Code.BAD_FIELD, "tokens: a delta is {id, index, token_ids}")
+            job = self.table.jobs.get(delta["id"])
+            if job is None or job.state is not J.State.RUNNING or job.controller != ctrl.ident:
+                continue
+            for ident in job.waiters:
+                owed[ident].append(delta)
+        if not owed:
+            return
+        if self.outbox.waiting:
+            self.outbox.flush()
+        budget = min(self.limits.max_message_bytes, RESULTS_TO_CLIENT_BYTES)
+        for ident, deltas in owed.items():
+            # fitted: the deltas of many jobs for one client may not fit one message
+            for frames in fitted(
+                lambda a, b, d=deltas: encode(Kind.TOKENS, {"deltas": d[a:b]}), len(deltas), budget
+            ):
+                self.outbox.send(ident, frames)
 
     def _dispatch(self) -> None:
         """Hand queued jobs to controllers within their credit, in messages within the limit."""
@@ -499,3 +527,21 @@ class Broker:
                     self.lost(ident, f"silent for {ctrl.pulse.quiet_s(now):.1f} s")
                 elif ctrl.pulse.due(now) and send(self.back, [ident, *encode(Kind.HEARTBEAT)]):
                     ctrl.pulse.beat(now)
+
+
+def _generation(info: dict[str, Any] | None) -> J.Generation | None:
+    """A decoder controller's `ready` "generation" (absent for encoders)."""
+    if info is None:
+        return None
+    eos = get(info, "eos_token_id", int, None)
+    return J.Generation(get(info, "vocab_size", int), get(info, "max_positions", int), eos)
+
+
+def _is_delta(d: Any) -> bool:
+    return (
+        isinstance(d, dict)
+        and isinstance(d.get("id"), str)
+        and type(d.get("index")) is int
+        and isinstance(d.get("token_ids"), list)
+        and all(type(t) is int for t in d["token_ids"])
+    )

@@ -1,18 +1,22 @@
-"""The asyncio Client: submit jobs, embed texts, stream jobs through a window, status, cancel,
-ping. `async with Client(endpoint) as c: ...`; the blocking wrapper is baton.client.BlockingClient.
+"""The asyncio Client: submit jobs, embed texts, generate (whole or streamed), stream jobs
+through a window, status, cancel, ping. `async with Client(endpoint) as c: ...`; the blocking wrapper is baton.client.BlockingClient.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from baton.client.inflight import CHUNK, Inflight
 from baton.client.link import Link
-from baton.client.result import Result
+from baton.client.result import Delta, Result
 from wire.protocol import Kind, Limits, Message
+
+Prompt = str | Sequence[int]  # a text, or token ids
 
 
 class Client:
@@ -36,7 +40,7 @@ class Client:
             endpoint,
             self.limits,
             timeout_s,
-            {Kind.RESULTS: self._on_results},
+            {Kind.RESULTS: self._on_results, Kind.TOKENS: self._on_tokens},
             curve_key=curve_key,
             server_key=server_key,
         )
@@ -72,6 +76,53 @@ class Client:
 
     async def embed(self, texts: list[str], task: str = "embed") -> list[Result]:
         return await self.results(await self.submit({"task": task, "text": t} for t in texts))
+
+    async def generate(self, prompts: Iterable[Prompt], **fields: Any) -> list[Result]:
+        """Generate for each prompt (a text, or a list of token ids); returns the results in
+        order. `fields` go into every job: max_new_tokens, temperature, top_k, top_p, seed,
+        ignore_eos, stop_token_ids, model, deadline_ms (docs/protocol.md)."""
+        return await self.results(await self.submit(generate_job(p, **fields) for p in prompts))
+
+    async def generate_stream(self, prompt: Prompt, **fields: Any) -> AsyncIterator[Delta]:
+        """Generate for one prompt, yielding the tokens as the model makes them.
+
+        Each Delta holds new tokens only (what repeats tokens already yielded, e.g. after the
+        job restarted on another controller, is dropped); the last one carries the job's
+        `result` (ok, an error, or cancelled by `cancel([delta.id])`) and the stream ends with
+        it. The job's id is `fields["id"]` when given. Leaving the loop early does not cancel
+        the job. TimeoutError when neither a token nor the result comes for timeout_s.
+        """
+        job = generate_job(prompt, **fields)
+        job_id = job.setdefault("id", uuid.uuid4().hex)
+        queue: asyncio.Queue[Delta | asyncio.Future[Result]] = asyncio.Queue()
+        self._inflight.watch(job_id, queue)
+        try:
+            [fut] = await self.submit([job])
+            fut.add_done_callback(queue.put_nowait)  # the end comes through the same queue
+            yielded = 0  # tokens yielded so far: the next delta must start here
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), self.timeout_s)
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"no token nor result for job {job_id} from the broker at "
+                        f"{self.endpoint} within {self.timeout_s:g} s"
+                    ) from None
+                if isinstance(item, asyncio.Future):
+                    result = item.result()
+                    rest = result.token_ids[yielded:] if result.ok and result.token_ids else []
+                    yield Delta(job_id, yielded, rest, result)
+                    return
+                # past what we have: deltas were lost (a slow reader's were dropped); the final
+                # result brings them, so the tokens yielded stay a prefix of the output
+                if item.index > yielded:
+                    continue
+                new = item.token_ids[yielded - item.index :]
+                if new:
+                    yield Delta(job_id, yielded, new)
+                    yielded += len(new)
+        finally:
+            self._inflight.unwatch(job_id, queue)
 
     async def run(
         self, jobs: AsyncIterable[dict] | Iterable[dict], window: int = 512
@@ -118,6 +169,9 @@ class Client:
     def _on_results(self, msg: Message) -> None:
         self._inflight.results(msg)
 
+    def _on_tokens(self, msg: Message) -> None:
+        self._inflight.tokens(msg)
+
     async def _progress(
         self, pending: set[asyncio.Future[Result]], first: bool = False
     ) -> tuple[set, set]:
@@ -136,6 +190,16 @@ class Client:
             if first:
                 break
         return done, pending
+
+
+def generate_job(prompt: Prompt, **fields: Any) -> dict[str, Any]:
+    """A generate job for `submit`: the prompt as `text` (a str) or `token_ids`, plus fields."""
+    job: dict[str, Any] = {"task": "generate", **fields}
+    if isinstance(prompt, str):
+        job["text"] = prompt
+    else:
+        job["token_ids"] = list(prompt)
+    return job
 
 
 async def _aiter(items: AsyncIterable[dict] | Iterable[dict]) -> AsyncIterator[dict]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from baton.client.api import Client
 from baton.client.result import Result
@@ -62,6 +63,10 @@ class BlockingClient:
 
     def embed(self, texts: list[str], task: str = "embed") -> list[Result]:
         return self._loop.run_until_complete(self._client.embed(texts, task))
+
+    def generate(self, prompts: Iterable[str | Sequence[int]], **fields: Any) -> list[Result]:
+        """Client.generate, blocking: one result per prompt, in order."""
+        return self._loop.run_until_complete(self._client.generate(prompts, **fields))
 
     def run(self, jobs: Iterable[dict], window: int = 512) -> Iterator[Result]:
         stream = self._client.run(jobs, window)

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from baton.client.link import Link
-from baton.client.result import Result, failure, ok_result
+from baton.client.result import Delta, Result, failure, ok_result
 from wire.protocol import Code, Kind, Message
 
 CHUNK = 256  # jobs per submit message; well under the broker's max_jobs_per_message
@@ -41,6 +41,8 @@ class Inflight:
     def __init__(self, link: Link) -> None:
         self.link = link
         self.jobs: dict[str, _Job] = {}
+        # job id -> the queues of the streams watching it (generate_stream), fed by `tokens`
+        self.streams: dict[str, list[asyncio.Queue]] = {}
         self._retries: set[asyncio.Task] = set()
 
     def close(self) -> None:
@@ -51,6 +53,7 @@ class Inflight:
             for fut in job.futures:
                 fut.cancel()
         self.jobs.clear()
+        self.streams.clear()
 
     async def submit(self, jobs: Iterable[dict]) -> list[asyncio.Future[Result]]:
         """Send jobs; returns one future per job, resolved when its `results` entry arrives."""
@@ -97,6 +100,31 @@ class Inflight:
             self.settle(failure(job_id, code, str(err.get("message", ""))))
         if busy:
             self._retry(busy)
+
+    def tokens(self, msg: Message) -> None:
+        """A `tokens` message: each well-formed delta goes to the streams watching its job."""
+        deltas = msg.body.get("deltas")
+        for d in deltas if isinstance(deltas, list) else ():
+            if not isinstance(d, dict):
+                continue
+            queues = self.streams.get(d.get("id"))  # type: ignore[arg-type]
+            ids, index = d.get("token_ids"), d.get("index")
+            if not queues or type(index) is not int or not isinstance(ids, list):
+                continue
+            if not all(type(t) is int for t in ids):
+                continue
+            for q in queues:
+                q.put_nowait(Delta(d["id"], index, ids))
+
+    def watch(self, job_id: str, queue: asyncio.Queue) -> None:
+        self.streams.setdefault(job_id, []).append(queue)
+
+    def unwatch(self, job_id: str, queue: asyncio.Queue) -> None:
+        queues = self.streams.get(job_id, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self.streams.pop(job_id, None)
 
     def settle(self, result: Result) -> None:
         job = self.jobs.pop(result.id, None)
