@@ -105,9 +105,9 @@ class Inflight:
         """A `tokens` message: each well-formed delta goes to the streams watching its job."""
         deltas = msg.body.get("deltas")
         for d in deltas if isinstance(deltas, list) else ():
-            if not isinstance(d, dict):
+            if not isinstance(d, dict) or not isinstance(d.get("id"), str):
                 continue
-            queues = self.streams.get(d.get("id"))  # type: ignore[arg-type]
+            queues = self.streams.get(d["id"])
             ids, index = d.get("token_ids"), d.get("index")
             if not queues or type(index) is not int or not isinstance(ids, list):
                 continue
