@@ -121,7 +121,11 @@ def _problem(job: object, n: int) -> str | None:
         return f"line {n}: field {bad!r} is not valid Unicode (a lone surrogate)"
     if not isinstance(job.get("id"), str) or not job["id"]:
         return f"line {n}: field 'id' must be a non-empty string"
-    if not isinstance(job.get("text"), str):
+    if job.get("task") == "generate" and "token_ids" in job:
+        # a prompt of token ids; the broker checks them (and that there is no text too)
+        if not isinstance(job["token_ids"], list):
+            return f"line {n}: field 'token_ids' must be a list of integers"
+    elif not isinstance(job.get("text"), str):
         return f"line {n}: field 'text' must be a string"
     for key in ("task", "model"):
         if key in job and not isinstance(job[key], str):

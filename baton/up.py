@@ -26,12 +26,12 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from broker.broker import Admission, Broker, Keys
+from broker.broker import Broker, Keys
 from broker.journal import Journal, JournalError
 from broker.journal_repair import JournalDamaged
 from controller.config import Config, ConfigError, check_model, load
 from controller.controller import identity
-from wire.protocol import Limits
+from wire.transport import Heartbeat
 from workers.models import load_info
 
 log = logging.getLogger("baton.up")
@@ -99,18 +99,9 @@ async def serve(cfg: Config) -> int:
             ctx,
             cfg.endpoints.client,
             journal,
-            Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames),
-            Admission(
-                cfg.limits.max_jobs_per_message,
-                cfg.limits.max_text_chars,
-                cfg.limits.max_queued,
-                cfg.jobs.max_attempts,
-                cfg.limits.max_queued_bytes,
-                cfg.limits.max_ids_per_message,
-                cfg.limits.max_unread_bytes,
-            ),
-            heartbeat_s=cfg.workers.heartbeat_ms / 1000,
-            dead_after_s=cfg.workers.dead_after_ms / 1000,
+            cfg.limits,
+            max_attempts=cfg.jobs.max_attempts,
+            heartbeat=Heartbeat(cfg.workers.heartbeat_ms / 1000, cfg.workers.dead_after_ms / 1000),
             backend_endpoint=f"ipc://{run_dir}/broker",
             keys=keys(cfg),
         )

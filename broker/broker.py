@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,40 +23,35 @@ import zmq
 import zmq.asyncio
 
 from broker import jobs as J
+from broker.admission import Admission
 from broker.journal import Journal
 from broker.outbox import Outbox
 from wire.protocol import (
-    CLIENT_KINDS,
-    CONTROLLER_KINDS,
     ENVELOPE,
     Code,
     Kind,
     Limits,
     Message,
     ProtocolError,
-    decode,
     encode,
     error,
     fitted,
     get,
-    job_size,
 )
 from wire.transport import (
+    Handler,
+    Heartbeat,
+    Peer,
+    Pulse,
     authenticator,
     configure,
     curve_server,
-    recv_batch,
-    recv_batch_from,
     send,
+    serve,
 )
 
 log = logging.getLogger("baton.broker")
 
-# refusals that mean "not now", with when to try again
-RETRY_AFTER_MS = {
-    Code.BUSY: 200,
-    Code.JOURNAL_UNAVAILABLE: 1000,  # about the journal's own retry period (journal.RETRY_MAX_S)
-}
 # Messages ZeroMQ holds per client each way. Out: what a slow reader leaves waits in the outbox.
 # In: past it ZeroMQ stops reading that client's connection, so a client that floods us waits
 # in its own send queue (TCP backpressure) instead of in our memory.
@@ -64,17 +60,6 @@ FRONT_RCVHWM = 16
 RESULTS_TO_CLIENT_BYTES = 1 << 20  # one `results` message to a client, at most
 SENT_KEPT = 64  # recent `jobs` messages per controller, by ref, for a refusal that names one
 SIZE_REFUSALS = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES, Code.TOO_MANY_ITEMS})
-
-
-@dataclass(slots=True)
-class Admission:
-    max_jobs_per_message: int = 1024
-    max_text_chars: int = 100_000
-    max_queued: int = 100_000
-    max_attempts: int = 3
-    max_queued_bytes: int = 128 * 1024 * 1024
-    max_ids_per_message: int = 4096
-    max_unread_bytes: int = 64 * 1024 * 1024  # per client, beyond what ZeroMQ holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +77,7 @@ class Controller:
     model: str
     tasks: frozenset[str]
     layout: dict[str, int]
+    generation: J.Generation | None = None  # a decoder's bounds, from its `ready`
     workers: list[dict[str, Any]] = field(default_factory=list)
     pid: int | None = None
     state: str = "ready"
@@ -99,21 +85,8 @@ class Controller:
     epoch: int = 0  # which registration of this controller process this is
     credit: int = 0  # jobs it asked for and has not been sent yet
     credit_bytes: int = 0  # bytes (protocol.job_size) likewise
-    seen: float = field(default_factory=time.monotonic)
+    pulse: Pulse = field(default_factory=lambda: Heartbeat().pulse(time.monotonic()))
     sent: OrderedDict[int, list[str]] = field(default_factory=OrderedDict)
-
-
-@dataclass(slots=True)
-class _Admitted:
-    """What one submit message came to, job by job."""
-
-    served: dict[str, J.Served]
-    ids: list[str] = field(default_factory=list)  # accepted or attached, in order
-    refused: list[dict[str, Any]] = field(default_factory=list)
-    stored: list[J.Job] = field(default_factory=list)  # known ids whose result is kept
-    fresh: list[J.Job] = field(default_factory=list)  # new jobs, to journal and queue
-    seen: set[str] = field(default_factory=set)
-    bytes: int = 0
 
 
 class Broker:
@@ -123,29 +96,21 @@ class Broker:
         client_endpoint: str,
         journal: Journal,
         limits: Limits | None = None,
-        admission: Admission | None = None,
-        heartbeat_s: float = 1.0,
-        dead_after_s: float = 10.0,
         *,
+        max_attempts: int = 3,
+        heartbeat: Heartbeat | None = None,
         backend_endpoint: str = "tcp://127.0.0.1:*",
         keys: Keys | None = None,
     ) -> None:
-        self.limits, self.admission = limits or Limits(), admission or Admission()
-        limits = self.limits
-        adm = self.admission
-        # clients' lists are short: a longer one is refused by msgpack before it is built
-        self.front_limits = Limits(
-            limits.max_message_bytes,
-            limits.max_frames,
-            max(adm.max_jobs_per_message, adm.max_ids_per_message),
-        )
-        self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
+        self.limits = limits = limits or Limits()
+        self.front_limits = limits.front()
+        self.heartbeat = heartbeat or Heartbeat()
         self.refs = itertools.count(1)
         self.front = ctx.socket(zmq.ROUTER)
         configure(self.front, limits, mandatory=True)
         self.front.setsockopt(zmq.SNDHWM, FRONT_HWM)
         self.front.setsockopt(zmq.RCVHWM, FRONT_RCVHWM)
-        self.outbox = Outbox(self.front, adm.max_unread_bytes)
+        self.outbox = Outbox(self.front, limits.max_unread_bytes)
         # with keys, only CURVE clients on the allow-list get in, and each job belongs to its key
         self.auth = None
         if keys is not None:
@@ -158,11 +123,11 @@ class Broker:
         self.back.bind(backend_endpoint)  # `baton up`: ipc:// in its private run directory
         self.backend = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self.journal = journal
-        self.table = J.Table(journal, self.admission.max_attempts)
+        self.table = J.Table(journal, max_attempts)
         self.acks: set[asyncio.Task] = set()
         self.owing: set[asyncio.Task] = set()  # results waiting for their end to be durable
         self.controllers: dict[bytes, Controller] = {}
-        self.admitting = True
+        self.admission = Admission(self.table, limits)
         self.registered = asyncio.Event()  # a controller said `ready`
         self.idle = asyncio.Event()  # nothing queued or running
         recovered = self.table.recover()
@@ -178,7 +143,7 @@ class Broker:
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting, wait (bounded) for every held job to finish, tell controllers to stop."""
-        self.admitting = False
+        self.admission.admitting = False
         try:
             await asyncio.wait_for(self.idle.wait(), timeout_s)
             drained = True
@@ -197,113 +162,48 @@ class Broker:
     # --- clients ---
 
     async def _front_loop(self) -> None:
-        while True:
-            if self.outbox.waiting:  # a client that sends is likely reading again
-                self.outbox.flush()
-            if self.auth is None:
-                got = [(frames, None) for frames in await recv_batch(self.front)]
-            else:
-                got = await recv_batch_from(self.front)
-            for frames, owner in got:
-                ident, rest = frames[0], frames[1:]
-                msg = None
-                try:
-                    msg = decode(rest, self.front_limits, CLIENT_KINDS)
-                    self._on_client(ident, msg, owner)
-                except ProtocolError as e:
-                    # the reply names the request it refuses, whether decode or a handler refused
-                    ref = e.ref if msg is None else msg.body.get("ref")
-                    self.outbox.send(ident, error(e.code, e.message, ref=ref))
-                except Exception as e:  # a bug must not take the door down for everyone
-                    log.exception("client message failed")
-                    self.outbox.send(ident, error(Code.INTERNAL, f"{type(e).__name__}: {e}"))
-
-    def _on_client(self, ident: bytes, msg: Message, owner: str | None = None) -> None:
-        ref = msg.body.get("ref")
-        if msg.kind == Kind.SUBMIT:
-            self._submit(ident, msg.body, ref, owner)
-        elif msg.kind == Kind.STATUS:
-            self.outbox.send(ident, encode(Kind.STATUS, {**self.status(), "ref": ref}))
-        elif msg.kind == Kind.CANCEL:
-            self._cancel(ident, msg.body, ref, owner)
-        elif msg.kind == Kind.PING:
-            self.outbox.send(ident, encode(Kind.PONG, {"ref": ref}))
-
-    def _submit(
-        self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
-    ) -> None:
-        raw = get(body, "jobs", list)
-        if len(raw) > self.admission.max_jobs_per_message:
-            raise ProtocolError(
-                Code.BAD_FIELD,
-                f"{len(raw)} jobs in one submit; at most {self.admission.max_jobs_per_message}",
-            )
-        self.table.recall(
-            [i["id"] for i in raw if isinstance(i, dict) and isinstance(i.get("id"), str)]
+        await serve(
+            self.front,
+            self.front_limits,
+            {
+                Kind.SUBMIT: self._submit,
+                Kind.STATUS: self._status,
+                Kind.CANCEL: self._cancel,
+                Kind.PING: self._ping,
+            },
+            routed=True,
+            keyed=self.auth is not None,
+            answer=lambda peer, frames: self.outbox.send(peer.ident, frames),
+            before=self._flush_if_waiting,
+            log=log,
         )
-        batch = _Admitted({c.model: J.Served(c.tasks) for c in self.controllers.values()})
-        for item in raw:
-            try:
-                self._admit(ident, owner, item, batch)
-            except ProtocolError as e:
-                jid = item.get("id") if isinstance(item, dict) else None
-                entry = J.failure(jid if isinstance(jid, str) else None, e.code, e.message)
-                if e.code in RETRY_AFTER_MS:
-                    entry["error"]["retry_after_ms"] = RETRY_AFTER_MS[e.code]
-                batch.refused.append(entry)
-        if batch.fresh:
-            self.table.add(batch.fresh)
+
+    def _flush_if_waiting(self) -> None:
+        if self.outbox.waiting:  # a client that sends is likely reading again
+            self.outbox.flush()
+
+    def _status(self, peer: Peer, msg: Message) -> None:
+        self.outbox.send(
+            peer.ident, encode(Kind.STATUS, {**self.status(), "ref": msg.body.get("ref")})
+        )
+
+    def _ping(self, peer: Peer, msg: Message) -> None:
+        self.outbox.send(peer.ident, encode(Kind.PONG, {"ref": msg.body.get("ref")}))
+
+    def _submit(self, peer: Peer, msg: Message) -> None:
+        ident, owner, ref = peer.ident, peer.user, msg.body.get("ref")
+        served = {c.model: J.Served(c.tasks, c.generation) for c in self.controllers.values()}
+        admitted = self.admission.submit(msg.body, served, ident, owner)
+        if admitted.fresh:
+            self.table.add(admitted.fresh)
             self.idle.clear()
             self._dispatch()
         # "accepted" only once the journal holds the jobs; meanwhile the door stays open
-        task = asyncio.create_task(self._ack(ident, batch.ids, ref, batch.refused, batch.stored))
+        task = asyncio.create_task(
+            self._ack(ident, admitted.ids, ref, admitted.refused, admitted.stored)
+        )
         self.acks.add(task)
         task.add_done_callback(self.acks.discard)
-
-    def _admit(self, ident: bytes, owner: str | None, item: Any, batch: _Admitted) -> None:
-        """One job of a submit: refused (raises), attached to a known id, or fresh."""
-        default = next(iter(batch.served), "")
-        job = J.validate(item, batch.served, default, self.admission.max_text_chars)
-        if job.id in batch.seen:
-            raise ProtocolError(Code.DUPLICATE_ID, f"id {job.id!r} appears twice in this submit")
-        if not self.admitting:
-            raise ProtocolError(Code.SHUTTING_DOWN, "the broker is draining and admits no new jobs")
-        batch.seen.add(job.id)
-        job.owner = owner
-        known = self.table.jobs.get(job.id)
-        if known is not None and not J.same_job(known, job):
-            # an id is an idempotency key, not a way to read or join someone else's job
-            raise ProtocolError(Code.DUPLICATE_ID, J.taken(job.id))
-        if known is not None:  # the id is an idempotency key: attach, or hand back the result
-            if known.state in J.FINAL:
-                batch.stored.append(known)
-            elif ident not in known.waiters:
-                known.waiters.append(ident)
-            batch.ids.append(job.id)
-            return
-        if not self.journal.ok:  # a new job cannot be made durable now: refuse, do not promise
-            raise ProtocolError(
-                Code.JOURNAL_UNAVAILABLE,
-                f"the journal cannot be written ({self.journal.error}); retry later",
-            )
-        # clients share the queue per key where keys are required, otherwise per connection
-        job.client = owner.encode() if owner else ident
-        job.size = job_size(job.id, job.text)
-        most = self.limits.max_message_bytes - ENVELOPE
-        if job.size > most:  # it could never be handed to a controller in one message
-            raise ProtocolError(
-                Code.TOO_LARGE, f"the job takes {job.size} bytes; one message carries {most}"
-            )
-        adm = self.admission
-        if (
-            self.table.queued + len(batch.fresh) >= adm.max_queued
-            or self.table.queued_bytes + batch.bytes + job.size > adm.max_queued_bytes
-        ):
-            raise ProtocolError(Code.BUSY, "the queue is full; retry later")
-        job.waiters.append(ident)
-        batch.fresh.append(job)
-        batch.bytes += job.size
-        batch.ids.append(job.id)
 
     async def _ack(
         self,
@@ -326,14 +226,13 @@ class Broker:
         if stored:
             self._deliver({ident: stored})
 
-    def _cancel(
-        self, ident: bytes, body: dict[str, Any], ref: Any, owner: str | None = None
-    ) -> None:
-        ids = get(body, "ids", list)
-        if len(ids) > self.admission.max_ids_per_message:
+    def _cancel(self, peer: Peer, msg: Message) -> None:
+        ident, owner, ref = peer.ident, peer.user, msg.body.get("ref")
+        ids = get(msg.body, "ids", list)
+        if len(ids) > self.limits.max_ids_per_message:
             raise ProtocolError(
                 Code.TOO_MANY_ITEMS,
-                f"{len(ids)} ids in one cancel; at most {self.admission.max_ids_per_message}",
+                f"{len(ids)} ids in one cancel; at most {self.limits.max_ids_per_message}",
             )
         if not all(isinstance(i, str) for i in ids):
             raise ProtocolError(Code.BAD_FIELD, "field 'ids' must be a list of strings")
@@ -404,7 +303,7 @@ class Broker:
             ],
             "jobs": self.table.summary(),
             "unread_bytes": self.outbox.bytes(),
-            "admitting": self.admitting,
+            "admitting": self.admission.admitting,
             "journal": self.journal.health(),
             "pid": os.getpid(),
         }
@@ -412,65 +311,73 @@ class Broker:
     # --- controllers ---
 
     async def _back_loop(self) -> None:
-        while True:
-            for frames in await recv_batch(self.back):
-                ident, rest = frames[0], frames[1:]
-                try:
-                    msg = decode(rest, self.limits, CONTROLLER_KINDS)
-                    self._on_controller(ident, msg)
-                except ProtocolError as e:
-                    log.warning("bad message from controller %r: %s %s", ident, e.code, e.message)
-                    if e.code in SIZE_REFUSALS and ident in self.controllers:
-                        # results we cannot read: its jobs go back to the queue rather than
-                        # stay leased to it, and it must register again
-                        self.lost(ident, f"sent a message refused as {e.code}: {e.message}")
-                except Exception:
-                    log.exception("controller message failed")
+        await serve(
+            self.back,
+            self.limits,
+            {
+                Kind.READY: self._register,
+                Kind.CREDIT: self._known(self._credit),
+                Kind.RESULTS: self._known(self._results),
+                Kind.TOKENS: self._known(self._tokens),
+                Kind.REPORT: self._known(self._report),
+                Kind.ERROR: self._known(self._refused),
+                Kind.HEARTBEAT: self._known(lambda ctrl, msg: None),  # its arrival was the point
+            },
+            routed=True,
+            refused=self._unreadable,
+            log=log,
+        )
 
-    def _on_controller(self, ident: bytes, msg: Message) -> None:
-        ctrl = self.controllers.get(ident)
-        if ctrl is not None:
-            ctrl.seen = time.monotonic()  # any traffic is a heartbeat
-        if msg.kind == Kind.READY:
-            self._register(ident, msg.body)
-        elif ctrl is None:
-            # one we dropped (silent too long, or we were) or never knew: it registers again
-            epoch = msg.body.get("epoch")
-            send(
-                self.back,
-                [
-                    ident,
-                    *error(
-                        Code.UNKNOWN_PEER,
-                        "unknown controller: say `ready` again",
-                        epoch=epoch if isinstance(epoch, int) else None,
-                    ),
-                ],
-            )
-        elif msg.kind == Kind.CREDIT:
-            ctrl.credit += get(msg.body, "n", int)
-            ctrl.credit_bytes += get(msg.body, "bytes", int)
-            self._dispatch()
-        elif msg.kind == Kind.RESULTS:
-            ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
-            self._results(msg, ident)
-        elif msg.kind == Kind.REPORT:
-            ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
-            ctrl.state = get(msg.body, "state", str, ctrl.state)
-            ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
-        elif msg.kind == Kind.ERROR:
-            self._refused(ctrl, msg.body)
+    def _known(self, handler: Callable[[Controller, Message], None]) -> Handler:
+        """A handler for a registered controller's message; any other is told to register."""
 
-    def _register(self, ident: bytes, b: dict[str, Any]) -> None:
+        def known(peer: Peer, msg: Message) -> None:
+            ctrl = self.controllers.get(peer.ident)
+            if ctrl is None:
+                # one we dropped (silent too long, or we were) or never knew: it registers again
+                epoch = msg.body.get("epoch")
+                refusal = error(
+                    Code.UNKNOWN_PEER,
+                    "unknown controller: say `ready` again",
+                    epoch=epoch if isinstance(epoch, int) else None,
+                )
+                send(self.back, [peer.ident, *refusal])
+                return
+            ctrl.pulse.hear(time.monotonic())  # any traffic is a heartbeat
+            handler(ctrl, msg)
+
+        return known
+
+    def _unreadable(self, peer: Peer, e: ProtocolError) -> None:
+        log.warning("bad message from controller %r: %s %s", peer.ident, e.code, e.message)
+        if e.code in SIZE_REFUSALS and peer.ident in self.controllers:
+            # results we cannot read: its jobs go back to the queue rather than stay leased to
+            # it, and it must register again
+            self.lost(peer.ident, f"sent a message refused as {e.code}: {e.message}")
+
+    def _credit(self, ctrl: Controller, msg: Message) -> None:
+        ctrl.credit += get(msg.body, "n", int)
+        ctrl.credit_bytes += get(msg.body, "bytes", int)
+        self._dispatch()
+
+    def _report(self, ctrl: Controller, msg: Message) -> None:
+        ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
+        ctrl.state = get(msg.body, "state", str, ctrl.state)
+        ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
+
+    def _register(self, peer: Peer, msg: Message) -> None:
+        ident, b = peer.ident, msg.body
         old = self.controllers.get(ident)
         self.controllers[ident] = Controller(
             ident,
             get(b, "model", str),
             frozenset(get(b, "tasks", list)),
             get(b, "layout", dict),
+            _generation(get(b, "generation", dict, None)),
             get(b, "workers", list, []),
             get(b, "pid", int, None),
             epoch=get(b, "epoch", int, 0),
+            pulse=self.heartbeat.pulse(time.monotonic()),
         )
         if old is not None:
             # it registers again without having been dropped: what it held is gone from it
@@ -479,8 +386,9 @@ class Broker:
         log.info("controller %r ready for model %s", ident, b["model"])
         self.registered.set()
 
-    def _refused(self, ctrl: Controller, body: dict[str, Any]) -> None:
+    def _refused(self, ctrl: Controller, msg: Message) -> None:
         """The controller could not read one of our `jobs` messages: its jobs go back."""
+        body = msg.body
         code, ref = body.get("code"), body.get("ref")
         log.warning("controller %r refused message %r: %s %s", ctrl.ident, ref, code, body)
         ids = ctrl.sent.pop(ref, None) if isinstance(ref, int) else None
@@ -489,7 +397,9 @@ class Broker:
             self._owe(failed)
             self._dispatch()
 
-    def _results(self, msg: Message, ident: bytes) -> None:
+    def _results(self, ctrl: Controller, msg: Message) -> None:
+        ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
+        ident = ctrl.ident
         entries = get(msg.body, "results", list)
         emb = msg.tensors[0] if msg.tensors else None
         ended = []
@@ -504,6 +414,31 @@ class Broker:
             if job is not None:  # None: late or duplicate, dropped
                 ended.append(job)
         self._owe(ended)
+
+    def _tokens(self, ctrl: Controller, msg: Message) -> None:
+        """Generated tokens as they come: each delta goes to every client waiting on its job,
+        only while that job runs on this controller's lease (a lost lease's late deltas are
+        dropped). Never journaled: the final result is what counts."""
+        owed: dict[bytes, list[dict[str, Any]]] = defaultdict(list)
+        for delta in get(msg.body, "deltas", list):
+            if not _is_delta(delta):
+                raise ProtocolError(Code.BAD_FIELD, "tokens: a delta is {id, index, token_ids}")
+            job = self.table.jobs.get(delta["id"])
+            if job is None or job.state is not J.State.RUNNING or job.controller != ctrl.ident:
+                continue
+            for ident in job.waiters:
+                owed[ident].append(delta)
+        if not owed:
+            return
+        if self.outbox.waiting:
+            self.outbox.flush()
+        budget = min(self.limits.max_message_bytes, RESULTS_TO_CLIENT_BYTES)
+        for ident, deltas in owed.items():
+            # fitted: the deltas of many jobs for one client may not fit one message
+            for frames in fitted(
+                lambda a, b, d=deltas: encode(Kind.TOKENS, {"deltas": d[a:b]}), len(deltas), budget
+            ):
+                self.outbox.send(ident, frames)
 
     def _dispatch(self) -> None:
         """Hand queued jobs to controllers within their credit, in messages within the limit."""
@@ -574,22 +509,39 @@ class Broker:
         ticks = 0
         last = time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_s)  # the heartbeat period itself
+            await asyncio.sleep(self.heartbeat.period_s)  # the heartbeat period itself
             ticks += 1
             self.outbox.flush()
             self._owe(self.table.expire(time.time()))
             if ticks % 60 == 0:
                 self.journal.expire()
             now = time.monotonic()
-            if now - last > max(3 * self.heartbeat_s, self.dead_after_s / 2):
-                # we ourselves were stopped (SIGSTOP, swapped out, a blocked loop): the
-                # controllers' silence is ours; judge them from now on
+            if self.heartbeat.stalled(now - last):
+                # the controllers' silence is ours: judge them from now on
                 log.warning("the broker was stalled for %.1f s", now - last)
                 for ctrl in self.controllers.values():
-                    ctrl.seen = now
+                    ctrl.pulse.hear(now)
             last = now
             for ident, ctrl in list(self.controllers.items()):
-                if now - ctrl.seen > self.dead_after_s:
-                    self.lost(ident, f"silent for {now - ctrl.seen:.1f} s")
-                else:
-                    send(self.back, [ident, *encode(Kind.HEARTBEAT)])
+                if ctrl.pulse.silent(now):
+                    self.lost(ident, f"silent for {ctrl.pulse.quiet_s(now):.1f} s")
+                elif ctrl.pulse.due(now) and send(self.back, [ident, *encode(Kind.HEARTBEAT)]):
+                    ctrl.pulse.beat(now)
+
+
+def _generation(info: dict[str, Any] | None) -> J.Generation | None:
+    """A decoder controller's `ready` "generation" (absent for encoders)."""
+    if info is None:
+        return None
+    eos = get(info, "eos_token_id", int, None)
+    return J.Generation(get(info, "vocab_size", int), get(info, "max_positions", int), eos)
+
+
+def _is_delta(d: Any) -> bool:
+    return (
+        isinstance(d, dict)
+        and isinstance(d.get("id"), str)
+        and type(d.get("index")) is int
+        and isinstance(d.get("token_ids"), list)
+        and all(type(t) is int for t in d["token_ids"])
+    )

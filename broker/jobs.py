@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -13,10 +14,24 @@ from typing import Any
 import torch
 
 from broker.journal import Journal, Row
+from wire.limits import MAX_STOP_TOKENS, Limits
 from wire.protocol import Code, ProtocolError, job_size
 
 MAX_ID_CHARS = 256
-DIGEST_PAST = 256  # finished jobs keep texts up to this long; a digest of longer ones
+DIGEST_PAST = 256  # finished jobs keep prompts up to this long; a digest of longer ones
+MAX_SEED = 2**63
+FIELDS = frozenset({"id", "task", "text", "model", "deadline_ms"})
+# a generate job's sampling fields, with their defaults (docs/protocol.md)
+PARAMS: dict[str, Any] = {
+    "max_new_tokens": 16,
+    "temperature": 0.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "seed": None,  # absent from the params sent when not given
+    "ignore_eos": False,
+    "stop_token_ids": [],
+}
+GENERATE_FIELDS = FIELDS | {"token_ids"} | set(PARAMS)
 
 
 class State(StrEnum):
@@ -45,24 +60,48 @@ class Job:
     embedding: torch.Tensor | None = None
     client: bytes = b""  # whose share of the queue it is served from (fairness between clients)
     size: int = 0  # bytes it takes in a `jobs` message (protocol.job_size); set when queued
-    digest: int = 0  # of task, model and text, kept instead of a long text once finished
+    # of the job's content, kept instead of a long prompt once finished; None while it is kept
+    digest: int | None = None
     owner: str | None = None  # the CURVE key (z85) that submitted it; None on an open endpoint
+    token_ids: list[int] | None = None  # a generate job's prompt, when given as tokens
+    params: dict[str, Any] | None = None  # a generate job's sampling fields, defaults filled in
 
     def wire(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "task": self.task,
-            "text": self.text,
             "deadline": self.deadline,
             "attempts": self.attempts,
         }
+        if self.token_ids is not None:
+            out["token_ids"] = self.token_ids
+        else:
+            out["text"] = self.text
+        if self.params is not None:
+            out["params"] = self.params
+        return out
+
+    def measure(self) -> int:
+        """Its bytes in a `jobs` message (protocol.job_size of what wire() sends)."""
+        return job_size(self.id, self.text, self.token_ids, self.params)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A decoder model's bounds, from its controller's `ready`."""
+
+    vocab_size: int
+    max_positions: int
+    eos_token_id: int | None = None
 
 
 @dataclass(slots=True)
 class Served:
-    """What one model offers: its tasks (from its controller's `ready`)."""
+    """What one model offers: its tasks and, for a decoder, its generation bounds (from its
+    controller's `ready`; None for encoders, or a controller that does not say)."""
 
     tasks: frozenset[str]
+    generation: Generation | None = None
 
 
 def new_id() -> str:
@@ -74,9 +113,9 @@ def same_job(known: Job, job: Job) -> bool:
     """Whether `job` may reuse `known`'s id: the same sender asking for the same work."""
     if known.owner != job.owner or known.task != job.task or known.model != job.model:
         return False
-    if known.text:
-        return known.text == job.text
-    return known.digest == digest(job.task, job.model, job.text)  # finished: text not kept
+    if known.digest is not None:  # finished, and its prompt no longer kept
+        return known.digest == digest(job)
+    return (known.text, known.token_ids, known.params) == (job.text, job.token_ids, job.params)
 
 
 def taken(jid: str) -> str:
@@ -85,11 +124,12 @@ def taken(jid: str) -> str:
     return f"id {jid!r} is already used by a different job; pick another id"
 
 
-def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_chars: int) -> Job:
+def validate(raw: Any, models: dict[str, Served], default_model: str, limits: Limits) -> Job:
     """One job of a `submit`, checked field by field; raises ProtocolError naming what is wrong."""
     if not isinstance(raw, dict):
         raise ProtocolError(Code.BAD_FIELD, f"a job must be a map, not {type(raw).__name__}")
-    unknown = set(raw) - {"id", "task", "text", "model", "deadline_ms"}
+    generate = raw.get("task") == "generate"
+    unknown = set(raw) - (GENERATE_FIELDS if generate else FIELDS)
     if unknown:
         raise ProtocolError(
             Code.BAD_FIELD, f"unknown job field(s): {', '.join(sorted(map(str, unknown)))}"
@@ -107,8 +147,23 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_c
     task, text = raw.get("task"), raw.get("text")
     if not isinstance(task, str):
         raise ProtocolError(Code.BAD_FIELD, "field 'task' must be a string")
-    if not isinstance(text, str):
+    if not generate and not isinstance(text, str):
         raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
+    served = _served(models, model, task)
+    deadline = _deadline(raw)
+    if generate:
+        return _generate(raw, jid, model, served, limits, deadline)
+    assert isinstance(text, str)
+    if not text.strip():
+        raise ProtocolError(Code.EMPTY_TEXT, "field 'text' is empty")
+    if len(text) > limits.max_text_chars:
+        raise ProtocolError(
+            Code.TEXT_TOO_LONG, f"text has {len(text)} characters; at most {limits.max_text_chars}"
+        )
+    return Job(jid, task, text, model, deadline=deadline)
+
+
+def _served(models: dict[str, Served], model: str, task: str) -> Served:
     served = models.get(model)
     if served is None:
         known = ", ".join(sorted(models)) or "none yet"
@@ -118,27 +173,136 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, max_text_c
             Code.UNKNOWN_TASK,
             f"model {model!r} does not do task {task!r} (it does: {', '.join(sorted(served.tasks))})",
         )
-    if not text.strip():
-        raise ProtocolError(Code.EMPTY_TEXT, "field 'text' is empty")
-    if len(text) > max_text_chars:
-        raise ProtocolError(
-            Code.TEXT_TOO_LONG, f"text has {len(text)} characters; at most {max_text_chars}"
-        )
+    return served
+
+
+def _deadline(raw: dict[str, Any]) -> float | None:
     deadline_ms = raw.get("deadline_ms")
     if deadline_ms is not None and (
         not isinstance(deadline_ms, int) or isinstance(deadline_ms, bool) or deadline_ms <= 0
     ):
         raise ProtocolError(Code.BAD_FIELD, "field 'deadline_ms' must be a positive integer")
-    deadline = time.time() + deadline_ms / 1000 if deadline_ms else None
-    return Job(jid, task, text, model, deadline=deadline)
+    return time.time() + deadline_ms / 1000 if deadline_ms else None
 
 
-def digest(task: str, model: str, text: str) -> int:
+def _generate(
+    raw: dict[str, Any],
+    jid: str,
+    model: str,
+    served: Served,
+    limits: Limits,
+    deadline: float | None,
+) -> Job:
+    """A generate job: exactly one prompt (text or token_ids), its sampling fields with every
+    default filled in, and what the model's bounds (if its controller gave them) allow.
+    A text prompt's tokens are checked by the controller once it has tokenized them."""
+    text, token_ids = raw.get("text"), raw.get("token_ids")
+    if (text is None) == (token_ids is None):
+        raise ProtocolError(
+            Code.BAD_FIELD, "a generate job takes exactly one of 'text' and 'token_ids'"
+        )
+    params = _params(raw)
+    gen = served.generation
+    vocab = gen.vocab_size if gen is not None else None
+    if text is not None:
+        if not isinstance(text, str):
+            raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
+        if not text.strip():
+            raise ProtocolError(Code.EMPTY_PROMPT, "field 'text' is empty")
+        if len(text) > limits.max_text_chars:
+            raise ProtocolError(
+                Code.PROMPT_TOO_LONG,
+                f"text has {len(text)} characters; at most {limits.max_text_chars}",
+            )
+        prompt = 1  # at least one token once tokenized
+    else:
+        _token_list(token_ids, "token_ids", limits.max_text_chars, vocab)
+        if not token_ids:
+            raise ProtocolError(Code.EMPTY_PROMPT, "field 'token_ids' is empty")
+        prompt = len(token_ids)
+    _token_list(params["stop_token_ids"], "stop_token_ids", MAX_STOP_TOKENS, vocab)
+    if gen is not None and prompt + params["max_new_tokens"] > gen.max_positions:
+        raise ProtocolError(
+            Code.PROMPT_TOO_LONG,
+            f"{'at least 1' if text is not None else prompt} prompt tokens + max_new_tokens "
+            f"{params['max_new_tokens']} exceed the model's {gen.max_positions} positions",
+        )
+    job = Job(jid, "generate", text or "", model, deadline=deadline)
+    job.token_ids, job.params = token_ids, params
+    return job
+
+
+def _params(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields, typed and in range, defaults filled in; `seed` only when given."""
+    out: dict[str, Any] = {}
+    out["max_new_tokens"] = _int(raw, "max_new_tokens", 1)
+    out["temperature"] = _float(raw, "temperature", lambda v: v >= 0, ">= 0")
+    out["top_k"] = _int(raw, "top_k", 0)
+    out["top_p"] = _float(raw, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+    if raw.get("seed") is not None:
+        out["seed"] = _int(raw, "seed", 0)
+        if out["seed"] >= MAX_SEED:
+            raise ProtocolError(Code.BAD_FIELD, "field 'seed' must be below 2**63")
+    ignore_eos = raw.get("ignore_eos", PARAMS["ignore_eos"])
+    if not isinstance(ignore_eos, bool):
+        raise ProtocolError(Code.BAD_FIELD, "field 'ignore_eos' must be a boolean")
+    out["ignore_eos"] = ignore_eos
+    stops = raw.get("stop_token_ids")
+    out["stop_token_ids"] = list(PARAMS["stop_token_ids"]) if stops is None else stops
+    return out
+
+
+def _int(raw: dict[str, Any], name: str, least: int) -> int:
+    value = raw.get(name)
+    if value is None:
+        return PARAMS[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ProtocolError(Code.BAD_FIELD, f"field {name!r} must be an integer >= {least}")
+    return value
+
+
+def _float(raw: dict[str, Any], name: str, ok: Any, what: str) -> float:
+    value = raw.get(name)
+    if value is None:
+        return PARAMS[name]
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(Code.BAD_FIELD, f"field {name!r} must be a number {what}")
+    value = float(value)
+    if not math.isfinite(value) or not ok(value):
+        raise ProtocolError(Code.BAD_FIELD, f"field {name!r} must be a number {what}")
+    return value
+
+
+def _token_list(value: Any, name: str, most: int, vocab: int | None) -> None:
+    """A list of token ids: at most `most` of them, each in [0, vocab) when the vocabulary is
+    known (and never negative)."""
+    if not isinstance(value, list):
+        raise ProtocolError(Code.BAD_FIELD, f"field {name!r} must be a list of integers")
+    if len(value) > most:
+        code = Code.PROMPT_TOO_LONG if name == "token_ids" else Code.BAD_FIELD
+        raise ProtocolError(code, f"field {name!r} has {len(value)} items; at most {most}")
+    if not all(type(t) is int for t in value):
+        raise ProtocolError(Code.BAD_FIELD, f"field {name!r} must be a list of integers")
+    if value and (min(value) < 0 or (vocab is not None and max(value) >= vocab)):
+        bad = next(t for t in value if t < 0 or (vocab is not None and t >= vocab))
+        bound = f"[0, {vocab})" if vocab is not None else "[0, ...)"
+        raise ProtocolError(
+            Code.TOKEN_OUT_OF_RANGE, f"field {name!r}: token id {bad} is outside {bound}"
+        )
+
+
+def digest(job: Job) -> int:
     """What identifies a job's content, so a resubmitted id can be told retry from conflict.
 
-    Python's own string hash: SipHash keyed at random per process, so no client can aim for a
+    Python's own hash: SipHash keyed at random per process, so no client can aim for a
     collision, and digests live only in this process's memory."""
-    return hash((task, model, text))
+    tokens = tuple(job.token_ids) if job.token_ids is not None else None
+    params = None
+    if job.params is not None:
+        params = tuple(
+            (k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(job.params.items())
+        )
+    return hash((job.task, job.model, job.text, tokens, params))
 
 
 def failure(jid: Any, code: Code, message: str) -> dict[str, Any]:
@@ -177,7 +341,7 @@ class Table:
             job = Job(
                 row.id, row.task, row.text, row.model, deadline=row.deadline, attempts=row.attempts
             )
-            job.owner = row.owner
+            job.owner, job.token_ids, job.params = row.owner, row.token_ids, row.params
             self._enqueue(job)
             n += 1
         return n
@@ -199,7 +363,12 @@ class Table:
                 self._retire(job)
 
     def add(self, jobs: list[Job]) -> None:
-        self.journal.add([(j.id, j.model, j.task, j.text, j.deadline, j.owner) for j in jobs])
+        self.journal.add(
+            [
+                (j.id, j.model, j.task, j.text, j.deadline, j.owner, j.token_ids, j.params)
+                for j in jobs
+            ]
+        )
         for job in jobs:
             self._enqueue(job)
         self.counts["accepted"] += len(jobs)
@@ -207,7 +376,7 @@ class Table:
     def _enqueue(self, job: Job, front: bool = False) -> None:
         self.jobs[job.id] = job
         if not job.size:
-            job.size = job_size(job.id, job.text)
+            job.size = job.measure()
         clients = self.queues.setdefault(job.model, OrderedDict())
         queue = clients.get(job.client)
         if queue is None:
@@ -380,9 +549,9 @@ class Table:
 
     def _retire(self, job: Job) -> None:
         # finished jobs stay in memory up to keep_finished, oldest dropped first (the journal
-        # still has them until their TTL); a finished job's long text is not kept in memory
-        if len(job.text) > DIGEST_PAST:
-            job.digest, job.text = digest(job.task, job.model, job.text), ""
+        # still has them until their TTL); a finished job's long prompt is not kept in memory
+        if len(job.text) > DIGEST_PAST or len(job.token_ids or ()) > DIGEST_PAST:
+            job.digest, job.text, job.token_ids = digest(job), "", None
         self.finished[job.id] = None
         while len(self.finished) > self.keep_finished:
             old, _ = self.finished.popitem(last=False)
@@ -394,5 +563,5 @@ def _finished(row: Row) -> Job:
     job = Job(
         row.id, row.task, row.text, row.model, state=state, entry=row.entry, embedding=row.embedding
     )
-    job.owner = row.owner
+    job.owner, job.token_ids, job.params = row.owner, row.token_ids, row.params
     return job

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,              -- wall-clock seconds
     entry BLOB,                 -- msgpack of the final `results` entry
     embedding BLOB,             -- raw float32 row, for ok jobs with a vector
-    owner TEXT                  -- the submitter's CURVE key (z85); NULL on an open endpoint
+    owner TEXT,                 -- the submitter's CURVE key (z85); NULL on an open endpoint
+    params TEXT                 -- JSON {"params", "token_ids"} of a generate job; NULL otherwise
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
@@ -112,6 +114,8 @@ class Row:
     entry: dict[str, Any] | None
     embedding: torch.Tensor | None
     owner: str | None = None
+    token_ids: list[int] | None = None  # a generate job's prompt, when given as tokens
+    params: dict[str, Any] | None = None  # a generate job's sampling fields
 
 
 class Journal:
@@ -158,12 +162,18 @@ class Journal:
 
     # --- writes, queued here and committed together ---
 
-    def add(self, rows: list[tuple[str, str, str, str, float | None, str | None]]) -> None:
-        """(id, model, task, text, deadline, owner) of newly accepted jobs."""
+    def add(
+        self,
+        rows: list[
+            tuple[str, str, str, str, float | None, str | None, list[int] | None, dict | None]
+        ],
+    ) -> None:
+        """(id, model, task, text, deadline, owner, token_ids, params) of newly accepted jobs;
+        token_ids and params are None but for generate jobs."""
         self._write(
-            "INSERT OR IGNORE INTO jobs(id, model, task, text, deadline, owner, state) "
-            "VALUES (?,?,?,?,?,?,'queued')",
-            rows,
+            "INSERT OR IGNORE INTO jobs(id, model, task, text, deadline, owner, params, state) "
+            "VALUES (?,?,?,?,?,?,?,'queued')",
+            [(*r[:6], _params_json(r[6], r[7])) for r in rows],
         )
 
     def finish(
@@ -318,7 +328,7 @@ class Journal:
     def unfinished(self) -> Iterator[Row]:
         """Every job accepted but not finished, in acceptance order."""
         cur = self.reader.execute(
-            "SELECT id, model, task, text, deadline, attempts, state, entry, embedding, owner "
+            "SELECT id, model, task, text, deadline, attempts, state, entry, embedding, owner, params "
             "FROM jobs WHERE state='queued' ORDER BY seq"
         )
         for r in cur:
@@ -331,7 +341,7 @@ class Journal:
             chunk = ids[i : i + 500]
             marks = ",".join("?" * len(chunk))
             cur = self.reader.execute(
-                "SELECT id, model, task, text, deadline, attempts, state, entry, embedding, owner "
+                "SELECT id, model, task, text, deadline, attempts, state, entry, embedding, owner, params "
                 f"FROM jobs WHERE id IN ({marks})",
                 chunk,
             )
@@ -347,11 +357,24 @@ class Journal:
 def _row(r: tuple) -> Row:
     entry = msgpack.unpackb(r[7], raw=False) if r[7] is not None else None
     emb = torch.frombuffer(bytearray(r[8]), dtype=torch.float32) if r[8] else None
-    return Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], entry, emb, r[9])
+    gen = json.loads(r[10]) if r[10] is not None else {}
+    return Row(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], entry, emb, r[9],
+        gen.get("token_ids"), gen.get("params"),
+    )  # fmt: skip
+
+
+def _params_json(token_ids: list[int] | None, params: dict | None) -> str | None:
+    if token_ids is None and params is None:
+        return None
+    return json.dumps({"token_ids": token_ids, "params": params}, separators=(",", ":"))
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Journals written before jobs had owners get the column (NULL: an open endpoint's)."""
+    """Journals written before jobs had owners, or before generate jobs, get the columns
+    (NULL: an open endpoint's; not a generate job)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
     if "owner" not in columns:
         db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+    if "params" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN params TEXT")

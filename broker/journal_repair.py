@@ -43,7 +43,10 @@ WAL_VERSION = 3007000
 HEADER = 32
 FRAME_HEADER = 24
 STATES = frozenset({"queued", "done", "failed", "cancelled"})
-COLUMNS = "seq, id, model, task, text, deadline, attempts, state, finished, entry, embedding, owner"
+COLUMNS = (
+    "seq, id, model, task, text, deadline, attempts, state, finished, entry, embedding, owner, "
+    "params"
+)
 
 
 class JournalDamaged(Exception):
@@ -261,7 +264,8 @@ def recover(path: str | Path) -> Recovered:
             out.execute("PRAGMA journal_mode=WAL")
             out.executescript(SCHEMA)
             out.execute("BEGIN")
-            out.executemany(f"INSERT INTO jobs({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            marks = ",".join("?" * len(COLUMNS.split(",")))
+            out.executemany(f"INSERT INTO jobs({COLUMNS}) VALUES ({marks})", rows)
             out.execute("COMMIT")
         finally:
             out.close()  # checkpoints: the new journal is one self-contained file
@@ -374,17 +378,22 @@ def _indexed(con: sqlite3.Connection) -> set[int]:
 
 
 def _columns(con: sqlite3.Connection) -> str:
-    """COLUMNS as this journal has them: one written before jobs had owners reads NULL there."""
+    """COLUMNS as this journal has them: one written before jobs had owners, or before generate
+    jobs had params, reads NULL there."""
     try:
         have = {r[1] for r in con.execute("PRAGMA table_info(jobs)")}
     except sqlite3.DatabaseError:
         have = set()
-    return COLUMNS if "owner" in have else COLUMNS.replace(", owner", ", NULL")
+    columns = COLUMNS
+    for late in ("owner", "params"):
+        if late not in have:
+            columns = columns.replace(f", {late}", ", NULL")
+    return columns
 
 
 def _well_formed(r: tuple) -> bool:
-    seq, jid, model, task, text, deadline, attempts, state, finished, entry, emb, owner = r
-    if owner is not None and not isinstance(owner, str):
+    seq, jid, model, task, text, deadline, attempts, state, finished, entry, emb, owner, params = r
+    if any(x is not None and not isinstance(x, str) for x in (owner, params)):
         return False
     if not (isinstance(seq, int) and all(isinstance(x, str) for x in (jid, model, task, text))):
         return False

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wire.limits import Limits, config_fields
+
 
 class ConfigError(ValueError):
     pass
@@ -59,18 +61,6 @@ class Endpoints:
 
 
 @dataclass(slots=True)
-class Limits:
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_frames: int = 8
-    max_jobs_per_message: int = 1024
-    max_text_chars: int = 100_000
-    max_queued: int = 100_000
-    max_queued_bytes: int = 128 * 1024 * 1024
-    max_ids_per_message: int = 4096
-    max_unread_bytes: int = 64 * 1024 * 1024
-
-
-@dataclass(slots=True)
 class Journal:
     path: str = ""  # SQLite file; "" = a file in the run's temporary directory, gone at exit
     durability: str = "batch"  # sync | batch | off
@@ -110,7 +100,10 @@ class Config:
         return self.parallel.tensor * self.parallel.pipeline
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every config key and its value (what from_dict reads back)."""
+        out = dataclasses.asdict(self)
+        out["limits"] = {f.name: getattr(self.limits, f.name) for f in config_fields()}
+        return out
 
 
 def load(path: str | Path | None, sets: list[str] = ()) -> Config:
@@ -137,11 +130,11 @@ def from_dict(raw: dict[str, Any]) -> Config:
     cfg = Config()
     for key, value in raw.items():
         if isinstance(value, dict):
-            section = _section(cfg, key)
+            _section(cfg, key)
             for sub, v in value.items():
-                _assign(section, f"{key}.{sub}", sub, v)
+                _assign(cfg, key, f"{key}.{sub}", sub, v)
         else:
-            _assign(cfg, key, key, value)
+            _assign(cfg, "", key, key, value)
     return cfg
 
 
@@ -152,8 +145,7 @@ def override(cfg: Config, key: str, text: str) -> None:
     except tomllib.TOMLDecodeError:
         value = text
     section, _, name = key.rpartition(".")
-    target = _section(cfg, section) if section else cfg
-    _assign(target, key, name, value)
+    _assign(cfg, section, key, name, value)
 
 
 def _section(cfg: Config, name: str) -> Any:
@@ -162,8 +154,10 @@ def _section(cfg: Config, name: str) -> Any:
     return getattr(cfg, name)
 
 
-def _assign(target: Any, key: str, name: str, value: Any) -> None:
-    fields = {f.name: f for f in dataclasses.fields(target)}
+def _assign(cfg: Config, section: str, key: str, name: str, value: Any) -> None:
+    """Set `name` in `section` of cfg ("" = top level) to a value checked against its default."""
+    target = _section(cfg, section) if section else cfg
+    fields = {f.name: f for f in dataclasses.fields(target) if f.metadata.get("config", True)}
     if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
         raise ConfigError(f"unknown config key {key!r}")
     want = type(getattr(target, name))
@@ -171,7 +165,11 @@ def _assign(target: Any, key: str, name: str, value: Any) -> None:
         value = float(value)
     if type(value) is not want:
         raise ConfigError(f"config key {key!r} must be {want.__name__}, got {value!r}")
-    setattr(target, name, value)
+    if section and target.__dataclass_params__.frozen:
+        # [limits] is the wire's own record, which no holder may change under another
+        setattr(cfg, section, dataclasses.replace(target, **{name: value}))
+    else:
+        setattr(target, name, value)
 
 
 def check(cfg: Config) -> None:
@@ -184,14 +182,7 @@ def check(cfg: Config) -> None:
         "parallel.pipeline": cfg.parallel.pipeline,
         "batching.max_batch_tokens": cfg.batching.max_batch_tokens,
         "pipeline.max_inflight": cfg.pipeline.max_inflight,
-        "limits.max_message_bytes": cfg.limits.max_message_bytes,
-        "limits.max_frames": cfg.limits.max_frames,
-        "limits.max_jobs_per_message": cfg.limits.max_jobs_per_message,
-        "limits.max_text_chars": cfg.limits.max_text_chars,
-        "limits.max_queued": cfg.limits.max_queued,
-        "limits.max_queued_bytes": cfg.limits.max_queued_bytes,
-        "limits.max_ids_per_message": cfg.limits.max_ids_per_message,
-        "limits.max_unread_bytes": cfg.limits.max_unread_bytes,
+        **{f"limits.{f.name}": getattr(cfg.limits, f.name) for f in config_fields()},
         "workers.heartbeat_ms": cfg.workers.heartbeat_ms,
         "workers.dead_after_ms": cfg.workers.dead_after_ms,
         "workers.start_timeout_s": cfg.workers.start_timeout_s,

@@ -35,7 +35,6 @@ from controller.scheduler import MicroBatch, Scheduler
 from controller.sequence import Refusal, Sequence
 from controller.supervisor import Supervisor
 from controller.tasks import (
-    PROMPT_TOO_LONG,
     Codec,
     Generate,
     Task,
@@ -56,11 +55,6 @@ from wire.protocol import (
 from wire.transport import configure, recv_batch
 
 log = logging.getLogger("baton.controller")
-
-# the streaming kind of issue 7 (wire.protocol.Kind gains TOKENS; encode sends the string alike)
-TOKENS = getattr(Kind, "TOKENS", "tokens")
-# bytes of a job's sampling parameters in a `jobs` message, at most (7 short keys and values)
-PARAMS_BYTES = 256
 
 
 class Controller:
@@ -437,7 +431,7 @@ class Controller:
             return
 
         def build(a: int, b: int) -> list:
-            return self.frames(TOKENS, {"deltas": deltas[a:b]})
+            return self.frames(Kind.TOKENS, {"deltas": deltas[a:b]})
 
         for frames in fitted(build, len(deltas), self.limits.max_message_bytes):
             self.link.send_multipart(frames, copy=False)
@@ -449,7 +443,7 @@ class Controller:
             self.fail(late, Code.DEADLINE, "the deadline passed before the job ran")
         if self.sched.unfit:
             unfit, self.sched.unfit = self.sched.unfit, []
-            self.fail(unfit, PROMPT_TOO_LONG, "the sequence no longer fits the KV cache")
+            self.fail(unfit, Code.PROMPT_TOO_LONG, "the sequence no longer fits the KV cache")
 
     async def _dispatch(self) -> None:
         while True:
@@ -504,18 +498,11 @@ class Controller:
 
 
 def job_bytes(job: dict[str, Any]) -> int:
-    """What the broker counted for this job against our byte credit (wire.protocol.job_size).
-    A token-id prompt is counted at msgpack's widest int, and the parameters at their most:
-    counting more than the broker did only makes us ask again sooner, counting less could
-    leave us waiting for credit the broker thinks it has used."""
+    """What the broker counted for this job against our byte credit."""
     text = job.get("text")
-    n = job_size(job["id"], text if isinstance(text, str) else "")
-    ids = job.get("token_ids")
-    if isinstance(ids, list):
-        n += 9 * len(ids)
-    if "params" in job:
-        n += PARAMS_BYTES + 9 * len(job["params"].get("stop_token_ids") or ())
-    return n
+    return job_size(
+        job["id"], text if isinstance(text, str) else "", job.get("token_ids"), job.get("params")
+    )
 
 
 def identity(pid: int) -> bytes:

@@ -13,11 +13,6 @@ from workers.loader import ModelInfo
 from workers.models import load_info
 from workers.tokenizer import Encoded, Tokenizer
 
-# The typed codes of issue 7 (wire.protocol.Code gains them); strings travel the same way.
-EMPTY_PROMPT = "empty_prompt"
-PROMPT_TOO_LONG = "prompt_too_long"
-TOKEN_OUT_OF_RANGE = "token_out_of_range"
-
 
 def model_info(path: str, max_seq_length: int = 0) -> ModelInfo:
     """The one place the controller reads its model (the workers' loader reads it alike)."""
@@ -151,22 +146,22 @@ class Generate(Task):
         ):
             raise Refusal(str(Code.BAD_FIELD), "token_ids must be a list of ints")
         if not ids:
-            raise Refusal(EMPTY_PROMPT, "the prompt has no tokens")
+            raise Refusal(str(Code.EMPTY_PROMPT), "the prompt has no tokens")
         vocab = self.model.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise Refusal(TOKEN_OUT_OF_RANGE, f"token id {bad} is outside [0, {vocab})")
+            raise Refusal(str(Code.TOKEN_OUT_OF_RANGE), f"token id {bad} is outside [0, {vocab})")
         params = SamplingParams.parse(j.get("params"))
         need = len(ids) + params.max_new_tokens
         if need > self.model.max_position:
             raise Refusal(
-                PROMPT_TOO_LONG,
+                str(Code.PROMPT_TOO_LONG),
                 f"{len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the "
                 f"model's {self.model.max_position} positions",
             )
         if self.kv_tokens and need > self.kv_tokens:
             raise Refusal(
-                PROMPT_TOO_LONG,
+                str(Code.PROMPT_TOO_LONG),
                 f"{len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the "
                 f"KV cache's {self.kv_tokens} tokens (raise kv.memory)",
             )

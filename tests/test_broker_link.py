@@ -16,6 +16,7 @@ from broker.broker import Broker
 from broker.jobs import Job
 from broker.journal import Journal
 from wire.protocol import CONTROLLER_KINDS, Kind, Limits, Message, decode, encode, job_size
+from wire.transport import Heartbeat
 
 LIMITS = Limits(max_message_bytes=64_000)
 WAIT_S = 30
@@ -58,8 +59,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Broker, zmq.asyncio.Conte
         journal,
         LIMITS,
         backend_endpoint=f"ipc://{tmp_path}/broker",
-        heartbeat_s=0.05,
-        dead_after_s=60,
+        heartbeat=Heartbeat(0.05, 60),
     )
     running = asyncio.create_task(broker.run())
     try:

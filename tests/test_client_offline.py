@@ -17,7 +17,7 @@ import pytest
 import torch
 import zmq
 
-import baton.client as client_mod
+import baton.client.inflight as inflight_mod
 from baton.cli import main
 from baton.client import BlockingClient, Client, Result
 from baton.launch import free_port
@@ -294,7 +294,7 @@ async def test_busy_is_retried_after_the_hint():
 
 
 async def test_busy_forever_surfaces_after_bounded_attempts(monkeypatch):
-    monkeypatch.setattr(client_mod, "BUSY_BASE_S", 0.001)
+    monkeypatch.setattr(inflight_mod, "BUSY_BASE_S", 0.001)
 
     def handle(msg: Message, send: Send) -> None:
         send(Kind.ACCEPTED, {"ids": [], "ref": msg.body["ref"]})
@@ -303,7 +303,7 @@ async def test_busy_forever_surfaces_after_bounded_attempts(monkeypatch):
     with Peer(handle) as peer:
         async with Client(peer.endpoint, timeout_s=10) as c:
             (got,) = await c.embed(["a"])
-        assert len(peer.submits()) == client_mod.BUSY_ATTEMPTS + 1
+        assert len(peer.submits()) == inflight_mod.BUSY_ATTEMPTS + 1
     assert got.error["code"] == "busy"
 
 

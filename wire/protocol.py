@@ -9,13 +9,15 @@ allow-listed dtype and a shape whose size is checked against the frame before an
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import msgpack
 import torch
+
+from wire.limits import Limits
 
 VERSION = 1
 
@@ -32,6 +34,8 @@ class Kind(StrEnum):
     CANCELLED = "cancelled"
     PONG = "pong"
     ERROR = "error"
+    # controller -> broker -> each client waiting on the job: generated tokens as they come
+    TOKENS = "tokens"
     # controller <-> broker (STATUS, RESULTS and ERROR are reused)
     READY = "ready"
     CREDIT = "credit"
@@ -48,7 +52,7 @@ class Kind(StrEnum):
 
 CLIENT_KINDS = frozenset({Kind.SUBMIT, Kind.STATUS, Kind.CANCEL, Kind.PING})
 CONTROLLER_KINDS = frozenset(
-    {Kind.READY, Kind.CREDIT, Kind.RESULTS, Kind.REPORT, Kind.HEARTBEAT, Kind.ERROR}
+    {Kind.READY, Kind.CREDIT, Kind.RESULTS, Kind.TOKENS, Kind.REPORT, Kind.HEARTBEAT, Kind.ERROR}
 )
 
 
@@ -70,6 +74,9 @@ class Code(StrEnum):
     )
     EMPTY_TEXT = "empty_text"
     TEXT_TOO_LONG = "text_too_long"
+    EMPTY_PROMPT = "empty_prompt"  # a generate job's prompt (text or token_ids) is empty
+    PROMPT_TOO_LONG = "prompt_too_long"  # prompt tokens + max_new_tokens exceed the positions
+    TOKEN_OUT_OF_RANGE = "token_out_of_range"  # a token id outside [0, vocab_size)
     BUSY = "busy"  # queue full; retry after the hinted delay
     DUPLICATE_ID = "duplicate_id"
     CANCELLED = "cancelled"
@@ -91,28 +98,38 @@ class ProtocolError(Exception):
         self.ref: Any = None  # the request's ref, when its header could be read
 
 
-@dataclass(slots=True, frozen=True)
-class Limits:
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_frames: int = 8
-    # items in any one list of a header: msgpack refuses a longer list from its length prefix,
-    # before building it, so a message of millions of tiny items cannot stall a loop
-    max_items: int = 1 << 20
-
-
 # Bytes a job adds to a `jobs` message beyond its id and text: keys, task, deadline, attempts.
 JOB_OVERHEAD = 96
 # Bytes of a message that are not its items: kind, version, ref, map headers.
 ENVELOPE = 1024
+# msgpack's longest int (and float): a bound for any token id, whatever the model's vocabulary
+INT_BYTES = 9
+# a generate job's "token_ids" key and list header; its "params" map, every key and scalar value
+TOKENS_OVERHEAD = 16
+PARAMS_OVERHEAD = 160
 
 
-def job_size(job_id: str, text: str) -> int:
-    """An upper bound of the bytes one job takes in a `jobs` message (and in the broker's queue).
+def job_size(
+    job_id: str,
+    text: str = "",
+    token_ids: Sized | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> int:
+    """An upper bound of the bytes one job takes in a `jobs` message (and in the broker's queue):
+    its id, its text, and for a generate job its prompt `token_ids` and its `params` (as sent:
+    every default filled in). A `jobs` entry `j` measures as
+    `job_size(j["id"], j.get("text", ""), j.get("token_ids"), j.get("params"))`.
 
     Computed the same way on both sides of the broker <-> controller link, so that credit in
-    bytes means the same thing to both.
+    bytes means the same thing to both. Lists count by length alone, so it stays O(1) per job.
     """
-    return _utf8_len(job_id) + _utf8_len(text) + JOB_OVERHEAD
+    n = _utf8_len(job_id) + _utf8_len(text) + JOB_OVERHEAD
+    if token_ids is not None:
+        n += TOKENS_OVERHEAD + INT_BYTES * len(token_ids)
+    if params is not None:
+        stops = params.get("stop_token_ids")
+        n += PARAMS_OVERHEAD + INT_BYTES * (len(stops) if isinstance(stops, Sized) else 0)
+    return n
 
 
 def _utf8_len(s: str) -> int:
