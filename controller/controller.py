@@ -411,7 +411,7 @@ class Controller:
             part = entries[a:b]
             if emb is not None and a:
                 part = [{**e, "row": e["row"] - a} for e in part]
-            body = {"results": part, "stats": self.pipe.stats()}
+            body = {"results": part, "stats": self.stats()}
             return self.frames(Kind.RESULTS, body, [emb[a:b]] if emb is not None else [])
 
         for frames in fitted(build, len(entries), self.limits.max_message_bytes):
