@@ -39,10 +39,10 @@ def chain_hash(prev: bytes | None, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_sharing: bool = True) -> None:
         assert num_blocks > 0 and block_size > 0
         Sequence.block_size = block_size  # one block size per controller
-        self.block_size = block_size
+        self.block_size, self.prefix_sharing = block_size, prefix_sharing
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[bytes, int] = {}
         self.free: deque[int] = deque(range(num_blocks))  # free, no hash: taken first
@@ -83,6 +83,8 @@ class BlockManager:
         """The cached blocks seq's leading full blocks can share. The block holding its last
         token never counts: at least one token must be computed so the step yields logits."""
         out: list[Block] = []
+        if not self.prefix_sharing:
+            return out
         h: bytes | None = None
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = seq.block(i)
@@ -134,6 +136,8 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the full blocks among seq's computed tokens (K/V written by every stage)."""
+        if not self.prefix_sharing:
+            return
         full = min(seq.num_cached_tokens // self.block_size, len(seq.block_table))
         for i in range(seq.num_hashed_blocks, full):
             block = self.blocks[seq.block_table[i]]
@@ -148,7 +152,7 @@ class BlockManager:
 
     def reset(self, num_blocks: int | None = None) -> None:
         """Every block free and nothing cached: the workers' KV is gone (a replica restart)."""
-        self.__init__(num_blocks or self.num_blocks, self.block_size)
+        self.__init__(num_blocks or self.num_blocks, self.block_size, self.prefix_sharing)
 
     def stats(self) -> dict[str, int]:
         used = self.num_blocks - self.num_free

@@ -38,6 +38,7 @@ class Batching:
     max_batch_tokens: int = 4096
     max_wait_ms: float = 5.0
     padding_free: bool = True
+    static: bool = False  # generation: a batch runs until its longest member ends (comparison)
 
 
 @dataclass(slots=True)
@@ -51,6 +52,7 @@ class KV:
 
     block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
     memory: float = 0.25  # <= 1: fraction of the memory free after weights; > 1: bytes
+    prefix_sharing: bool = True  # full blocks of identical prefixes computed once (comparison)
 
 
 @dataclass(slots=True)

@@ -95,6 +95,8 @@ class Controller:
             cfg.batching.max_batch_tokens,
             cfg.batching.max_wait_ms,
             eos_token_id=self.info.eos_token_id,
+            groups=cfg.parallel.pipeline,
+            static=cfg.batching.static,
         )
         # jobs held here (queued or in flight) at most; enough to keep every in-flight slot full
         self.capacity = cfg.pipeline.max_inflight * max(64, cfg.batching.max_batch_tokens // 8)
@@ -146,7 +148,7 @@ class Controller:
         if bm is not None and bm.num_blocks == blocks:
             return False
         if bm is None:
-            self.sched.bm = BlockManager(blocks, self.cfg.kv.block_size)
+            self.sched.bm = BlockManager(blocks, self.cfg.kv.block_size, self.cfg.kv.prefix_sharing)
         else:
             self.sched.recompute_all(blocks)
         gen = self.tasks["generate"]

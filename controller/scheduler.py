@@ -78,8 +78,14 @@ class Scheduler:
         max_wait_ms: float,
         block_manager: BlockManager | None = None,
         eos_token_id: int | None = None,
+        groups: int = 1,
+        static: bool = False,
     ) -> None:
         self.budget = max_batch_tokens
+        # With P pipeline stages, the running sequences split into P micro-batches in flight at
+        # once, so every stage works on one while the others work on the rest.
+        self.groups = groups
+        self.static = static  # admit only into an empty running set (static batching)
         self.max_wait = max_wait_ms / 1000
         self.bm = block_manager  # None: the model does not generate
         self.eos = eos_token_id
@@ -252,6 +258,8 @@ class Scheduler:
             ready = []  # a suspect at the head goes now, alone: running ones would starve it
         # decodes first (their latency is what users see), then the prefills under way
         ready.sort(key=lambda s: s.num_tokens - s.num_cached_tokens > 1)
+        share = -(-len(self.running) // self.groups)  # this group's part of the running set
+        del ready[share:]
         batch = MicroBatch("generate", [], epoch=self.epoch)
         chosen: set[int] = set()
         used = 0
@@ -265,7 +273,8 @@ class Scheduler:
                 continue  # it was preempted itself
             self.bm.may_append(seq)
             used += self._put(batch, seq, q, chosen)
-        while not alone and self.waiting and not self.waiting[0].oneshot and used < self.budget:
+        admit = not alone and not (self.static and self.running)
+        while admit and self.waiting and not self.waiting[0].oneshot and used < self.budget:
             seq = self.waiting[0]
             if seq.deadline is not None and seq.deadline <= now:
                 self.waiting.popleft()

@@ -1,0 +1,43 @@
+"""The decoders on a GPU (`device = "cuda"`): greedy tokens equal transformers' argmax through the
+whole fleet, tensor 1 x pipeline 1. Skipped where no GPU is visible."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import start
+from decoders import check_greedy, gpt2, llama
+from test_generate import DECODER, joining, prompts
+
+from baton.client import Client
+from baton.launch import Fleet
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+WAIT_S = 240
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def fleet(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[tuple[Fleet, Path]]:
+    checkpoint = {"gpt2": gpt2, "llama": llama}[request.param](tmp_path_factory.mktemp("ckpt"))
+    f = start(f"model.path={checkpoint}", "device=cuda", *DECODER)
+    try:
+        yield f, checkpoint
+    finally:
+        assert f.stop() == 0
+
+
+def test_greedy_matches_transformers_on_cuda(fleet: tuple[Fleet, Path]) -> None:
+    f, checkpoint = fleet
+    first, later = prompts(4, seed=1), prompts(12, seed=2)
+
+    async def go():
+        async with Client(f.endpoint, timeout_s=WAIT_S) as client:
+            return await joining(client, first, later, 20)
+
+    for prompt, r in zip(first + later, asyncio.run(go()), strict=True):
+        assert r.ok, r.error
+        check_greedy(checkpoint, prompt, r.token_ids)
