@@ -46,13 +46,13 @@ from wire.protocol import (
     Code,
     Kind,
     Limits,
+    Message,
     ProtocolError,
-    decode,
     encode,
     fitted,
     job_size,
 )
-from wire.transport import configure, recv_batch
+from wire.transport import Heartbeat, Peer, configure, serve
 
 log = logging.getLogger("baton.controller")
 
@@ -73,6 +73,8 @@ class Controller:
         self.link.setsockopt(zmq.IDENTITY, identity(os.getpid()))
         configure(self.link, self.limits)
         self.link.connect(broker)
+        w = cfg.workers  # one heartbeat policy for the broker link and the workers' link
+        self.heartbeat = Heartbeat(w.heartbeat_ms / 1000, w.dead_after_ms / 1000)
         results = f"ipc://{run_dir}/results"
         self.sup = Supervisor(cfg, self.ctx, run_dir, results)
         self.sup.on_change = self.report
@@ -167,7 +169,7 @@ class Controller:
         self._register()
         loops = [
             asyncio.create_task(c)
-            for c in (self._listen(), self._dispatch(), self._collect(), self._beat())
+            for c in (self._listen(), self._dispatch(), self.pipe.collect(self._land), self._beat())
         ]
         await self.stopping.wait()
         # drain: the broker sends `stop` only once nothing is held, so whatever is left is lost work
@@ -238,38 +240,43 @@ class Controller:
         self._top_up()
 
     async def _listen(self) -> None:
-        while True:
-            for frames in await recv_batch(self.link):
-                try:
-                    msg = decode(frames, self.limits)
-                except ProtocolError as e:
-                    log.warning("bad message from broker: %s", e)
-                    if e.ref is not None:  # so the broker takes back the jobs it carried
-                        self.tell(
-                            Kind.ERROR, {"code": str(e.code), "message": e.message, "ref": e.ref}
-                        )
-                    continue
-                if msg.kind == Kind.JOBS:
-                    self._accept(msg.body["jobs"])
-                elif msg.kind == Kind.CANCEL:
-                    # their places (and KV blocks) go to others at once
-                    gone = self.sched.drop(set(msg.body["ids"]))
-                    if gone:
-                        self._done(len(gone))
-                elif msg.kind == Kind.STOP:
-                    self.stopping.set()
-                elif msg.kind == Kind.ERROR:
-                    code, epoch = msg.body.get("code"), msg.body.get("epoch")
-                    if code != Code.UNKNOWN_PEER:
-                        log.warning("broker says %s: %s", code, msg.body.get("message"))
-                    elif epoch in (None, self.epoch):
-                        self._rejoin()
-                    # else: an answer to a message of an older registration, already handled
+        await serve(
+            self.link,
+            self.limits,
+            {
+                Kind.JOBS: lambda _peer, msg: self._accept(msg.body["jobs"]),
+                Kind.CANCEL: self._cancel,
+                Kind.STOP: lambda _peer, _msg: self.stopping.set(),
+                Kind.ERROR: self._broker_error,
+                Kind.HEARTBEAT: lambda _peer, _msg: None,  # the broker's; nothing to do
+            },
+            refused=self._unreadable,
+            log=log,
+        )
+
+    def _unreadable(self, _peer: Peer, e: ProtocolError) -> None:
+        log.warning("bad message from broker: %s %s", e.code, e.message)
+        if e.ref is not None:  # so the broker takes back the jobs it carried
+            self.tell(Kind.ERROR, {"code": str(e.code), "message": e.message, "ref": e.ref})
+
+    def _cancel(self, _peer: Peer, msg: Message) -> None:
+        # their places (and KV blocks) go to others at once
+        gone = self.sched.drop(set(msg.body["ids"]))
+        if gone:
+            self._done(len(gone))
+
+    def _broker_error(self, _peer: Peer, msg: Message) -> None:
+        code, epoch = msg.body.get("code"), msg.body.get("epoch")
+        if code != Code.UNKNOWN_PEER:
+            log.warning("broker says %s: %s", code, msg.body.get("message"))
+        elif epoch in (None, self.epoch):
+            self._rejoin()
+        # else: an answer to a message of an older registration, already handled
 
     async def _beat(self) -> None:
         parent = os.getppid()
         while True:
-            await asyncio.sleep(self.cfg.workers.heartbeat_ms / 1000)  # the heartbeat period itself
+            await asyncio.sleep(self.heartbeat.period_s)  # the heartbeat period itself
             if os.getppid() != parent:  # `baton up` is gone: nobody will ever send `stop`
                 log.error("parent process gone; stopping")
                 self.stopping.set()
@@ -464,15 +471,12 @@ class Controller:
             await self.pipe.send(batch)
             self._top_up()
 
-    async def _collect(self) -> None:
-        while True:
-            landed = await self.pipe.recv()
-            if landed is None:
-                continue  # a batch from before a restart (requeued), or refused
-            if landed.flight.batch.oneshot:
-                self._finish_oneshot(landed)
-            else:
-                self._finish_step(landed.flight.batch, landed.token_ids or [])
+    def _land(self, landed: Landed) -> None:
+        """A batch out of the last stage (`Pipeline.collect` drops stale and refused ones)."""
+        if landed.flight.batch.oneshot:
+            self._finish_oneshot(landed)
+        else:
+            self._finish_step(landed.flight.batch, landed.token_ids or [])
 
     def _finish_oneshot(self, landed: Landed) -> None:
         mb, emb = landed.flight.batch, landed.emb

@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import torch
@@ -31,8 +31,8 @@ import zmq
 import zmq.asyncio
 
 from controller.scheduler import MicroBatch
-from wire.protocol import DTYPE_NAMES, VERSION, Kind, Limits, ProtocolError, decode, encode
-from wire.transport import configure
+from wire.protocol import DTYPE_NAMES, VERSION, Kind, Limits, Message, ProtocolError, encode
+from wire.transport import Peer, configure, serve
 from workers.packing import pack
 
 log = logging.getLogger("baton.pipeline")
@@ -300,17 +300,27 @@ class Pipeline:
             await sock.send_multipart(frames, copy=False)
         return flight
 
-    async def recv(self) -> Landed | None:
-        """The next finished batch; None for a stale batch id or an unreadable message. An
-        unreadable output whose header names its batch goes to `on_refused`, as a stage's
-        refusal would; one that names none is only logged."""
-        try:
-            msg = decode(await self.out.recv_multipart(), self.limits, (Kind.OUTPUT,))
-        except ProtocolError as e:
-            log.error("unreadable output from the last stage: %s %s", e.code, e.message)
-            if e.ref is not None:
-                self.refused(e.ref, str(e.code), e.message)
-            return None
+    async def collect(self, landed: Callable[[Landed], None]) -> NoReturn:
+        """Take the last stage's outputs until cancelled (the wire's `serve`), each finished
+        batch to `landed`, in arrival order. A stale batch id is dropped. An unreadable output
+        whose header names its batch goes to `on_refused`, as a stage's refusal would; one that
+        names none is only logged."""
+
+        def output(_peer: Peer, msg: Message) -> None:
+            got = self.land(msg)
+            if got is not None:
+                landed(got)
+
+        await serve(self.out, self.limits, {Kind.OUTPUT: output}, refused=self._unreadable, log=log)
+
+    def _unreadable(self, _peer: Peer, e: ProtocolError) -> None:
+        log.error("unreadable output from the last stage: %s %s", e.code, e.message)
+        if e.ref is not None:
+            self.refused(e.ref, str(e.code), e.message)
+
+    def land(self, msg: Message) -> Landed | None:
+        """The batch an `output` message finishes, out of the pipeline; None for a stale batch
+        id, or for sampled tokens that do not fit the step (refused, as unreadable)."""
         batch = msg.body.get("batch")
         known = isinstance(batch, int) and not isinstance(batch, bool)
         flight = self.inflight.get(batch) if known else None

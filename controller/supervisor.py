@@ -1,8 +1,9 @@
 """Spawns a replica's workers, hears their heartbeats, notices deaths, and stops them.
 
 Workers are real processes (`python -m workers.main SPEC`). Each talks to the supervisor over one
-DEALER -> ROUTER control link; any message counts as a heartbeat. A worker is presumed dead when its
-process has exited or it has been silent for `dead_after_ms`.
+DEALER -> ROUTER control link, read by the wire's `serve`; any message counts as a heartbeat. A
+worker is presumed dead when its process has exited or, under the wire's `Heartbeat` policy, it has
+been silent for `dead_after_ms`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ import zmq
 import zmq.asyncio
 
 from controller.config import Config
-from wire.protocol import Kind, Limits, ProtocolError, decode, encode
-from wire.transport import configure, recv_batch, send
+from wire.protocol import Kind, Limits, Message, encode
+from wire.transport import Handler, Heartbeat, Peer, Pulse, configure, send, serve
 from workers.main import Spec, device_of
 
 log = logging.getLogger("baton.supervisor")
@@ -37,13 +38,13 @@ class Slot:
     """One worker position in the layout, and whichever process fills it now."""
 
     spec: Spec
+    pulse: Pulse  # its liveness: heard from, heartbeats sent to it
     proc: subprocess.Popen | None = None
     pid: int | None = None
     state: str = "starting"  # starting -> ready -> dead | stopped
     restarts: int = 0
     cause: str = ""
     kv_blocks: int | None = None  # KV blocks its kv.memory holds (its `ready`; decoders only)
-    seen: float = field(default_factory=time.monotonic)
 
     def row(self) -> dict[str, Any]:
         s = self.spec
@@ -73,6 +74,8 @@ class Supervisor:
         self.ctl = ctx.socket(zmq.ROUTER)
         configure(self.ctl, self.limits, mandatory=True)
         self.ctl.bind(f"ipc://{run_dir}/ctl")
+        w = cfg.workers
+        self.heartbeat = Heartbeat(w.heartbeat_ms / 1000, w.dead_after_ms / 1000)
         tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
         threads = cfg.workers.threads or max(1, (os.cpu_count() or 1) // (tp * pp))
         self.slots: list[Slot] = []
@@ -107,7 +110,8 @@ class Supervisor:
                             max_message_bytes=cfg.limits.max_message_bytes,
                             max_frames=cfg.limits.max_frames,
                             **kv_fields(cfg),
-                        )
+                        ),
+                        self.heartbeat.pulse(time.monotonic()),
                     )
                 )
         self.all_ready = asyncio.Event()
@@ -140,7 +144,8 @@ class Supervisor:
                 [sys.executable, "-m", "workers.main", slot.spec.to_json()],
                 stdin=subprocess.DEVNULL,
             )
-            slot.pid, slot.state, slot.seen = slot.proc.pid, "starting", time.monotonic()
+            slot.pid, slot.state = slot.proc.pid, "starting"
+            slot.pulse = self.heartbeat.pulse(time.monotonic())
             slot.kv_blocks = None  # a fresh worker says again in its `ready`
 
     async def wait_ready(self) -> None:
@@ -157,47 +162,68 @@ class Supervisor:
         await asyncio.gather(self._listen(), self._watch())
 
     async def _listen(self) -> None:
-        while True:
-            for frames in await recv_batch(self.ctl):
-                try:
-                    msg = decode(frames[1:], self.limits)
-                except ProtocolError as e:
-                    log.warning("bad control message: %s", e)
-                    continue
-                rank = msg.body.get("rank")
-                if not isinstance(rank, int) or not 0 <= rank < len(self.slots):
-                    continue
-                slot = self.slots[rank]
-                slot.seen = time.monotonic()
-                if msg.kind == Kind.HELLO:
-                    slot.pid = msg.body.get("pid", slot.pid)
-                elif msg.kind == Kind.READY:
-                    kv = msg.body.get("kv_blocks")
-                    valid = isinstance(kv, int) and not isinstance(kv, bool) and kv >= 0
-                    slot.kv_blocks = kv if valid else None
-                    slot.state = "ready"
-                    if all(s.state == "ready" for s in self.slots):
-                        self.all_ready.set()
-                    self.on_change()
-                elif msg.kind == Kind.FAILED:
-                    self.on_failed(msg.body)
+        await serve(
+            self.ctl,
+            self.limits,
+            {
+                Kind.HELLO: self._worker(self._hello),
+                Kind.READY: self._worker(self._ready),
+                Kind.FAILED: self._worker(lambda _slot, msg: self.on_failed(msg.body)),
+                Kind.HEARTBEAT: self._worker(lambda _slot, _msg: None),  # its arrival was the point
+            },
+            routed=True,
+            refused=lambda _peer, e: log.warning("bad control message: %s %s", e.code, e.message),
+            log=log,
+        )
+
+    def _worker(self, handler: Callable[[Slot, Message], None]) -> Handler:
+        """A handler for a message from the worker its `rank` names; others are dropped."""
+
+        def known(_peer: Peer, msg: Message) -> None:
+            rank = msg.body.get("rank")
+            if not isinstance(rank, int) or not 0 <= rank < len(self.slots):
+                return
+            slot = self.slots[rank]
+            slot.pulse.hear(time.monotonic())  # any traffic is a heartbeat
+            handler(slot, msg)
+
+        return known
+
+    def _hello(self, slot: Slot, msg: Message) -> None:
+        slot.pid = msg.body.get("pid", slot.pid)
+
+    def _ready(self, slot: Slot, msg: Message) -> None:
+        kv = msg.body.get("kv_blocks")
+        valid = isinstance(kv, int) and not isinstance(kv, bool) and kv >= 0
+        slot.kv_blocks = kv if valid else None
+        slot.state = "ready"
+        if all(s.state == "ready" for s in self.slots):
+            self.all_ready.set()
+        self.on_change()
 
     async def _watch(self) -> None:
-        period = self.cfg.workers.heartbeat_ms / 1000
-        dead_after = self.cfg.workers.dead_after_ms / 1000
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(period)  # the heartbeat period itself
+            await asyncio.sleep(self.heartbeat.period_s)  # the heartbeat period itself
             now = time.monotonic()
+            if self.heartbeat.stalled(now - last):
+                # the workers' silence is ours (their heartbeats wait unread): judge from now on
+                log.warning("the supervisor was stalled for %.1f s", now - last)
+                for slot in self.slots:
+                    slot.pulse.hear(now)
+            last = now
             for slot in self.slots:
                 if slot.state not in ("starting", "ready") or slot.proc is None:
                     continue
                 code = slot.proc.poll()
                 if code is not None:
                     self._dead(slot, f"exited with code {code}")
-                elif slot.state == "ready" and now - slot.seen > dead_after:
-                    self._dead(slot, f"silent for {now - slot.seen:.1f} s")
-                else:
-                    send(self.ctl, [f"w{slot.spec.rank}".encode(), *encode(Kind.HEARTBEAT)])
+                elif slot.state == "ready" and slot.pulse.silent(now):
+                    self._dead(slot, f"silent for {slot.pulse.quiet_s(now):.1f} s")
+                elif slot.pulse.due(now) and send(
+                    self.ctl, [f"w{slot.spec.rank}".encode(), *encode(Kind.HEARTBEAT)]
+                ):
+                    slot.pulse.beat(now)
 
     def _dead(self, slot: Slot, cause: str) -> None:
         log.error("worker %d (pid %s) dead: %s", slot.spec.rank, slot.pid, cause)

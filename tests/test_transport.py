@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+import zmq
 
 from wire.protocol import Code, Kind, Limits, Message, ProtocolError, decode, encode
-from wire.transport import Heartbeat, Peer, dispatch
+from wire.transport import Heartbeat, Peer, dispatch, drain
 
 LOG = logging.getLogger("test")
 
@@ -49,6 +50,29 @@ def test_refusals_are_answered_with_a_typed_error_naming_the_ref() -> None:
 def test_a_handlers_bug_is_answered_internal_and_the_loop_goes_on() -> None:
     answered, _ = run(encode(Kind.PING), {Kind.PING: lambda p, m: 1 / 0})
     assert answered[0][1].body["code"] == "internal"
+
+
+def test_drain_dispatches_what_is_queued_without_blocking() -> None:
+    # the synchronous loop's step (a worker's): the same dispatch, up to `most` at a time
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        pull.bind("inproc://drain")
+        push.connect("inproc://drain")
+        for frames in (encode(Kind.PING, {"ref": 1}), [b"\xc1"], encode(Kind.PING, {"ref": 3})):
+            push.send_multipart(frames)
+        while not pull.poll(1000):  # bounded: inproc delivers at once
+            pass
+        got: list = []
+        refused: list = []
+        handlers = {Kind.PING: lambda p, m: got.append(m.body["ref"])}
+        on_refused = lambda p, e: refused.append(e.code)  # noqa: E731
+        assert drain(pull, Limits(), handlers, most=1, refused=on_refused) == 1
+        assert drain(pull, Limits(), handlers, refused=on_refused) == 2
+        assert drain(pull, Limits(), handlers, refused=on_refused) == 0  # nothing left: no wait
+        assert got == [1, 3] and refused == ["malformed"]
+    finally:
+        ctx.destroy(linger=0)
 
 
 def test_heartbeat_due_silent_and_stalled() -> None:

@@ -146,6 +146,32 @@ async def serve(
             )
 
 
+def drain(
+    sock: zmq.Socket,
+    limits: Limits,
+    handlers: Mapping[str, Handler],
+    *,
+    most: int = 256,
+    refused: Callable[[Peer, ProtocolError], Any] | None = None,
+    log: logging.Logger | None = None,
+) -> int:
+    """One round of `serve` for a loop that cannot await (a worker running torch between its
+    polls): decode and dispatch, in arrival order, up to `most` messages already queued on the
+    synchronous DEALER or PULL `sock`, without blocking. Returns how many were taken; the rest
+    stay queued for the caller's next poll. Refusals go to `refused`, as in `serve`."""
+    log = log or logging.getLogger("baton.wire")
+    kinds = frozenset(handlers)
+    taken = 0
+    while taken < most:
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        taken += 1
+        dispatch(Peer(), frames, limits, handlers, kinds, None, refused, log)
+    return taken
+
+
 def dispatch(
     peer: Peer,
     frames: list,
@@ -156,7 +182,7 @@ def dispatch(
     refused: Callable[[Peer, ProtocolError], Any] | None,
     log: logging.Logger,
 ) -> None:
-    """One message of `serve`: decode, call its handler, answer what went wrong."""
+    """One message of `serve` or `drain`: decode, call its handler, answer what went wrong."""
     msg = None
     try:
         msg = decode(frames, limits, kinds)

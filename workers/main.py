@@ -1,8 +1,10 @@
 """One worker process: one device, one TP shard of one pipeline stage's layers.
 
 The loop waits (bounded) on two sockets: `ctl`, a DEALER to its controller (hello, ready,
-heartbeats both ways, stop), and `inp`, a PULL that delivers micro-batches in order. Each batch is
-run through the stage and pushed on: to the same TP rank of the next stage, or, from the last
+heartbeats both ways, stop), and `inp`, a PULL that delivers micro-batches in order. It is
+synchronous (torch runs between polls): each ready message is decoded and dispatched by the wire's
+`drain`, the same step the asyncio loops' `serve` takes, and the controller's liveness is judged by
+the wire's `Heartbeat` policy. Each batch is run through the stage and pushed on: to the same TP rank of the next stage, or, from the last
 stage's rank 0, to the controller. Every rank of a stage sees the same batches in the same order,
 so their collectives line up without any extra coordination.
 """
@@ -20,8 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 import zmq
 
-from wire.protocol import Code, Kind, Limits, ProtocolError, decode, encode
-from wire.transport import configure
+from wire.protocol import Code, Kind, Limits, Message, ProtocolError, encode
+from wire.transport import Heartbeat, Peer, configure, drain
 from workers.layers.parallel import close, init_tp_group
 from workers.models import load_info
 from workers.runner import ModelRunner
@@ -102,12 +104,13 @@ class Worker:
             self.out = self.ctx.socket(zmq.PUSH)
             configure(self.out)
             self.out.connect(spec.out)
-        self.heard = time.monotonic()
-        self.said = 0.0
+        self.heartbeat = Heartbeat(spec.heartbeat_ms / 1000, spec.dead_after_ms / 1000)
+        self.controller = self.heartbeat.pulse(time.monotonic())  # the controller's liveness
+        self.stopping = False
 
     def tell(self, kind: Kind, **body: object) -> None:
         self.ctl.send_multipart(encode(kind, {"rank": self.spec.rank, **body}))
-        self.said = time.monotonic()
+        self.controller.beat(time.monotonic())  # any message is a heartbeat to the controller
 
     def start(self) -> None:
         s = self.spec
@@ -126,34 +129,41 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.ctl, zmq.POLLIN)
         poller.register(self.inp, zmq.POLLIN)
-        period = self.spec.heartbeat_ms / 1000
+        control = {Kind.STOP: self._stop, Kind.HEARTBEAT: lambda _peer, _msg: None}
+        batches = {Kind.BATCH: self.step}
         parent = os.getppid()
         while True:
-            events = dict(poller.poll(self.spec.heartbeat_ms))
+            events = dict(poller.poll(self.spec.heartbeat_ms))  # bounded: never an infinite poll
             now = time.monotonic()
             if self.ctl in events:
-                self.heard = now
-                while self.ctl.poll(0):
-                    if decode(self.ctl.recv_multipart(), self.limits).kind == Kind.STOP:
-                        return
+                self.controller.hear(now)  # any traffic is a heartbeat
+                drain(self.ctl, self.limits, control, refused=self._unreadable, log=log)
+                if self.stopping:
+                    return
             if self.inp in events:
-                self.step(self.inp.recv_multipart())
-            if now - self.said >= period:
+                drain(self.inp, self.batch_limits, batches, most=1, refused=self._refused, log=log)
+            if self.controller.due(now):
                 self.tell(Kind.HEARTBEAT)
             # an orphan must not linger: its controller is gone or has gone silent
-            if os.getppid() != parent or now - self.heard > self.spec.dead_after_ms / 1000:
+            if os.getppid() != parent or self.controller.silent(now):
                 log.error("worker %d: controller gone; exiting", self.spec.rank)
                 return
 
-    def step(self, frames: list[bytes]) -> None:
-        """Run one batch and pass it on. A batch refused here (unreadable, or its result too large
-        to send) is reported `failed` and dropped: the controller takes it out of the pipeline.
-        Every TP rank of a stage refuses the same batch alike (their inputs are identical), so
-        their collectives stay in step. Anything else is reported as fatal and ends the worker:
-        its TP group may be broken, and the replica restart takes the batch back."""
+    def _stop(self, _peer: Peer, _msg: Message) -> None:
+        self.stopping = True
+
+    def _unreadable(self, _peer: Peer, e: ProtocolError) -> None:
+        log.warning("worker %d: bad control message: %s %s", self.spec.rank, e.code, e.message)
+
+    def step(self, _peer: Peer, msg: Message) -> None:
+        """Run one batch (decoded by `drain` under the batch limits) and pass it on. A batch
+        refused here (unreadable, or its result too large to send) goes to `_refused`: reported
+        `failed` and dropped, and the controller takes it out of the pipeline. Every TP rank of a
+        stage refuses the same batch alike (their inputs are identical), so their collectives
+        stay in step. Anything else is reported as fatal and ends the worker: its TP group may be
+        broken, and the replica restart takes the batch back."""
         batch = -1
         try:
-            msg = decode(frames, self.batch_limits, (Kind.BATCH,))
             batch = msg.body["batch"]
             if (
                 FAULT_TOKEN >= 0
@@ -181,21 +191,11 @@ class Worker:
                 )
             self.out.send_multipart(sent, copy=False)
         except ProtocolError as e:
-            if batch == -1 and e.ref is not None:
-                batch = e.ref  # refused by decode: the header still named the batch
-            log.warning(
-                "worker %d: refused batch %s: %s %s", self.spec.rank, batch, e.code, e.message
-            )
-            self.tell(
-                Kind.FAILED,
-                batch=batch,
-                stage=self.spec.stage,
-                code=str(e.code),
-                message=e.message,
-                fatal=False,
-            )
+            e.ref = batch  # refused while running: `_refused` reports the batch it names
+            raise
         except Exception as e:
-            # a failed collective leaves the group unusable: report, then let the supervisor restart us
+            # a failed collective leaves the group unusable: report, then let the supervisor
+            # restart us (SystemExit passes `drain`, which survives only a handler's bugs)
             log.exception("worker %d: batch %s failed", self.spec.rank, batch)
             self.tell(
                 Kind.FAILED,
@@ -205,7 +205,20 @@ class Worker:
                 message=f"{type(e).__name__}: {e}",
                 fatal=True,
             )
-            raise
+            raise SystemExit(1) from e
+
+    def _refused(self, _peer: Peer, e: ProtocolError) -> None:
+        """A batch refused by decode (its header's ref names it, when readable) or by `step`."""
+        batch = -1 if e.ref is None else e.ref
+        log.warning("worker %d: refused batch %s: %s %s", self.spec.rank, batch, e.code, e.message)
+        self.tell(
+            Kind.FAILED,
+            batch=batch,
+            stage=self.spec.stage,
+            code=str(e.code),
+            message=e.message,
+            fatal=False,
+        )
 
     def close(self) -> None:
         if hasattr(self, "tp"):
