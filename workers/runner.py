@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from workers import models
-from workers.layers.attention import Attention, Context
+from workers.layers.attention import Attention, Context, Workspace
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo
 from workers.sampler import sample
@@ -77,8 +77,10 @@ class ModelRunner:
         self.kv_cache = torch.empty(
             len(layers), 2, slots, kv_heads, d, dtype=dtype, device=self.device
         )
+        workspace = Workspace()
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+            attn.block_size, attn.workspace = self.block_size, workspace
 
     @torch.inference_mode()
     def run(self, body: dict[str, Any], tensors: list[torch.Tensor]) -> Step:

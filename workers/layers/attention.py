@@ -18,22 +18,41 @@ from workers import packing
 @dataclass(slots=True)
 class Prefill:
     """One sequence computing several tokens: rows [start, start + q) of the batch; its keys
-    are the cache slots `slots` (all `ctx` of them), or None when they are exactly its new tokens
-    (nothing cached before: plain causal attention on them)."""
+    are the first `ctx` slots of its cache blocks `blocks`, or None when they are exactly its new
+    tokens (nothing cached before: plain causal attention on them)."""
 
     start: int
     q: int
-    slots: torch.Tensor | None
+    ctx: int
+    blocks: torch.Tensor | None
     mask: torch.Tensor | None  # [q, ctx], True where query i may see key j
 
 
 @dataclass(slots=True)
 class Decodes:
-    """Sequences computing one token each, attended in one call over their padded keys."""
+    """Sequences computing one token each, attended in one call over their keys, read block by
+    block into one buffer (the last block of each, and the rows past the longest, padding)."""
 
     rows: torch.Tensor  # [n] batch rows of their tokens
-    slots: torch.Tensor  # [n, max_ctx] cache slots of their keys (padding points at slot 0)
-    mask: torch.Tensor  # [n, 1, 1, max_ctx] True where the key is real
+    blocks: torch.Tensor  # [n, max_blocks] their cache blocks (padding points at block 0)
+    mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where the key is real
+
+
+class Workspace:
+    """One reusable buffer for the K/V a layer reads out of the paged cache. Every layer of a
+    stage runs in turn, so one buffer serves them all; reusing it spares the page faults of a
+    fresh multi-megabyte allocation per layer per step, which cost several times the copy."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0)
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        if self.buf.numel() < n or self.buf.dtype != like.dtype or self.buf.device != like.device:
+            self.buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        return self.buf[:n].view(shape)
 
 
 @dataclass(slots=True)
@@ -88,31 +107,25 @@ class Context:
         ).to(device)
         tables = block_tables.to(device=device, dtype=torch.int64)
 
-        def key_slots(i: int, n: int) -> torch.Tensor:
-            j = torch.arange(n, device=device)
-            return tables[i, j // block_size] * block_size + j % block_size
-
         prefills, decode_ids = [], []
         for i, (q, c) in enumerate(zip(seq_lens, context_lens, strict=True)):
             if q == 1 and c > 1:
                 decode_ids.append(i)
             elif q == c:
-                prefills.append(Prefill(starts[i], q, None, None))
+                prefills.append(Prefill(starts[i], q, c, None, None))
             else:
                 qpos = torch.arange(c - q, c, device=device)
                 mask = torch.arange(c, device=device)[None, :] <= qpos[:, None]
-                prefills.append(Prefill(starts[i], q, key_slots(i, c), mask))
+                blocks = tables[i, : -(-c // block_size)]
+                prefills.append(Prefill(starts[i], q, c, blocks, mask))
         decodes = None
         if decode_ids:
             ctx = torch.tensor([context_lens[i] for i in decode_ids], device=device)
-            width = int(ctx.max())
-            j = torch.arange(width, device=device)
-            real = j[None, :] < ctx[:, None]
-            blocks = tables[decode_ids][:, : -(-width // block_size)]
-            slots = blocks.gather(1, (j // block_size).expand(len(decode_ids), -1)) * block_size
-            slots = (slots + j % block_size).masked_fill(~real, 0)
+            width = -(-int(ctx.max()) // block_size)
+            blocks = tables[decode_ids][:, :width].clamp(min=0)
+            real = torch.arange(width * block_size, device=device)[None, :] < ctx[:, None]
             rows = torch.tensor([starts[i] for i in decode_ids], device=device)
-            decodes = Decodes(rows, slots, real[:, None, None, :])
+            decodes = Decodes(rows, blocks, real[:, None, None, :])
         return Context(
             seq_lens,
             positions,
@@ -132,6 +145,20 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.k_cache = self.v_cache = torch.empty(0)
+        self.block_size = 0
+        self.workspace = Workspace()  # the runner gives every layer of a stage the same one
+
+    def read(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `blocks` [n, m] out of the cache: [n, m * block_size, kv_heads, d] each."""
+        n, m = blocks.shape
+        shape = (2, n * m, self.block_size, self.kv_heads, self.head_dim)
+        out = self.workspace.take(shape, self.k_cache)
+        flat = blocks.flatten()
+        for cache, dest in zip((self.k_cache, self.v_cache), out, strict=True):
+            by_block = cache.view(-1, self.block_size, self.kv_heads, self.head_dim)
+            torch.index_select(by_block, 0, flat, out=dest)
+        k, v = out.view(2, n, m * self.block_size, self.kv_heads, self.head_dim)
+        return k, v
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context
@@ -146,17 +173,17 @@ class Attention(nn.Module):
         for p in ctx.prefills:
             rows = slice(p.start, p.start + p.q)
             qs = q[rows].transpose(0, 1)[None]
-            if p.slots is None:
+            if p.blocks is None:
                 ks, vs = (t[rows].transpose(0, 1)[None] for t in (k, v))
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
             else:
-                ks, vs = (c[p.slots].transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))
+                ks, vs = (t[0, : p.ctx].transpose(0, 1)[None] for t in self.read(p.blocks[None]))
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=gqa)
             out[rows] = o[0].transpose(0, 1)
         d = ctx.decodes
         if d is not None:
             qs = q[d.rows][:, :, None, :]  # [n, heads, 1, d]
-            ks, vs = (c[d.slots].transpose(1, 2) for c in (self.k_cache, self.v_cache))
+            ks, vs = (t.transpose(1, 2) for t in self.read(d.blocks))
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask, enable_gqa=gqa)
             out[d.rows] = o[:, :, 0, :]
         return out
