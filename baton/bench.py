@@ -233,7 +233,8 @@ def _token_stream(tok: Any, texts: list[str]) -> Callable[[int], list[int]]:
     def take(n: int) -> list[int]:
         nonlocal pos, nxt
         while len(ids) - pos < n:
-            batch = [texts[(nxt + i) % len(texts)] for i in range(chunk)]
+            # a space before each text, so that the stream reads as the texts with spaces between
+            batch = [" " + texts[(nxt + i) % len(texts)] for i in range(chunk)]
             nxt += chunk
             for enc in tok.encode_batch(batch, add_special_tokens=False):
                 ids.extend(enc.ids)
