@@ -5,8 +5,15 @@ is burstier; rate `inf` sends everything at once). Closed loop: `concurrency` jo
 topped up as results come back (through `Client.run`). Warm-up jobs run first and are not
 counted. Latency (`e2el`) is from handing a job to the client to its result arriving.
 
-The JSON uses vllm's names (`completed`, `request_throughput`, `p99_e2el_ms`, ...) so the same
-scripts can read both; `ttft`, `tpot` and `itl` will join `e2el` when generation does.
+Generate jobs are streamed, one `Client.generate_stream` each (under the same two loops), and
+timed per job: TTFT from handing the job over to its first token, TPOT = (e2el - ttft) /
+(output tokens - 1), ITL the gaps between deltas, per token (a delta of k tokens that came g
+after the one before counts k gaps of g / k, so a job's ITLs add up to e2el - ttft; tokens that
+came with the first one count 0). `generation` builds such a workload from the stdlib text.
+
+The JSON uses vllm's names (`completed`, `request_throughput`, `output_throughput`,
+`p99_ttft_ms`, `median_tpot_ms`, `mean_itl_ms`, `p99_e2el_ms`, ...) so the same scripts can read
+both; the TTFT, TPOT and ITL figures are there for runs with generate jobs.
 """
 
 from __future__ import annotations
@@ -30,17 +37,40 @@ from tqdm import tqdm
 from baton.client import Client, Result
 
 WORKLOADS = ("paragraphs", "docstrings")
-LATENCIES = ("e2el",)  # ttft, tpot, itl come with generation
+LATENCIES = ("e2el",)  # what every run measures
+GENERATION_LATENCIES = ("ttft", "tpot", "itl", "e2el")  # what a run with generate jobs measures
 PERCENTILES = (90, 99)
+# vllm's section titles; e2el keeps the title this table always had
+TITLES = {
+    "ttft": "Time to First Token",
+    "tpot": "Time per Output Token (excl. 1st token)",
+    "itl": "Inter-token Latency",
+    "e2el": "End-to-end Latency (e2el)",
+}
+# tokens a word of the stdlib text comes to in GPT-2-style BPE (1.3 for GPT-2's own, 1.45 for
+# baton.random_gpt2's): the length of a text prompt is aimed with it when no tokenizer is given
+TOKENS_PER_WORD = 1.4
 
 
 @dataclass(slots=True)
 class Sample:
-    """One job's outcome: its latency in seconds, its input tokens, its error code if it failed."""
+    """One job's outcome: its latency in seconds, its input tokens, its error code if it failed.
+    A generate job's also has its time to first token (s), output tokens, and inter-token
+    latencies (s, one per token after the first)."""
 
     e2el: float
     tokens: int = 0
     error: str = ""
+    ttft: float | None = None
+    output_tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first; None for fewer than two tokens (vllm's)."""
+        if self.ttft is None or self.output_tokens < 2:
+            return None
+        return (self.e2el - self.ttft) / (self.output_tokens - 1)
 
 
 @dataclass(slots=True)
@@ -65,6 +95,41 @@ class Load:
 class Run:
     samples: list[Sample] = field(default_factory=list)
     duration: float = 0.0
+    generate: bool = False  # it had generate jobs: TTFT, TPOT and ITL are reported
+    results: list[Result] | None = None  # generate jobs' results, when asked to keep them
+
+
+@dataclass(frozen=True, slots=True)
+class Lengths:
+    """A length distribution in tokens: `N` (fixed) or `MIN:MAX` (uniform, both included)."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, spec: str | int, what: str = "length") -> Lengths:
+        text = str(spec).strip()
+        low, sep, high = text.partition(":")
+        try:
+            out = cls(int(low), int(high) if sep else int(low))
+        except ValueError:
+            raise ValueError(f"{what} {text!r}: expected N or MIN:MAX (tokens)") from None
+        out.check(what)
+        return out
+
+    def check(self, what: str = "length") -> None:
+        if not 1 <= self.low <= self.high:
+            raise ValueError(f"{what} {self}: need 1 <= MIN <= MAX")
+
+    def draw(self, n: int, rng: random.Random) -> list[int]:
+        return [rng.randint(self.low, self.high) for _ in range(n)]
+
+    @property
+    def mean(self) -> float:
+        return (self.low + self.high) / 2
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}:{self.high}"
 
 
 # --- workloads ---
@@ -85,6 +150,133 @@ def workload(name: str, num: int, task: str = "embed") -> list[dict]:
     return [dict(rows[i % len(rows)]) for i in range(num)]
 
 
+def generation(
+    num: int,
+    input_len: Lengths | str = "32:256",
+    output_len: Lengths | str = "16:256",
+    *,
+    prefix_len: int = 0,
+    tokenizer: str | Path | Any | None = None,
+    source: str = "paragraphs",
+    seed: int = 0,
+    **fields: Any,
+) -> list[dict]:
+    """`num` generate jobs (no ids) on the stdlib text: prompts of `input_len` tokens, each after
+    the same `prefix_len`-token prefix when it is > 0 (as vllm's --random-prefix-len: the prefix
+    comes on top), and `max_new_tokens` drawn from `output_len` with `ignore_eos`, so every job
+    makes exactly that many tokens. Prompts are consecutive stretches of the text, so no two
+    share more than the prefix.
+
+    With `tokenizer` (a model directory, its tokenizer.json, or a `tokenizers.Tokenizer`) the
+    prompts are token ids of exactly those lengths; without, they are texts of about that many
+    tokens (TOKENS_PER_WORD), which the model's own tokenizer counts in `total_input_tokens`.
+    `fields` go into every job (temperature, seed, model, ...). Same arguments, same jobs."""
+    if num < 1:
+        raise ValueError("--num must be at least 1")
+    if prefix_len < 0:
+        raise ValueError("--prefix-len must not be negative")
+    if source not in WORKLOADS:
+        raise ValueError(f"generation prompts come from {' or '.join(WORKLOADS)}, not {source!r}")
+    ins = input_len if isinstance(input_len, Lengths) else Lengths.parse(input_len, "--input-len")
+    outs = (
+        output_len if isinstance(output_len, Lengths) else Lengths.parse(output_len, "--output-len")
+    )
+    ins.check("--input-len")
+    outs.check("--output-len")
+    rng = random.Random(seed)
+    in_lens, out_lens = ins.draw(num, rng), outs.draw(num, rng)
+    from baton import workload as w
+
+    texts = w.paragraphs() if source == "paragraphs" else w.docstrings()
+    if tokenizer is not None:
+        unit: Callable[[int], list] = _token_stream(_tokenizer(tokenizer), texts)
+    else:
+        unit = _word_stream(texts)
+    words = lambda n: max(1, round(n / TOKENS_PER_WORD))  # noqa: E731
+    prefix: list = []
+    if prefix_len:
+        prefix = unit(prefix_len if tokenizer is not None else words(prefix_len))
+    jobs = []
+    for n_in, n_out in zip(in_lens, out_lens, strict=True):
+        own = unit(n_in if tokenizer is not None else words(n_in))
+        job: dict[str, Any] = {"task": "generate", **fields}
+        if tokenizer is not None:
+            job["token_ids"] = prefix + own
+        else:
+            job["text"] = " ".join(prefix + own)
+        job["max_new_tokens"] = n_out
+        job["ignore_eos"] = True
+        jobs.append(job)
+    return jobs
+
+
+def _tokenizer(spec: str | Path | Any) -> Any:
+    if not isinstance(spec, str | Path):
+        return spec  # a tokenizers.Tokenizer already
+    from tokenizers import Tokenizer
+
+    path = Path(spec).expanduser()
+    path = path / "tokenizer.json" if path.is_dir() else path
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception for a missing or bad file
+        raise ValueError(f"tokenizer {path}: {e}") from None
+
+
+def _token_stream(tok: Any, texts: list[str]) -> Callable[[int], list[int]]:
+    """`take(n)`: the next n token ids of the texts encoded one after another, cycling."""
+    ids: list[int] = []
+    pos = 0
+    chunk = 256  # texts encoded as needed: a short workload does not encode the whole stdlib
+    nxt = 0
+
+    def take(n: int) -> list[int]:
+        nonlocal pos, nxt
+        while len(ids) - pos < n:
+            # a space before each text, so that the stream reads as the texts with spaces between
+            batch = [" " + texts[(nxt + i) % len(texts)] for i in range(chunk)]
+            nxt += chunk
+            for enc in tok.encode_batch(batch, add_special_tokens=False):
+                ids.extend(enc.ids)
+        out = ids[pos : pos + n]
+        pos += n
+        return out
+
+    return take
+
+
+def _word_stream(texts: list[str]) -> Callable[[int], list[str]]:
+    """`take(n)`: the next n words of the texts one after another, cycling."""
+    state = {"text": 0, "words": [], "pos": 0}
+
+    def take(n: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            if state["pos"] >= len(state["words"]):
+                state["words"] = texts[state["text"] % len(texts)].split()
+                state["text"] += 1
+                state["pos"] = 0
+                continue
+            k = min(n - len(out), len(state["words"]) - state["pos"])
+            out += state["words"][state["pos"] : state["pos"] + k]
+            state["pos"] += k
+        return out
+
+    return take
+
+
+# what a generate line of a workload file may set besides its prompt
+GENERATE_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "ignore_eos",
+    "stop_token_ids",
+)
+
+
 def read(path: Path) -> list[dict]:
     """The jobs of a `baton submit` input file, without their ids."""
     rows = []
@@ -96,9 +288,17 @@ def read(path: Path) -> list[dict]:
                 job = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-            if not isinstance(job, dict) or not isinstance(job.get("text"), str):
+            if not isinstance(job, dict):
                 raise ValueError(f"{path}:{n}: a job must be an object with a string 'text'")
-            rows.append({k: job[k] for k in ("task", "text", "model") if k in job})
+            if job.get("task") == "generate" and isinstance(job.get("token_ids"), list):
+                keys: tuple[str, ...] = ("task", "token_ids", "model", *GENERATE_FIELDS)
+            elif isinstance(job.get("text"), str):
+                keys = ("task", "text", "model")
+                if job.get("task") == "generate":
+                    keys += GENERATE_FIELDS
+            else:
+                raise ValueError(f"{path}:{n}: a job must be an object with a string 'text'")
+            rows.append({k: job[k] for k in keys if k in job})
     if not rows:
         raise ValueError(f"{path}: no jobs")
     return rows
@@ -123,9 +323,17 @@ def gaps(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[fl
 
 
 async def drive(
-    client: Client, jobs: list[dict], load: Load, tick: Callable[[], None] = lambda: None
+    client: Client,
+    jobs: list[dict],
+    load: Load,
+    tick: Callable[[], None] = lambda: None,
+    *,
+    keep: bool = False,
 ) -> Run:
-    """Every job through the fleet under `load`; one Sample per job."""
+    """Every job through the fleet under `load`; one Sample per job. Jobs go one stream each
+    when any is a generate job (`keep`: their Results are kept in `Run.results`)."""
+    if any(j.get("task") == "generate" for j in jobs):
+        return await _streamed(client, jobs, load, tick, keep)
     if load.concurrency is not None:
         return await _closed(client, jobs, load.concurrency, tick)
     return await _open(client, jobs, gaps(len(jobs), load.rate, load.burstiness, load.seed), tick)
@@ -208,6 +416,81 @@ async def _open(
     return run
 
 
+async def _streamed(
+    client: Client, jobs: list[dict], load: Load, tick: Callable[[], None], keep: bool
+) -> Run:
+    """One task per job, each timing its own stream: `concurrency` of them at a time (closed
+    loop), or each started at its arrival (open loop). Each stream's wait is bounded by the
+    client's timeout, so this is too; a client-side failure (timeout) ends the run."""
+    run = Run(generate=True, results=[] if keep else None)
+
+    async def one(job: dict) -> None:
+        sample, result = await _stream(client, job)
+        run.samples.append(sample)
+        if run.results is not None and result is not None:
+            run.results.append(result)
+        tick()
+
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.TaskGroup() as group:
+            if load.concurrency is not None:
+                todo = iter(jobs)  # shared: each worker takes the next job when its own ends
+
+                async def worker() -> None:
+                    for job in todo:
+                        await one(job)
+
+                for _ in range(min(load.concurrency, len(jobs))):
+                    group.create_task(worker())
+            else:
+                due = t0
+                waits = gaps(len(jobs), load.rate, load.burstiness, load.seed)
+                for job, wait in zip(jobs, waits, strict=True):
+                    due += wait
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)  # the arrival gap itself, not synchronisation
+                    group.create_task(one(job))
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None  # the first failure, as the other drivers do
+    run.duration = time.perf_counter() - t0
+    return run
+
+
+async def _stream(client: Client, job: dict) -> tuple[Sample, Result | None]:
+    """One job through `generate_stream` (other tasks through submit), timed as the module
+    docstring says."""
+    start = time.perf_counter()
+    if job.get("task") != "generate":
+        [fut] = await client.submit([job])
+        [r] = await client.results([fut])
+        return _sample(r, time.perf_counter() - start), None
+    fields = {k: v for k, v in job.items() if k not in ("task", "text", "token_ids")}
+    prompt = job["text"] if "text" in job else job["token_ids"]
+    ttft: float | None = None
+    itl: list[float] = []
+    last = start
+    result: Result | None = None
+    async for delta in client.generate_stream(prompt, **fields):
+        now = time.perf_counter()
+        k = len(delta.token_ids)
+        if k and ttft is None:
+            ttft = now - start
+            itl += [0.0] * (k - 1)  # came with the first token: no gap of their own
+        elif k:
+            itl += [(now - last) / k] * k
+        if k:
+            last = now
+        result = delta.result
+    e2el = time.perf_counter() - start
+    assert result is not None  # generate_stream always ends with the result
+    if not result.ok:
+        return _sample(result, e2el), result
+    n = len(result.token_ids or [])
+    return Sample(e2el, result.prompt_tokens, "", ttft, n, itl), result
+
+
 def _sample(r: Result, latency: float) -> Sample:
     if r.ok:
         return Sample(latency, r.tokens)
@@ -229,11 +512,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def metrics(run: Run, load: Load, goodput: dict[str, float] | None = None) -> dict[str, Any]:
-    """vllm bench serve's figures for one run; latencies of completed jobs only, in ms."""
+    """vllm bench serve's figures for one run; latencies of completed jobs only, in ms. TTFT,
+    TPOT and ITL (vllm's) are there when the run had generate jobs; TPOT counts jobs of two
+    tokens or more, as vllm's does."""
     ok = [s for s in run.samples if not s.error]
     duration = max(run.duration, 1e-9)
     tokens = sum(s.tokens for s in ok)
-    e2el = [s.e2el * 1000 for s in ok]
+    output = sum(s.output_tokens for s in ok)
     out: dict[str, Any] = {
         "completed": len(ok),
         "failed": len(run.samples) - len(ok),
@@ -243,16 +528,24 @@ def metrics(run: Run, load: Load, goodput: dict[str, float] | None = None) -> di
         "burstiness": load.burstiness,
         "max_concurrency": load.concurrency,
         "total_input_tokens": tokens,
-        "total_output_tokens": 0,  # embeddings generate nothing
+        "total_output_tokens": output,  # embeddings generate nothing
         "request_throughput": len(ok) / duration,
-        "output_throughput": 0.0,
-        "total_token_throughput": tokens / duration,
+        "output_throughput": output / duration,
+        "total_token_throughput": (tokens + output) / duration,
         "request_goodput": None,
     }
     if goodput:
-        good = sum(all(s.e2el * 1000 <= goodput[k] for k in goodput) for s in ok)
+        good = sum(all(_latency(s, k) * 1000 <= goodput[k] for k in goodput) for s in ok)
         out["request_goodput"] = good / duration
-    for name, values in (("e2el", e2el),):
+    series = {"e2el": [s.e2el * 1000 for s in ok]}
+    if run.generate:
+        series = {
+            "ttft": [s.ttft * 1000 for s in ok if s.ttft is not None],
+            "tpot": [t * 1000 for s in ok if (t := s.tpot) is not None],
+            "itl": [x * 1000 for s in ok for x in s.itl],
+            **series,
+        }
+    for name, values in series.items():
         out[f"mean_{name}_ms"] = statistics.fmean(values) if values else 0.0
         out[f"median_{name}_ms"] = percentile(values, 50)
         out[f"std_{name}_ms"] = statistics.pstdev(values) if values else 0.0
@@ -261,15 +554,30 @@ def metrics(run: Run, load: Load, goodput: dict[str, float] | None = None) -> di
     return out
 
 
-def slos(specs: list[str]) -> dict[str, float]:
-    """`KEY:MS` goodput bounds, vllm's `--goodput` syntax."""
+def _latency(s: Sample, key: str) -> float:
+    """A job's figure a goodput bound applies to, in s: its TTFT, TPOT (0 for a job of one
+    token, as vllm counts it), worst inter-token gap, or e2el."""
+    if key == "ttft":
+        return s.ttft or 0.0
+    if key == "tpot":
+        return s.tpot or 0.0
+    if key == "itl":
+        return max(s.itl, default=0.0)
+    return s.e2el
+
+
+def slos(specs: list[str], generate: bool = False) -> dict[str, float]:
+    """`KEY:MS` goodput bounds, vllm's `--goodput` syntax: a job is good when within all of
+    them. ttft, tpot and itl (the job's worst gap) only for generate jobs."""
     out = {}
+    keys = GENERATION_LATENCIES if generate else LATENCIES
     for spec in specs:
         key, sep, ms = spec.partition(":")
         if not sep:
             raise ValueError(f"--goodput {spec!r}: expected KEY:MS, e.g. e2el:500")
-        if key not in LATENCIES:
-            raise ValueError(f"--goodput {key!r}: only {', '.join(LATENCIES)} is measured here")
+        if key not in keys:
+            measured = ", ".join(keys)
+            raise ValueError(f"--goodput {key!r}: only {measured} can be bounded here")
         try:
             out[key] = float(ms)
         except ValueError:
@@ -281,18 +589,23 @@ def slos(specs: list[str]) -> dict[str, float]:
 
 def table(m: dict[str, Any]) -> str:
     """The summary, laid out as vllm prints it."""
+    generate = "mean_ttft_ms" in m
     rows: list[tuple[str, Any] | str] = [
         ("Successful requests:", m["completed"]),
         ("Failed requests:", m["failed"]),
         ("Benchmark duration (s):", f"{m['duration']:.2f}"),
         ("Total input tokens:", m["total_input_tokens"]),
-        ("Request throughput (req/s):", f"{m['request_throughput']:.2f}"),
     ]
+    if generate:
+        rows.append(("Total generated tokens:", m["total_output_tokens"]))
+    rows.append(("Request throughput (req/s):", f"{m['request_throughput']:.2f}"))
     if m["request_goodput"] is not None:
         rows.append(("Request goodput (req/s):", f"{m['request_goodput']:.2f}"))
+    if generate:
+        rows.append(("Output token throughput (tok/s):", f"{m['output_throughput']:.2f}"))
     rows.append(("Total token throughput (tok/s):", f"{m['total_token_throughput']:.2f}"))
-    for name in LATENCIES:
-        rows.append(f"End-to-end Latency ({name})")
+    for name in GENERATION_LATENCIES if generate else LATENCIES:
+        rows.append(TITLES[name])
         labels = {"mean": "Mean", "median": "Median", **{f"p{p}": f"P{p}" for p in PERCENTILES}}
         for stat, label in labels.items():
             rows.append((f"{label} {name.upper()} (ms):", f"{m[f'{stat}_{name}_ms']:.2f}"))
@@ -346,17 +659,34 @@ def run(endpoint: str, jobs: list[dict], load: Load, **kw: Any) -> dict[str, Any
     return uvloop.run(measure(endpoint, jobs, load, **kw))
 
 
+def jobs_of(args: Any, num: int, seed: int) -> list[dict]:
+    """`num` jobs as the command line asks: a generation workload for `--task generate` on a
+    built-in workload, else `workload`."""
+    if args.task == "generate" and args.workload in WORKLOADS:
+        return generation(
+            num,
+            args.input_len,
+            args.output_len,
+            prefix_len=args.prefix_len,
+            tokenizer=args.tokenizer,
+            source=args.workload,
+            seed=seed,
+        )
+    return workload(args.workload, num, args.task)
+
+
 def bench(args: Any) -> int:
     """`baton bench`: 0 when every job was answered (ok or error), 1 when the fleet was
     unreachable or jobs went unanswered, 2 for unusable arguments."""
     load = Load(args.rate, args.burstiness, args.concurrency, args.seed)
     try:
         load.check()
-        goodput = slos(args.goodput or [])
-        jobs = workload(args.workload, args.num, args.task)
+        goodput = slos(args.goodput or [], generate=args.task == "generate")
+        jobs = jobs_of(args, args.num, args.seed)
         if args.warmup < 0:
             raise ValueError("--warmup must not be negative")
-        warm = workload(args.workload, args.warmup, args.task) if args.warmup else []
+        # other prompts than the measured ones: a warm-up must not fill the prefix cache for them
+        warm = jobs_of(args, args.warmup, args.seed + 1) if args.warmup else []
     except (OSError, ValueError) as e:
         print(f"baton bench: {e}", file=sys.stderr)
         return 2

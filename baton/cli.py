@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "minilm.toml"
+GENERATE_CONFIG = DEFAULT_CONFIG.with_name("gpt2.toml")
 
 
 def _keys(p: argparse.ArgumentParser) -> None:
@@ -25,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="start a broker, controller and worker fleet")
-    up.add_argument("--config", required=True, help="TOML config file")
+    up.add_argument("-c", "--config", required=True, help="TOML config file")
     up.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
 
     s = sub.add_parser("submit", help="embed every job of a JSONL file")
@@ -52,10 +53,37 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("dir", metavar="DIR", help="where to write NAME.key and NAME.key_secret")
     k.add_argument("--name", default="baton", help="file name stem (default: baton)")
 
-    d = sub.add_parser("demo", help="start a fleet and embed a stdlib-docstring workload")
-    d.add_argument("--config", default=str(DEFAULT_CONFIG))
-    d.add_argument("--set", action="append", metavar="KEY=VALUE")
-    d.add_argument("--num", type=int, default=None, help="number of paragraphs")
+    d = sub.add_parser(
+        "demo", help="start a fleet and embed (or generate from) a stdlib-docstring workload"
+    )
+    d.add_argument(
+        "--task",
+        choices=("embed", "generate"),
+        default="embed",
+        help="generate: on configs/gpt2.toml, whose model (random weights, so its text is "
+        "noise) is made first when missing; prints output tokens/s, TTFT, TPOT and a sample",
+    )
+    d.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help=f"TOML config (default {DEFAULT_CONFIG.name}; {GENERATE_CONFIG.name} for generate)",
+    )
+    d.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key; generate with model.path=DIR runs on the model already in "
+        "DIR (a real Hugging Face GPT-2 or Llama, or a smaller random one made by "
+        "baton.random_gpt2.ensure, e.g. for a quick check)",
+    )
+    d.add_argument(
+        "--num",
+        type=int,
+        default=None,
+        help="number of paragraphs (default 8000), or of prompts for generate (default 128, "
+        "64 new tokens each)",
+    )
 
     b = sub.add_parser("bench", help="load-test a running fleet; vllm bench serve's figures")
     b.add_argument("--endpoint", required=True, help="the broker's client endpoint")
@@ -63,7 +91,42 @@ def parser() -> argparse.ArgumentParser:
         "--workload", default="paragraphs", help="paragraphs, docstrings, or a submit-style JSONL"
     )
     b.add_argument("--num", type=int, default=1000, help="jobs measured (a file is cycled)")
-    b.add_argument("--task", default="embed", help="task of a built-in workload's jobs")
+    b.add_argument(
+        "--task",
+        default="embed",
+        help="task of a built-in workload's jobs; generate: streamed, with TTFT, TPOT and ITL",
+    )
+    g = b.add_argument_group(
+        "generation (--task generate on a built-in workload: prompts from its stdlib text)"
+    )
+    g.add_argument(
+        "--input-len",
+        default="32:256",
+        metavar="N|MIN:MAX",
+        help="prompt tokens: fixed, or uniform in MIN..MAX (default 32:256); about that many "
+        "without --tokenizer",
+    )
+    g.add_argument(
+        "--output-len",
+        default="16:256",
+        metavar="N|MIN:MAX",
+        help="new tokens per job: fixed, or uniform in MIN..MAX (default 16:256); exact "
+        "(max_new_tokens with ignore_eos)",
+    )
+    g.add_argument(
+        "--prefix-len",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every prompt starts with the same N tokens, before its own --input-len",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="the model's directory (or its tokenizer.json): prompts become token ids of "
+        "exactly those lengths instead of texts",
+    )
     loop = b.add_mutually_exclusive_group()
     loop.add_argument(
         "--rate", type=float, default=float("inf"), help="open loop: jobs/s (inf = all at once)"
@@ -73,9 +136,12 @@ def parser() -> argparse.ArgumentParser:
         "--burstiness", type=float, default=1.0, help="Gamma shape of the gaps; 1 = Poisson"
     )
     b.add_argument("--warmup", type=int, default=32, help="jobs run first and not counted")
-    b.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps")
+    b.add_argument("--seed", type=int, default=0, help="seed of the arrival gaps and lengths")
     b.add_argument(
-        "--goodput", action="append", metavar="KEY:MS", help="latency bound, e.g. e2el:500"
+        "--goodput",
+        action="append",
+        metavar="KEY:MS",
+        help="latency bound, e.g. e2el:500; generate also ttft, tpot, itl (a job's worst gap)",
     )
     b.add_argument("--timeout", type=float, default=120.0, help="seconds without any progress")
     b.add_argument("--json", default=None, metavar="OUT", help="write the figures here")
@@ -117,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return make_keys(args.dir, args.name)
     if args.command == "demo":
+        if args.task == "generate":
+            from baton.demo import demo_generate
+
+            return demo_generate(args.config, args.set or [], args.num)
         from baton.demo import demo
 
-        return demo(args.config, args.set or [], args.num)
+        return demo(args.config or str(DEFAULT_CONFIG), args.set or [], args.num)
     if args.command == "bench":
         from baton.bench import bench
 

@@ -173,13 +173,32 @@ def table(body: dict) -> str:
         f"model   {body.get('model')}",
         f"layout  tensor {layout.get('tensor')} x pipeline {layout.get('pipeline')}",
         "jobs    " + "  ".join(f"{k} {v}" for k, v in jobs.items()),
-        "",
     ]
+    for c in body.get("controllers") or []:
+        lines += _generation_lines(c)
+    lines.append("")
     cols = ["rank", "pid", "stage", "tp_rank", "device", "state", "restarts"]
     rows = [cols] + [[str(w.get(c, "")) for c in cols] for w in body.get("workers") or []]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def _generation_lines(controller: dict) -> list[str]:
+    """A decoder controller's KV blocks and sequences; nothing for an encoder's (no "kv")."""
+    stats = controller.get("stats") or {}
+    kv = stats.get("kv")
+    if not isinstance(kv, dict):
+        return []
+    pid = controller.get("pid")
+    return [
+        f"kv      controller {pid}: blocks used {kv.get('blocks_used')}  free "
+        f"{kv.get('blocks_free')}  total {kv.get('blocks_total')} ({kv.get('block_size')} "
+        f"tokens each); cached prefixes {kv.get('blocks_cached')} blocks, "
+        f"{kv.get('prefix_hits_tokens')} prompt tokens served from them",
+        f"seqs    controller {pid}: waiting {stats.get('waiting')}  running "
+        f"{stats.get('running')}  preemptions {stats.get('preemptions')}",
+    ]
 
 
 def cancel(endpoint: str, ids: list[str], timeout: float = 10, keys: Keys = Keys()) -> int:

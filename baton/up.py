@@ -48,10 +48,14 @@ def up(config: str, sets: list[str]) -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cfg = load(config, sets)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"baton up: {e}", file=sys.stderr)
+        return 2
+    try:
         check_model(cfg, load_info(cfg.model.path))
         check_keys(cfg)
     except (ConfigError, ValueError, OSError) as e:
-        print(f"baton up: {e}", file=sys.stderr)
+        print(f"baton up: {e}{missing_model(cfg.model.path, config)}", file=sys.stderr)
         return 2
     try:
         return uvloop.run(serve(cfg))
@@ -140,6 +144,23 @@ async def unregistered(broker: Broker, ident: bytes, cfg: Config) -> None:
             missing_since = missing_since or now
             if now - missing_since > bound:
                 return
+
+
+def missing_model(path: str, config: str) -> str:
+    """How to get a model directory that is not there yet ("" when it is there: the error was
+    something else)."""
+    if path.startswith("package:"):
+        return ""
+    directory = Path(path).expanduser()
+    if (directory / "config.json").is_file():
+        return ""
+    return (
+        f"\nThere is no model at {directory} yet. To make a GPT-2-layout one with random weights "
+        f"there (no download; its text is noise), run:\n"
+        f"    baton demo --task generate --config {config}\n"
+        f"or point model.path at a Hugging Face model directory (config.json, "
+        f"model.safetensors, tokenizer.json): --set model.path=DIR"
+    )
 
 
 def keys(cfg: Config) -> Keys | None:
