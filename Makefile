@@ -33,7 +33,7 @@ format: venv
 	$(BIN)/ruff check --fix baton broker controller wire workers tests benchmarks
 
 # every benchmark alone: python -m benchmarks.NAME [--quick]; results in benchmarks/results/
-BENCHMARKS := efficiency padding pipeline tensor overhead soak
+BENCHMARKS := efficiency padding pipeline tensor overhead generation continuous prefix soak
 
 bench: venv
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || \

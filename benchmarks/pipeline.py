@@ -1,6 +1,9 @@
 """pipeline: pipeline 2 with several micro-batches in flight, against pipeline 2 with one at a
 time (`pipeline.max_inflight = 1`) and against pipeline 1; one torch thread per worker, so
-pipeline 2 has two cores to fill and pipeline 1 one. `docstrings`, closed loop.
+pipeline 2 has two cores to fill and pipeline 1 one. `docstrings`, closed loop. Then the same for
+generation (results/pipeline_generation.*): the GPT-2 layout of benchmarks/common.gpt2, pipeline 2
+with two groups of sequences in flight against pipeline 1, output tokens/s, and TTFT p99 and TPOT
+p50 under Poisson arrivals.
 """
 
 from __future__ import annotations
@@ -47,7 +50,46 @@ def main(argv: Sequence[str] | None = None) -> dict:
         {"workload": "docstrings", "num": num, "threads_per_worker": 1, "max_inflight": 4},
         disturbance=dist,
     )
-    return common.write(report, a.quick)
+    out = common.write(report, a.quick)
+    generation(a.quick, repeats)
+    return out
+
+
+def generation(quick: bool, repeats: int) -> dict:
+    model = common.gpt2()
+    num = 48 if quick else 128
+    outs = "16:128" if quick else "16:256"
+    jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
+    poisson = bench.generation(num // 2, "32:256", outs, tokenizer=model, seed=1)
+    rate = 0.5
+    one = [f"model.path={model}", "workers.threads=1"]
+    layouts = {"pp2 groups in flight": [*one, "parallel.pipeline=2"], "pp1": one}
+    with common.fleets(layouts, common.GPT2_CONFIG) as f:
+        dist: list[dict] = []
+        runs = common.interleave(
+            {n: lambda n=n: common.generate(f[n].endpoint, jobs, poisson, rate) for n in layouts},
+            repeats,
+            dist,
+            alternate=True,
+        )
+    report = Report(
+        "pipeline_generation",
+        "generation: pipeline 2 with two groups in flight vs pipeline 1 (1 thread/worker)",
+        "output_tokens_per_s",
+        runs,
+        {"pp2_vs_pp1": common.paired(runs, "pp2 groups in flight", "pp1", "output_tokens_per_s")},
+        [Target("pp2_vs_pp1", ">=", 1.6)],
+        {
+            "model": "GPT-2 layout 8 x 512, vocabulary 50257, random weights",
+            "jobs": num,
+            "input_tokens": "32:256",
+            "output_tokens": outs,
+            "threads_per_worker": 1,
+            "poisson_rate_jobs_per_s": rate,
+        },
+        disturbance=dist,
+    )
+    return common.write(report, quick)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""prefix: 300 jobs sharing a 384-token prefix, each with its own short suffix (8 to 32 tokens),
+32 new tokens each, with prefix sharing (`kv.prefix_sharing = true`: the prefix's full blocks
+are computed once and shared) and without, output tokens/s; the GPT-2 layout of
+benchmarks/common.gpt2 (8 x 512), tensor 1 x pipeline 1. Also TTFT p99 and TPOT p50 under
+Poisson arrivals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from baton import bench
+from benchmarks import common
+from benchmarks.common import Report, Target
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    a = common.args(__doc__, argv)
+    model = common.gpt2()
+    num = 60 if a.quick else 300
+    repeats = a.repeats or (1 if a.quick else 3)
+    # each job's own text sits on top of the shared 384 tokens
+    jobs = bench.generation(num, "8:32", "32", prefix_len=384, tokenizer=model, seed=0)
+    poisson = bench.generation(num // 5, "8:32", "32", prefix_len=384, tokenizer=model, seed=1)
+    rate = 2.0
+    layouts = {
+        "sharing": [f"model.path={model}"],
+        "no sharing": [f"model.path={model}", "kv.prefix_sharing=false"],
+    }
+    with common.fleets(layouts, common.GPT2_CONFIG) as f:
+        dist: list[dict] = []
+        runs = common.interleave(
+            {n: lambda n=n: common.generate(f[n].endpoint, jobs, poisson, rate) for n in layouts},
+            repeats,
+            dist,
+            alternate=True,
+        )
+    report = Report(
+        "prefix",
+        "300 jobs sharing a 384-token prefix, with and without prefix sharing, GPT-2 8 x 512",
+        "output_tokens_per_s",
+        runs,
+        {"sharing_vs_none": common.paired(runs, "sharing", "no sharing", "output_tokens_per_s")},
+        [Target("sharing_vs_none", ">=", 3.0)],
+        {
+            "model": "GPT-2 layout 8 x 512, vocabulary 50257, random weights",
+            "jobs": num,
+            "prefix_tokens": 384,
+            "suffix_tokens": "8:32",
+            "output_tokens": 32,
+            "poisson_rate_jobs_per_s": rate,
+        },
+        disturbance=dist,
+    )
+    return common.write(report, a.quick)
+
+
+if __name__ == "__main__":
+    main()
