@@ -351,6 +351,7 @@ class Controller:
         if flight is None:
             return  # another TP rank's report of it, or a batch a restart already took back
         mb = flight.batch
+        self.sched.landed(mb)
         seqs = [s for s in mb.seqs if not s.is_finished() or mb.oneshot]
         log.error("%s (batch %d, %d jobs)", cause, batch, len(mb))
         if len(mb) == 1:
@@ -468,7 +469,8 @@ class Controller:
                 if batch.oneshot or batch.epoch == self.sched.epoch:
                     break
                 # formed before a restart took the KV back: its sequences are queued again
-            await self.pipe.send(batch)
+            if await self.pipe.send(batch) is None:
+                self.sched.landed(batch)  # every sequence of it was cancelled meanwhile
             self._top_up()
 
     def _land(self, landed: Landed) -> None:

@@ -96,6 +96,11 @@ class Scheduler:
         self.late: list[Sequence] = []  # past their deadline; the controller fails them
         self.unfit: list[Sequence] = []  # more tokens than the whole KV cache; failed likewise
         self.epoch = 0  # bumped whenever every block is taken back (the KV is gone)
+        # generate micro-batches in flight (this epoch): at most one per group, so a sequence
+        # that comes back while its group's step is inside waits to join the next step instead
+        # of setting off a micro-batch of its own (which would split the running set into ever
+        # smaller steps, each paying a whole forward's fixed cost)
+        self.steps = 0
         self.preemptions = 0
 
     def __len__(self) -> int:
@@ -175,6 +180,7 @@ class Scheduler:
         if self.bm is not None:
             self.bm.reset(num_blocks)
         self.epoch += 1
+        self.steps = 0
         self.requeue(seqs)
 
     # -- forming batches -----------------------------------------------------------------------
@@ -236,7 +242,7 @@ class Scheduler:
 
     def _step(self) -> MicroBatch | None:
         """A generate micro-batch: running sequences not in flight, then admissions."""
-        if self.bm is None:
+        if self.bm is None or self.steps >= self.groups:
             return None
         now = time.time()
         ready = []
@@ -304,6 +310,7 @@ class Scheduler:
             return None
         for s in batch.seqs:
             s.inflight = True
+        self.steps += 1
         return batch
 
     def _suspect_first(self) -> bool:
@@ -345,6 +352,7 @@ class Scheduler:
         """A generate step came back with one token per sample row: append them, register the
         blocks now computed, end the sequences that hit a stop condition (their blocks freed).
         Returns (sequences that got a token, sequences that finished)."""
+        self.landed(batch)
         sampled = dict(zip(batch.sample, token_ids, strict=True))
         stepped: list[Sequence] = []
         finished: list[Sequence] = []
@@ -366,6 +374,13 @@ class Scheduler:
             self.bm.commit(seq)
         self.arrived.set()
         return stepped, finished
+
+    def landed(self, batch: MicroBatch) -> None:
+        """A generate step left the pipeline (came back, was refused, or was never sent): its
+        group may step again."""
+        if batch.task == "generate" and batch.epoch == self.epoch:
+            self.steps -= 1
+            self.arrived.set()
 
     def _stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

@@ -137,8 +137,12 @@ def test_a_refused_step_runs_again_alone_then_ends() -> None:
     link: Link = c.link  # type: ignore[assignment]
     n = c.pipe.send(c.sched.schedule())
     c._on_refused({"batch": n, "stage": 1, "code": "internal", "message": "boom"})
-    assert c.sched.schedule().seqs[0].id == "a"  # suspects go one at a time
-    n = c.pipe.send(c.sched.schedule())
+    first = c.sched.schedule()
+    assert [s.id for s in first.seqs] == ["a"]  # suspects go one at a time
+    c._finish_step(first, [5])  # a's step is back: a is in the clear, b goes next, alone
+    second = c.sched.schedule()
+    assert [s.id for s in second.seqs] == ["b"]
+    n = c.pipe.send(second)
     c._on_refused({"batch": n, "stage": 1, "code": "too_large", "message": "boom"})
     [msg] = link.take("results")
     assert [(r["id"], r["error"]["code"]) for r in msg["results"]] == [("b", "too_large")]

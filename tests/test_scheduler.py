@@ -57,8 +57,10 @@ def gen(sid: str, n: int, max_new: int = 4, first: int = 0, **kw: object) -> Seq
     return Sequence(sid, "generate", list(range(first, first + n)), params=params, oneshot=False)
 
 
-def scheduler(budget: int, blocks: int, block_size: int, eos: int | None = None) -> Scheduler:
-    return Scheduler(budget, 0, BlockManager(blocks, block_size), eos_token_id=eos)
+def scheduler(
+    budget: int, blocks: int, block_size: int, eos: int | None = None, groups: int = 1
+) -> Scheduler:
+    return Scheduler(budget, 0, BlockManager(blocks, block_size), eos_token_id=eos, groups=groups)
 
 
 def back(s: Scheduler, batch: MicroBatch, token: int = 7) -> list[Sequence]:
@@ -106,7 +108,8 @@ def test_decodes_go_first_and_new_prompts_join_mid_generation() -> None:
 
 
 def test_sequences_in_flight_are_not_scheduled_again() -> None:
-    s = scheduler(budget=100, blocks=32, block_size=4)
+    # two groups (two pipeline stages): b steps while a's step is inside
+    s = scheduler(budget=100, blocks=32, block_size=4, groups=2)
     a, b = gen("a", 5), gen("b", 5)
     s.add([a])
     first = s.schedule()
@@ -117,6 +120,31 @@ def test_sequences_in_flight_are_not_scheduled_again() -> None:
     back(s, first)
     third = s.schedule()
     assert ids(third) == ["a"] and third.seq_lens == [1]
+
+
+def test_one_group_joins_the_next_step() -> None:
+    # one stage: what arrives while a step is inside joins the next step, not a step of its own
+    s = scheduler(budget=100, blocks=32, block_size=4)
+    a, b = gen("a", 5), gen("b", 5, first=100)
+    s.add([a])
+    first = s.schedule()
+    s.add([b])
+    assert ids(first) == ["a"] and s.schedule() is None
+    back(s, first)
+    second = s.schedule()
+    assert ids(second) == ["a", "b"] and second.seq_lens == [1, 5]
+
+
+def test_the_running_set_splits_into_one_step_per_group() -> None:
+    s = scheduler(budget=100, blocks=64, block_size=4, groups=2)
+    seqs = [gen(f"s{i}", 3) for i in range(6)]
+    s.add(seqs)
+    prefill = s.schedule()
+    assert len(prefill) == 6
+    back(s, prefill)
+    one, two = s.schedule(), s.schedule()
+    assert len(one) == len(two) == 3 and not {*ids(one)} & {*ids(two)}
+    assert s.schedule() is None  # a step per group is inside
 
 
 def test_stop_conditions() -> None:
@@ -176,8 +204,12 @@ def test_a_suspect_step_runs_alone() -> None:
     s.add([a, b])
     batch = s.schedule()
     a.suspect = b.suspect = True  # the batch was refused; both run again alone
+    s.landed(batch)
     s.release(batch.seqs)
-    assert ids(s.schedule()) == ["a"] and ids(s.schedule()) == ["b"]
+    first = s.schedule()
+    assert ids(first) == ["a"]
+    back(s, first)
+    assert ids(s.schedule()) == ["b"]
 
 
 def test_a_sequence_larger_than_the_cache_is_set_aside() -> None:
