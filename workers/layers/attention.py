@@ -69,7 +69,7 @@ class Context:
     # decoders
     slot_mapping: torch.Tensor | None = None  # [T] cache slot of each new token
     prefills: list[Prefill] = field(default_factory=list)
-    decodes: Decodes | None = None
+    decodes: list[Decodes] = field(default_factory=list)
 
     @property
     def padded(self) -> bool:
@@ -118,14 +118,14 @@ class Context:
                 mask = torch.arange(c, device=device)[None, :] <= qpos[:, None]
                 blocks = tables[i, : -(-c // block_size)]
                 prefills.append(Prefill(starts[i], q, c, blocks, mask))
-        decodes = None
-        if decode_ids:
-            ctx = torch.tensor([context_lens[i] for i in decode_ids], device=device)
+        decodes = []
+        for group in _by_length(decode_ids, context_lens):
+            ctx = torch.tensor([context_lens[i] for i in group], device=device)
             width = -(-int(ctx.max()) // block_size)
-            blocks = tables[decode_ids][:, :width].clamp(min=0)
+            blocks = tables[group][:, :width].clamp(min=0)
             real = torch.arange(width * block_size, device=device)[None, :] < ctx[:, None]
-            rows = torch.tensor([starts[i] for i in decode_ids], device=device)
-            decodes = Decodes(rows, blocks, real[:, None, None, :])
+            rows = torch.tensor([starts[i] for i in group], device=device)
+            decodes.append(Decodes(rows, blocks, real[:, None, None, :]))
         return Context(
             seq_lens,
             positions,
@@ -134,6 +134,27 @@ class Context:
             prefills=prefills,
             decodes=decodes,
         )
+
+
+# Decodes are attended in groups of similar context length: each group reads (and attends over)
+# its keys padded to its own longest, so a short sequence does not pay for the longest in the
+# batch. A group closes when the next length exceeds its shortest by this factor, once it holds
+# MIN_GROUP sequences (fewer calls matter more than padding for small groups).
+GROUP_SPREAD = 1.5
+MIN_GROUP = 8
+
+
+def _by_length(ids: list[int], context_lens: list[int]) -> list[list[int]]:
+    groups: list[list[int]] = []
+    for i in sorted(ids, key=lambda i: context_lens[i]):
+        g = groups[-1] if groups else None
+        if g is None or (
+            len(g) >= MIN_GROUP and context_lens[i] > GROUP_SPREAD * context_lens[g[0]]
+        ):
+            groups.append([i])
+        else:
+            g.append(i)
+    return groups
 
 
 class Attention(nn.Module):
@@ -180,8 +201,7 @@ class Attention(nn.Module):
                 ks, vs = (t[0, : p.ctx].transpose(0, 1)[None] for t in self.read(p.blocks[None]))
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=gqa)
             out[rows] = o[0].transpose(0, 1)
-        d = ctx.decodes
-        if d is not None:
+        for d in ctx.decodes:
             qs = q[d.rows][:, :, None, :]  # [n, heads, 1, d]
             ks, vs = (t.transpose(1, 2) for t in self.read(d.blocks))
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask, enable_gqa=gqa)
