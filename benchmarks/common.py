@@ -223,6 +223,7 @@ def serve(endpoint: str, jobs: list[dict], concurrency: int = 1024) -> tuple[Fig
 # --- generation ---
 
 GPT2_DIR = REPO / "benchmarks" / ".models" / "gpt2-8x512"
+GPT2_MODEL = "GPT-2 layout 8 x 512, vocabulary 50257, random weights"
 
 
 def gpt2() -> Path:
@@ -384,3 +385,39 @@ def plot(report: Report, out: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def compare_generation(
+    name: str,
+    title: str,
+    layouts: dict[str, list[str]],
+    workloads: tuple[list[dict], list[dict], float],
+    ratio: tuple[str, str, str, float],
+    setup: dict[str, Any],
+    quick: bool,
+    repeats: int,
+) -> dict[str, Any]:
+    """Two fleets of configs/gpt2.toml (their `--set`s in `layouts`), interleaved: `generate`
+    on `workloads` = (jobs, Poisson jobs, rate); `ratio` = (its name, a, b, the target a/b must
+    reach in output tokens/s)."""
+    jobs, poisson, rate = workloads
+    key, a, b, bound = ratio
+    with fleets(layouts, GPT2_CONFIG) as f:
+        dist: list[dict] = []
+        runs = interleave(
+            {n: lambda n=n: generate(f[n].endpoint, jobs, poisson, rate) for n in layouts},
+            repeats,
+            dist,
+            alternate=True,
+        )
+    report = Report(
+        name,
+        title,
+        "output_tokens_per_s",
+        runs,
+        {key: paired(runs, a, b, "output_tokens_per_s")},
+        [Target(key, ">=", bound)],
+        {**setup, "poisson_rate_jobs_per_s": rate},
+        disturbance=dist,
+    )
+    return write(report, quick)

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from baton import bench
 from benchmarks import common
-from benchmarks.common import Report, Target
 
 BUDGET = "batching.max_batch_tokens=4096"  # a static batch of about 28 of these prompts
 
@@ -24,41 +23,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     repeats = a.repeats or (1 if a.quick else 3)
     jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
     poisson = bench.generation(num // 2, "32:256", outs, tokenizer=model, seed=1)
-    rate = 0.5
     layouts = {
         "continuous": [f"model.path={model}", BUDGET],
         "static": [f"model.path={model}", BUDGET, "batching.static=true"],
     }
-    with common.fleets(layouts, common.GPT2_CONFIG) as f:
-        dist: list[dict] = []
-        runs = common.interleave(
-            {n: lambda n=n: common.generate(f[n].endpoint, jobs, poisson, rate) for n in layouts},
-            repeats,
-            dist,
-            alternate=True,
-        )
-    report = Report(
+    return common.compare_generation(
         "continuous",
         "iteration-level vs static batching, mixed output lengths, GPT-2 8 x 512",
-        "output_tokens_per_s",
-        runs,
+        layouts,
+        (jobs, poisson, 0.5),
+        ("continuous_vs_static", "continuous", "static", 2.0),
         {
-            "continuous_vs_static": common.paired(
-                runs, "continuous", "static", "output_tokens_per_s"
-            )
-        },
-        [Target("continuous_vs_static", ">=", 2.0)],
-        {
-            "model": "GPT-2 layout 8 x 512, vocabulary 50257, random weights",
+            "model": common.GPT2_MODEL,
             "jobs": num,
             "input_tokens": "32:256",
             "output_tokens": outs,
             "max_batch_tokens": 4096,
-            "poisson_rate_jobs_per_s": rate,
         },
-        disturbance=dist,
+        a.quick,
+        repeats,
     )
-    return common.write(report, a.quick)
 
 
 if __name__ == "__main__":

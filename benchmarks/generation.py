@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
         [Target("fleet_vs_transformers", ">=", 2.0)],
         {
-            "model": "GPT-2 layout 8 x 512, vocabulary 50257, random weights",
+            "model": common.GPT2_MODEL,
             "jobs": num,
             "input_tokens": "32:256",
             "output_tokens": outs,

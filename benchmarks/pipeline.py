@@ -61,35 +61,23 @@ def generation(quick: bool, repeats: int) -> dict:
     outs = "16:128" if quick else "16:256"
     jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
     poisson = bench.generation(num // 2, "32:256", outs, tokenizer=model, seed=1)
-    rate = 0.5
     one = [f"model.path={model}", "workers.threads=1"]
-    layouts = {"pp2 groups in flight": [*one, "parallel.pipeline=2"], "pp1": one}
-    with common.fleets(layouts, common.GPT2_CONFIG) as f:
-        dist: list[dict] = []
-        runs = common.interleave(
-            {n: lambda n=n: common.generate(f[n].endpoint, jobs, poisson, rate) for n in layouts},
-            repeats,
-            dist,
-            alternate=True,
-        )
-    report = Report(
+    return common.compare_generation(
         "pipeline_generation",
         "generation: pipeline 2 with two groups in flight vs pipeline 1 (1 thread/worker)",
-        "output_tokens_per_s",
-        runs,
-        {"pp2_vs_pp1": common.paired(runs, "pp2 groups in flight", "pp1", "output_tokens_per_s")},
-        [Target("pp2_vs_pp1", ">=", 1.6)],
+        {"pp2 groups in flight": [*one, "parallel.pipeline=2"], "pp1": one},
+        (jobs, poisson, 0.5),
+        ("pp2_vs_pp1", "pp2 groups in flight", "pp1", 1.6),
         {
-            "model": "GPT-2 layout 8 x 512, vocabulary 50257, random weights",
+            "model": common.GPT2_MODEL,
             "jobs": num,
             "input_tokens": "32:256",
             "output_tokens": outs,
             "threads_per_worker": 1,
-            "poisson_rate_jobs_per_s": rate,
         },
-        disturbance=dist,
+        quick,
+        repeats,
     )
-    return common.write(report, quick)
 
 
 if __name__ == "__main__":

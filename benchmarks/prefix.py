@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from baton import bench
 from benchmarks import common
-from benchmarks.common import Report, Target
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -22,37 +21,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # each job's own text sits on top of the shared 384 tokens
     jobs = bench.generation(num, "8:32", "32", prefix_len=384, tokenizer=model, seed=0)
     poisson = bench.generation(num // 5, "8:32", "32", prefix_len=384, tokenizer=model, seed=1)
-    rate = 2.0
     layouts = {
         "sharing": [f"model.path={model}"],
         "no sharing": [f"model.path={model}", "kv.prefix_sharing=false"],
     }
-    with common.fleets(layouts, common.GPT2_CONFIG) as f:
-        dist: list[dict] = []
-        runs = common.interleave(
-            {n: lambda n=n: common.generate(f[n].endpoint, jobs, poisson, rate) for n in layouts},
-            repeats,
-            dist,
-            alternate=True,
-        )
-    report = Report(
+    return common.compare_generation(
         "prefix",
         "300 jobs sharing a 384-token prefix, with and without prefix sharing, GPT-2 8 x 512",
-        "output_tokens_per_s",
-        runs,
-        {"sharing_vs_none": common.paired(runs, "sharing", "no sharing", "output_tokens_per_s")},
-        [Target("sharing_vs_none", ">=", 3.0)],
+        layouts,
+        (jobs, poisson, 2.0),
+        ("sharing_vs_none", "sharing", "no sharing", 3.0),
         {
-            "model": "GPT-2 layout 8 x 512, vocabulary 50257, random weights",
+            "model": common.GPT2_MODEL,
             "jobs": num,
             "prefix_tokens": 384,
             "suffix_tokens": "8:32",
             "output_tokens": 32,
-            "poisson_rate_jobs_per_s": rate,
         },
-        disturbance=dist,
+        a.quick,
+        repeats,
     )
-    return common.write(report, a.quick)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ LAYOUTS = [
     ("llama", 2, 1),
     ("llama", 2, 2),
     ("gpt2", 1, 1),
+    ("gpt2", 1, 2),
+    ("gpt2", 2, 1),
     ("gpt2", 2, 2),
 ]
 # small blocks and a small token budget, so that prompts span several blocks and long ones are

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers import packing
+from workers.layers.linear import QKVParallelLinear, RowParallelLinear
+from workers.layers.parallel import TPGroup
+from workers.layers.rotary import Rotary
 
 
 @dataclass(slots=True)
@@ -229,3 +232,36 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.key_mask)
     return o.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Every family's attention block: the fused QKV projection (split by heads), rotary
+    positions when the model has them, attention of this rank's heads, and the output
+    projection summed over ranks."""
+
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        tp: TPGroup,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        rotary: Rotary | None = None,
+    ) -> None:
+        super().__init__()
+        self.qkv = QKVParallelLinear(
+            hidden, head_dim, num_heads, num_kv_heads, tp, bias=bias, dtype=dtype
+        )
+        self.attn = Attention(self.qkv.heads, self.qkv.kv_heads, head_dim)
+        self.out = RowParallelLinear(num_heads * head_dim, hidden, tp, bias=bias, dtype=dtype)
+        # shared by every layer; a list keeps its tables out of this module's state
+        self.rotary = [rotary] if rotary is not None else []
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        d = self.attn.head_dim
+        q, k, v = (t.unflatten(-1, (-1, d)) for t in self.qkv(x))
+        if self.rotary:
+            q, k = self.rotary[0](ctx.positions, q, k)
+        return self.out(self.attn(q, k, v, ctx).flatten(-2))

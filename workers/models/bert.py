@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers import packing
-from workers.layers.activation import activation
-from workers.layers.attention import Attention, Context
+from workers.layers.attention import Context, SelfAttention
 from workers.layers.embedding import Embedding
-from workers.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from workers.layers.mlp import MLP
 from workers.layers.norm import LayerNorm
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo, Target, read_json
@@ -102,41 +101,16 @@ class Embeddings(nn.Module):
         return self.norm(x + self.position(positions))
 
 
-class SelfAttention(nn.Module):
-    """Self-attention over this rank's heads; the output projection sums over ranks."""
-
-    def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype) -> None:
-        super().__init__()
-        h, d = info.num_heads, info.head_dim
-        self.qkv = QKVParallelLinear(info.hidden_size, d, h, h, tp, dtype=dtype)
-        self.attn = Attention(self.qkv.heads, self.qkv.kv_heads, d)
-        self.out = RowParallelLinear(info.hidden_size, info.hidden_size, tp, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        d = self.attn.head_dim
-        q, k, v = (t.unflatten(-1, (-1, d)) for t in self.qkv(x))
-        return self.out(self.attn(q, k, v, ctx).flatten(-2))
-
-
-class MLP(nn.Module):
-    def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.up = ColumnParallelLinear(info.hidden_size, info.intermediate_size, tp, dtype=dtype)
-        self.act = activation(info.hidden_act)
-        self.down = RowParallelLinear(info.intermediate_size, info.hidden_size, tp, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
-
-
 class Layer(nn.Module):
     """Post-LayerNorm transformer block, as in BERT."""
 
     def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype) -> None:
         super().__init__()
-        self.attention = SelfAttention(info, tp, dtype)
-        self.attention_norm = LayerNorm(info.hidden_size, info.norm_eps, dtype=dtype)
-        self.mlp = MLP(info, tp, dtype)
+        h = info.hidden_size
+        heads, d = info.num_heads, info.head_dim
+        self.attention = SelfAttention(h, heads, heads, d, tp, dtype=dtype)
+        self.attention_norm = LayerNorm(h, info.norm_eps, dtype=dtype)
+        self.mlp = MLP(h, info.intermediate_size, info.hidden_act, tp, dtype)
         self.mlp_norm = LayerNorm(info.hidden_size, info.norm_eps, dtype=dtype)
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:

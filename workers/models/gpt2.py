@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.layers.activation import activation
-from workers.layers.attention import Attention, Context
+from workers.layers.attention import Context, SelfAttention
 from workers.layers.embedding import Embedding, ParallelLMHead, VocabParallelEmbedding
-from workers.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from workers.layers.mlp import MLP
 from workers.layers.norm import LayerNorm
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo, Target
@@ -47,38 +46,14 @@ def parse(config: dict[str, Any], directory: Path) -> ModelInfo:
     )
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype) -> None:
-        super().__init__()
-        h, d = info.num_heads, info.head_dim
-        self.qkv = QKVParallelLinear(info.hidden_size, d, h, h, tp, dtype=dtype)
-        self.attn = Attention(self.qkv.heads, self.qkv.kv_heads, d)
-        self.out = RowParallelLinear(info.hidden_size, info.hidden_size, tp, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        d = self.attn.head_dim
-        q, k, v = (t.unflatten(-1, (-1, d)) for t in self.qkv(x))
-        return self.out(self.attn(q, k, v, ctx).flatten(-2))
-
-
-class MLP(nn.Module):
-    def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.up = ColumnParallelLinear(info.hidden_size, info.intermediate_size, tp, dtype=dtype)
-        self.act = activation(info.hidden_act)
-        self.down = RowParallelLinear(info.intermediate_size, info.hidden_size, tp, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
-
-
 class Block(nn.Module):
     def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(info.hidden_size, info.norm_eps, dtype=dtype)
-        self.attn = SelfAttention(info, tp, dtype)
-        self.ln_2 = LayerNorm(info.hidden_size, info.norm_eps, dtype=dtype)
-        self.mlp = MLP(info, tp, dtype)
+        h, heads, d = info.hidden_size, info.num_heads, info.head_dim
+        self.ln_1 = LayerNorm(h, info.norm_eps, dtype=dtype)
+        self.attn = SelfAttention(h, heads, heads, d, tp, dtype=dtype)
+        self.ln_2 = LayerNorm(h, info.norm_eps, dtype=dtype)
+        self.mlp = MLP(h, info.intermediate_size, info.hidden_act, tp, dtype)
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), ctx)

@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.layers.activation import silu_and_mul
-from workers.layers.attention import Attention, Context
+from workers.layers.attention import Context, SelfAttention
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from workers.layers.mlp import GatedMLP
 from workers.layers.norm import RMSNorm
 from workers.layers.parallel import TPGroup
 from workers.layers.rotary import Rotary
@@ -64,44 +63,23 @@ def parse(config: dict[str, Any], directory: Path) -> ModelInfo:
     )
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype, rotary: Rotary) -> None:
-        super().__init__()
-        d, bias = info.head_dim, info.extra["attention_bias"]
-        self.qkv = QKVParallelLinear(
-            info.hidden_size, d, info.num_heads, info.num_kv_heads, tp, bias=bias, dtype=dtype
-        )
-        self.attn = Attention(self.qkv.heads, self.qkv.kv_heads, d)
-        self.out = RowParallelLinear(
-            info.num_heads * d, info.hidden_size, tp, bias=bias, dtype=dtype
-        )
-        self.rotary = [rotary]  # shared by every layer; a list keeps it out of the state dict
-
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        d = self.attn.head_dim
-        q, k, v = (t.unflatten(-1, (-1, d)) for t in self.qkv(x))
-        q, k = self.rotary[0](ctx.positions, q, k)
-        return self.out(self.attn(q, k, v, ctx).flatten(-2))
-
-
-class MLP(nn.Module):
-    def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype) -> None:
-        super().__init__()
-        n, bias = info.intermediate_size, info.extra["mlp_bias"]
-        self.gate_up = MergedColumnParallelLinear(info.hidden_size, [n, n], tp, bias, dtype)
-        self.down = RowParallelLinear(n, info.hidden_size, tp, bias=bias, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_and_mul(*self.gate_up(x)))
-
-
 class Block(nn.Module):
     def __init__(self, info: ModelInfo, tp: TPGroup, dtype: torch.dtype, rotary: Rotary) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(info.hidden_size, info.norm_eps, dtype)
-        self.attn = SelfAttention(info, tp, dtype, rotary)
-        self.post_attention_norm = RMSNorm(info.hidden_size, info.norm_eps, dtype)
-        self.mlp = MLP(info, tp, dtype)
+        h, x = info.hidden_size, info.extra
+        self.input_norm = RMSNorm(h, info.norm_eps, dtype)
+        self.attn = SelfAttention(
+            h,
+            info.num_heads,
+            info.num_kv_heads,
+            info.head_dim,
+            tp,
+            bias=x["attention_bias"],
+            dtype=dtype,
+            rotary=rotary,
+        )
+        self.post_attention_norm = RMSNorm(h, info.norm_eps, dtype)
+        self.mlp = GatedMLP(h, info.intermediate_size, tp, x["mlp_bias"], dtype)
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), ctx)

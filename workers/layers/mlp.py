@@ -1,0 +1,44 @@
+"""The feed-forward blocks: up-projection split by columns, activation, down-projection summed
+over ranks (one all-reduce)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.layers.activation import activation, silu_and_mul
+from workers.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+)
+from workers.layers.parallel import TPGroup
+
+
+class MLP(nn.Module):
+    """BERT's and GPT-2's: up, activation, down."""
+
+    def __init__(
+        self, hidden: int, inner: int, act: str, tp: TPGroup, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.up = ColumnParallelLinear(hidden, inner, tp, dtype=dtype)
+        self.act = activation(act)
+        self.down = RowParallelLinear(inner, hidden, tp, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class GatedMLP(nn.Module):
+    """Llama's SwiGLU: gate and up in one matmul, silu(gate) * up, down."""
+
+    def __init__(
+        self, hidden: int, inner: int, tp: TPGroup, bias: bool, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.gate_up = MergedColumnParallelLinear(hidden, [inner, inner], tp, bias, dtype)
+        self.down = RowParallelLinear(inner, hidden, tp, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(silu_and_mul(*self.gate_up(x)))
