@@ -73,6 +73,12 @@ def args(doc: str | None, argv: Sequence[str] | None = None) -> argparse.Namespa
     p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke test: less work, fewer repeats")
     p.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="generation benchmarks: jobs in flight (closed loop); default: all at once",
+    )
     return p.parse_args(argv)
 
 
@@ -238,13 +244,21 @@ def gpt2() -> Path:
     return ensure(GPT2_DIR, shape)
 
 
-def generate(endpoint: str, jobs: list[dict], poisson: list[dict], rate: float) -> Figures:
-    """Output tokens/s of `jobs` all at once (after a small warm-up), then TTFT and TPOT of
-    `poisson` arriving at `rate` jobs/s (Poisson), all through a fleet."""
+def generate(
+    endpoint: str,
+    jobs: list[dict],
+    poisson: list[dict],
+    rate: float,
+    concurrency: int | None = None,
+) -> Figures:
+    """Output tokens/s of `jobs` (after a small warm-up), all at once or `concurrency` at a
+    time (closed loop: a finished job's place goes to the next at once, as a busy server sees),
+    then TTFT and TPOT of `poisson` arriving at `rate` jobs/s (Poisson), all through a fleet."""
     from baton import bench
 
     bench.run(endpoint, jobs[:4], bench.Load(concurrency=4), progress=False)
-    m = bench.run(endpoint, jobs, bench.Load(concurrency=len(jobs)), progress=False)
+    window = concurrency or len(jobs)
+    m = bench.run(endpoint, jobs, bench.Load(concurrency=window), progress=False)
     if m["completed"] != len(jobs):
         raise RuntimeError(f"{m['completed']} of {len(jobs)} jobs completed: {m['errors']}")
     p = bench.run(endpoint, poisson, bench.Load(rate=rate, seed=1), progress=False)
@@ -396,16 +410,20 @@ def compare_generation(
     setup: dict[str, Any],
     quick: bool,
     repeats: int,
+    concurrency: int | None = None,
 ) -> dict[str, Any]:
     """Two fleets of configs/gpt2.toml (their `--set`s in `layouts`), interleaved: `generate`
-    on `workloads` = (jobs, Poisson jobs, rate); `ratio` = (its name, a, b, the target a/b must
-    reach in output tokens/s)."""
+    on `workloads` = (jobs, Poisson jobs, rate), `concurrency` jobs at a time (None: all at
+    once); `ratio` = (its name, a, b, the target a/b must reach in output tokens/s)."""
     jobs, poisson, rate = workloads
     key, a, b, bound = ratio
     with fleets(layouts, GPT2_CONFIG) as f:
         dist: list[dict] = []
         runs = interleave(
-            {n: lambda n=n: generate(f[n].endpoint, jobs, poisson, rate) for n in layouts},
+            {
+                n: lambda n=n: generate(f[n].endpoint, jobs, poisson, rate, concurrency)
+                for n in layouts
+            },
             repeats,
             dist,
             alternate=True,
@@ -417,7 +435,7 @@ def compare_generation(
         runs,
         {key: paired(runs, a, b, "output_tokens_per_s")},
         [Target(key, ">=", bound)],
-        {**setup, "poisson_rate_jobs_per_s": rate},
+        {**setup, "concurrency": concurrency or len(jobs), "poisson_rate_jobs_per_s": rate},
         disturbance=dist,
     )
     return write(report, quick)

@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     outs = "16:64" if a.quick else "16:256"
     repeats = a.repeats or (1 if a.quick else 3)
     jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
-    poisson = bench.generation(num // 2, "32:256", outs, tokenizer=model, seed=1)
+    poisson = bench.generation(num // 5, "32:256", outs, tokenizer=model, seed=1)
     rate = 0.5 if a.quick else 0.5
     torch.set_num_threads(2)  # as the fleet's one worker on this 2-core machine
     with common.fleets({"fleet": [f"model.path={model}"]}, common.GPT2_CONFIG) as f:

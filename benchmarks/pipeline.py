@@ -60,7 +60,7 @@ def generation(quick: bool, repeats: int) -> dict:
     num = 48 if quick else 128
     outs = "16:128" if quick else "16:256"
     jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
-    poisson = bench.generation(num // 2, "32:256", outs, tokenizer=model, seed=1)
+    poisson = bench.generation(num // 5, "32:256", outs, tokenizer=model, seed=1)
     one = [f"model.path={model}", "workers.threads=1"]
     return common.compare_generation(
         "pipeline_generation",

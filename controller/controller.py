@@ -96,7 +96,7 @@ class Controller:
         self.sched = Scheduler(
             cfg.batching.max_batch_tokens,
             cfg.batching.max_wait_ms,
-            eos_token_id=self.info.eos_token_id,
+            eos_token_id=self.info.extra.get("eos_token_ids") or self.info.eos_token_id,
             groups=cfg.parallel.pipeline,
             static=cfg.batching.static,
         )

@@ -77,7 +77,7 @@ class Scheduler:
         max_batch_tokens: int,
         max_wait_ms: float,
         block_manager: BlockManager | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Iterable[int] | None = None,
         groups: int = 1,
         static: bool = False,
     ) -> None:
@@ -88,7 +88,14 @@ class Scheduler:
         self.static = static  # admit only into an empty running set (static batching)
         self.max_wait = max_wait_ms / 1000
         self.bm = block_manager  # None: the model does not generate
-        self.eos = eos_token_id
+        # end-of-sequence tokens: one, or several (Llama 3 lists them)
+        self.eos = frozenset(
+            ()
+            if eos_token_id is None
+            else (eos_token_id,)
+            if isinstance(eos_token_id, int)
+            else eos_token_id
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # generate sequences holding blocks, admission order
         self.tokens = 0  # cost of the waiting sequences
@@ -385,7 +392,7 @@ class Scheduler:
     def _stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         assert p is not None
-        if (token == self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
         if seq.num_completion_tokens >= p.max_new_tokens:
             return "length"
