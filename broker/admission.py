@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import jobs as J
+from broker import validation as V
 from wire.protocol import ENVELOPE, Code, Limits, ProtocolError, get
 
 # refusals that mean "not now", with when to try again
@@ -44,7 +45,7 @@ class Admission:
     def submit(
         self,
         body: dict[str, Any],
-        served: dict[str, J.Served],
+        served: dict[str, V.Served],
         ident: bytes,
         owner: str | None,
     ) -> Admitted:
@@ -66,12 +67,12 @@ class Admission:
     def _admit(
         self,
         item: Any,
-        served: dict[str, J.Served],
+        served: dict[str, V.Served],
         ident: bytes,
         owner: str | None,
         out: Admitted,
     ) -> None:
-        job = J.validate(item, served, next(iter(served), ""), self.limits)
+        job = V.validate(item, served, next(iter(served), ""), self.limits)
         once_in_message(job, out)
         self.open()
         out.seen.add(job.id)

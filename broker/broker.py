@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from broker import jobs as J
+from broker import validation as V
 from broker.admission import Admission
 from broker.journal import Journal
 from broker.outbox import Outbox
@@ -77,7 +78,7 @@ class Controller:
     model: str
     tasks: frozenset[str]
     layout: dict[str, int]
-    generation: J.Generation | None = None  # a decoder's bounds, from its `ready`
+    generation: V.Generation | None = None  # a decoder's bounds, from its `ready`
     workers: list[dict[str, Any]] = field(default_factory=list)
     pid: int | None = None
     state: str = "ready"
@@ -192,7 +193,7 @@ class Broker:
 
     def _submit(self, peer: Peer, msg: Message) -> None:
         ident, owner, ref = peer.ident, peer.user, msg.body.get("ref")
-        served = {c.model: J.Served(c.tasks, c.generation) for c in self.controllers.values()}
+        served = {c.model: V.Served(c.tasks, c.generation) for c in self.controllers.values()}
         admitted = self.admission.submit(msg.body, served, ident, owner)
         if admitted.fresh:
             self.table.add(admitted.fresh)
@@ -529,12 +530,12 @@ class Broker:
                     ctrl.pulse.beat(now)
 
 
-def _generation(info: dict[str, Any] | None) -> J.Generation | None:
+def _generation(info: dict[str, Any] | None) -> V.Generation | None:
     """A decoder controller's `ready` "generation" (absent for encoders)."""
     if info is None:
         return None
     eos = get(info, "eos_token_id", int, None)
-    return J.Generation(get(info, "vocab_size", int), get(info, "max_positions", int), eos)
+    return V.Generation(get(info, "vocab_size", int), get(info, "max_positions", int), eos)
 
 
 def _is_delta(d: Any) -> bool:

@@ -17,6 +17,7 @@ import zmq.asyncio
 
 from baton.client import Client, Delta, Result
 from broker import jobs as J
+from broker import validation as V
 from broker.broker import Broker
 from broker.journal import Journal
 from wire.limits import Limits
@@ -24,16 +25,16 @@ from wire.protocol import Code, Kind, Message, ProtocolError, decode, encode, jo
 from wire.transport import Heartbeat
 
 WAIT_S = 30
-GEN = J.Generation(vocab_size=100, max_positions=64, eos_token_id=0)
+GEN = V.Generation(vocab_size=100, max_positions=64, eos_token_id=0)
 SERVED = {
-    "gpt": J.Served(frozenset({"generate", "echo"}), GEN),
-    "enc": J.Served(frozenset({"embed", "echo"})),
+    "gpt": V.Served(frozenset({"generate", "echo"}), GEN),
+    "enc": V.Served(frozenset({"embed", "echo"})),
 }
 LIMITS = Limits(max_text_chars=1000)
 
 
 def check(**job: Any) -> J.Job:
-    return J.validate({"task": "generate", "model": "gpt", **job}, SERVED, "gpt", LIMITS)
+    return V.validate({"task": "generate", "model": "gpt", **job}, SERVED, "gpt", LIMITS)
 
 
 # --- validation at the door ---
@@ -96,12 +97,12 @@ def test_a_bad_generate_job_is_refused_with_its_code(job: dict, code: Code) -> N
 
 def test_an_embed_job_takes_no_generate_fields_and_no_bounds_means_no_model_checks() -> None:
     with pytest.raises(ProtocolError) as e:
-        J.validate({"task": "embed", "text": "a", "top_k": 3}, SERVED, "enc", LIMITS)
+        V.validate({"task": "embed", "text": "a", "top_k": 3}, SERVED, "enc", LIMITS)
     assert e.value.code == Code.BAD_FIELD
     # a controller that gives no "generation" bounds: only what needs no model is checked
-    bare = {"gpt": J.Served(frozenset({"generate"}))}
+    bare = {"gpt": V.Served(frozenset({"generate"}))}
     raw = {"task": "generate", "token_ids": [10**6] * 10, "max_new_tokens": 10**6}
-    assert J.validate(raw, bare, "gpt", LIMITS).token_ids == [10**6] * 10
+    assert V.validate(raw, bare, "gpt", LIMITS).token_ids == [10**6] * 10
 
 
 def test_resubmitting_an_id_with_other_params_is_a_different_job() -> None:
