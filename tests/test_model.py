@@ -171,6 +171,24 @@ def test_split_layers():
             split_layers(6, bad)
 
 
+def test_split_layers_balances_the_lm_head():
+    # GPT-2 8 x 512's head is worth about 4 layers: the last of 2 stages takes 2 layers, not 4
+    assert split_layers(8, 2, 4.1) == [range(0, 6), range(6, 8)]
+    assert split_layers(8, 4, 4.1) == [range(0, 2), range(2, 4), range(4, 7), range(7, 8)]
+    assert split_layers(2, 2, 9.0) == [range(0, 1), range(1, 2)]  # every stage keeps a layer
+    for n in range(1, 13):
+        for p in range(1, n + 1):
+            for head in (0.3, 1.0, 2.5, 20.0):
+                ranges = split_layers(n, p, head)
+                assert [i for r in ranges for i in r] == list(range(n))
+                assert min(map(len, ranges)) >= 1
+                work = [len(r) for r in ranges]
+                work[-1] += head if p > 1 else 0
+                even = [len(r) for r in split_layers(n, p)]
+                even[-1] += head if p > 1 else 0
+                assert max(work) <= max(even)  # never worse than the even split
+
+
 def test_packing():
     seqs = [[5, 6, 7], [8], [9, 10]]
     ids, seq_lens = packing.pack(seqs)

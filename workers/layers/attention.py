@@ -6,6 +6,7 @@ layer; no token ever attends across a sequence boundary and nothing is padded to
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -34,11 +35,18 @@ class Prefill:
 @dataclass(slots=True)
 class Decodes:
     """Sequences computing one token each, attended in one call over their keys, read block by
-    block into one buffer (the last block of each, and the rows past the longest, padding)."""
+    block into one buffer (the last block of each, and the rows past the longest, padding).
+
+    With `prefix`, the group's sequences share those leading cache blocks (prefix sharing):
+    every query of the group attends to them in one dense call that reads them once (cascade
+    attention), `blocks` are each sequence's blocks after them, and the two partial results are
+    merged by their log-sum-exp."""
 
     rows: torch.Tensor  # [n] batch rows of their tokens
     blocks: torch.Tensor  # [n, max_blocks] their cache blocks (padding points at block 0)
     mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where the key is real
+    prefix: torch.Tensor | None = None  # [p] cache blocks every sequence of the group starts with
+    bias: torch.Tensor | None = None  # `mask` as an additive float mask, made on first use
 
 
 class Workspace:
@@ -122,13 +130,14 @@ class Context:
                 blocks = tables[i, : -(-c // block_size)]
                 prefills.append(Prefill(starts[i], q, c, blocks, mask))
         decodes = []
-        for group in _by_length(decode_ids, context_lens):
-            ctx = torch.tensor([context_lens[i] for i in group], device=device)
-            width = -(-int(ctx.max()) // block_size)
-            blocks = tables[group][:, :width].clamp(min=0)
-            real = torch.arange(width * block_size, device=device)[None, :] < ctx[:, None]
-            rows = torch.tensor([starts[i] for i in group], device=device)
-            decodes.append(Decodes(rows, blocks, real[:, None, None, :]))
+        shared, alone = _by_prefix(decode_ids, block_tables, context_lens, block_size)
+        for group, p in shared:
+            suffix = {i: context_lens[i] - p * block_size for i in group}
+            prefix = tables[group[0], :p]
+            for sub in _by_length(group, suffix):
+                decodes.append(_decodes(sub, suffix, tables[:, p:], starts, block_size, prefix))
+        for group in _by_length(alone, context_lens):
+            decodes.append(_decodes(group, context_lens, tables, starts, block_size))
         return Context(
             seq_lens,
             positions,
@@ -147,7 +156,7 @@ GROUP_SPREAD = 1.5
 MIN_GROUP = 8
 
 
-def _by_length(ids: list[int], context_lens: list[int]) -> list[list[int]]:
+def _by_length(ids: list[int], context_lens: Mapping[int, int] | list[int]) -> list[list[int]]:
     groups: list[list[int]] = []
     for i in sorted(ids, key=lambda i: context_lens[i]):
         g = groups[-1] if groups else None
@@ -158,6 +167,64 @@ def _by_length(ids: list[int], context_lens: list[int]) -> list[list[int]]:
         else:
             g.append(i)
     return groups
+
+
+def _by_prefix(
+    ids: list[int], tables: torch.Tensor, context_lens: list[int], block_size: int
+) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Decoding sequences that start with the same cache blocks (prefix sharing gave them the
+    same block ids): (group, number of shared blocks) for each group of two or more, and the
+    sequences that share nothing. A group's shared blocks stop short of every member's last
+    token, so each member keeps a key of its own after them."""
+    by_first: dict[int, list[int]] = {}
+    for i, block in zip(ids, tables[ids, 0].tolist() if ids else [], strict=True):
+        by_first.setdefault(block, []).append(i)
+    shared, alone = [], []
+    for group in by_first.values():
+        p = 0
+        if len(group) > 1:
+            t = tables[group]
+            p = int((t == t[0]).all(0).cumprod(0).sum())
+            p = min([p] + [(context_lens[i] - 1) // block_size for i in group])
+        if p:
+            shared.append((group, p))
+        else:
+            alone.extend(group)
+    return shared, alone
+
+
+def _decodes(
+    group: list[int],
+    context_lens: Mapping[int, int] | list[int],
+    tables: torch.Tensor,
+    starts: list[int],
+    block_size: int,
+    prefix: torch.Tensor | None = None,
+) -> Decodes:
+    device = tables.device
+    ctx = torch.tensor([context_lens[i] for i in group], device=device)
+    width = -(-int(ctx.max()) // block_size)
+    blocks = tables[group][:, :width].clamp(min=0)
+    real = torch.arange(width * block_size, device=device)[None, :] < ctx[:, None]
+    rows = torch.tensor([starts[i] for i in group], device=device)
+    return Decodes(rows, blocks, real[:, None, None, :], prefix)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp, to merge partial results: q [n, h, r, d] against k, v
+    [n, h, L, d], `bias` an additive mask broadcast to [n, h, r, L] -> ([n, h, r, d], float32
+    [n, h, r]). On CPU, torch's flash kernel returns both; elsewhere the plain math does."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias
+        )
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if bias is not None:
+        s = s + bias
+    lse = s.logsumexp(-1)
+    return (s - lse[..., None]).exp().to(q.dtype) @ v, lse
 
 
 class Attention(nn.Module):
@@ -205,11 +272,31 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, enable_gqa=gqa)
             out[rows] = o[0].transpose(0, 1)
         for d in ctx.decodes:
-            qs = q[d.rows][:, :, None, :]  # [n, heads, 1, d]
-            ks, vs = (t.transpose(1, 2) for t in self.read(d.blocks))
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask, enable_gqa=gqa)
-            out[d.rows] = o[:, :, 0, :]
+            out[d.rows] = self.decode(q[d.rows], d)
         return out
+
+    def decode(self, q: torch.Tensor, d: Decodes) -> torch.Tensor:
+        """q [n, heads, d] -> [n, heads, d]. The query heads that share a KV head stand as that
+        head's query rows ([n, kv_heads, rep, d]): grouped-query attention without copying K/V."""
+        n, heads, dim = q.shape
+        qs = q.view(n, self.kv_heads, heads // self.kv_heads, dim)
+        ks, vs = (t.transpose(1, 2) for t in self.read(d.blocks))
+        if d.prefix is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask)
+            return o.reshape(n, heads, dim)
+        if d.bias is None:
+            d.bias = torch.zeros(d.mask.shape, dtype=q.dtype, device=q.device)
+            d.bias.masked_fill_(~d.mask, float("-inf"))
+        own, own_lse = _attend(qs, ks, vs, d.bias)  # before the next read reuses the buffer
+        # the shared blocks, once for the whole group: [1, kv_heads, n * rep, d] against them
+        kp, vp = (t.transpose(1, 2) for t in self.read(d.prefix[None]))
+        qp = qs.transpose(0, 1).reshape(1, self.kv_heads, -1, dim)
+        pre, pre_lse = _attend(qp, kp, vp)
+        pre = pre.view(self.kv_heads, n, -1, dim).transpose(0, 1)
+        pre_lse = pre_lse.view(self.kv_heads, n, -1).transpose(0, 1)
+        lse = torch.logaddexp(own_lse, pre_lse)
+        o = own * (own_lse - lse).exp()[..., None] + pre * (pre_lse - lse).exp()[..., None]
+        return o.to(q.dtype).reshape(n, heads, dim)
 
 
 def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:

@@ -27,10 +27,37 @@ def load_info(path: str) -> ModelInfo:
     return FAMILIES[family].parse(config, directory)
 
 
-def split_layers(num_layers: int, pipeline: int) -> list[range]:
-    """Contiguous layer ranges, one per stage, sizes differing by at most one."""
+# A decoder's last stage also runs the LM head, on the tokens that sample: one per decoding
+# sequence, one per prompt. With outputs about as long as prompts (the generation workloads of
+# benchmarks/), about half of the tokens a stage computes pass through it.
+SAMPLED_SHARE = 0.5
+
+
+def head_cost(info: ModelInfo) -> float:
+    """The LM head's work per computed token, in units of one layer's (matmul parameters)."""
+    if not info.decoder:
+        return 0.0  # an encoder's pooling is a sum over tokens: nothing beside a layer
+    h, q, kv = info.hidden_size, info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
+    mlp = (3 if MODELS[info.family].gated else 2) * h * info.intermediate_size
+    return SAMPLED_SHARE * info.vocab_size * h / (h * (q + 2 * kv) + q * h + mlp)
+
+
+def split_layers(num_layers: int, pipeline: int, head: float = 0.0) -> list[range]:
+    """Contiguous layer ranges, one per stage, at least one layer each, balancing the stages'
+    work when the last one also carries `head` layers' worth (the LM head): it then takes fewer
+    layers, and the others split the rest with sizes differing by at most one."""
     if not 1 <= pipeline <= num_layers:
         raise ValueError(f"cannot split {num_layers} layers into {pipeline} pipeline stages")
+    if head > 0 and pipeline > 1:
+
+        def slowest(last: int) -> float:
+            return max(-(-(num_layers - last) // (pipeline - 1)), last + head)
+
+        last = min(range(1, num_layers - pipeline + 2), key=slowest)
+        return [
+            *split_layers(num_layers - last, pipeline - 1),
+            range(num_layers - last, num_layers),
+        ]
     base, extra = divmod(num_layers, pipeline)
     ranges, start = [], 0
     for stage in range(pipeline):
@@ -50,6 +77,6 @@ def build(
     dtype: torch.dtype = torch.float32,
 ) -> Stage:
     """Stage `stage` of `pipeline` on this rank, weights loaded."""
-    layers = split_layers(info.num_layers, pipeline)[stage]
+    layers = split_layers(info.num_layers, pipeline, head_cost(info))[stage]
     model = MODELS[info.family](info, layers, stage == 0, stage == pipeline - 1, tp, device, dtype)
     return model.load()

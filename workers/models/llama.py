@@ -101,6 +101,8 @@ _BLOCK_PARTS = {
 
 
 class Llama(Decoder):
+    gated = True
+
     def build(self, info: ModelInfo, dtype: torch.dtype) -> None:
         tp, first, last = self.tp, self.first, self.last
         h, v = info.hidden_size, info.vocab_size

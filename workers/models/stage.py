@@ -14,6 +14,8 @@ class Stage(nn.Module):
     side (pooling, or final norm and LM head) if `last`. Parameters are created straight on the
     device, each rank only its own shard; `load` fills them from the checkpoint."""
 
+    gated = False  # the MLP has three matrices (gate, up, down) rather than two
+
     def __init__(
         self,
         info: ModelInfo,

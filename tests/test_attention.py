@@ -1,0 +1,77 @@
+"""Decode attention over the paged KV cache against plain attention over each sequence's keys:
+sequences grouped by length, and sequences that share leading blocks (prefix sharing) attended
+in two parts (the shared blocks once for the group, then each one's own) merged by log-sum-exp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.layers.attention import Attention, Context
+
+BLOCK = 4
+DIM = 8
+
+
+def paged(heads: int, kv_heads: int, slots: int) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(heads, kv_heads, DIM)
+    attn.k_cache = torch.randn(slots, kv_heads, DIM)
+    attn.v_cache = torch.randn(slots, kv_heads, DIM)
+    attn.block_size = BLOCK
+    return attn
+
+
+def reference(attn: Attention, q: torch.Tensor, table: list[int], ctx: int) -> torch.Tensor:
+    """q [heads, d] of the token at position ctx - 1 against the first ctx slots of `table`."""
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(ctx)])
+    k, v = (c[slots].transpose(0, 1)[None] for c in (attn.k_cache, attn.v_cache))
+    gqa = attn.heads != attn.kv_heads
+    return F.scaled_dot_product_attention(q[None, :, None], k, v, enable_gqa=gqa)[0, :, 0]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_decode_with_and_without_shared_blocks(kv_heads):
+    heads = 4
+    attn = paged(heads, kv_heads, slots=64 * BLOCK)
+    shared = [3, 9, 4]  # three full blocks every sequence of group one starts with
+    tables = [
+        shared + [10, 11],
+        shared + [12],
+        shared + [13, 14, 15],
+        shared[:2] + [16, 17],  # shares only two of them
+        [20, 21, 22],  # shares nothing
+        [30],
+    ]
+    ctx = [19, 13, 23, 14, 9, 2]
+    width = max(map(len, tables))
+    block_tables = torch.full((len(tables), width), -1, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        block_tables[i, : len(t)] = torch.tensor(t)
+    slots = torch.tensor(
+        [tables[i][(c - 1) // BLOCK] * BLOCK + (c - 1) % BLOCK for i, c in enumerate(ctx)]
+    )
+    context = Context.decoder([1] * len(ctx), ctx, slots, block_tables, BLOCK, torch.device("cpu"))
+    prefixes = sorted(len(d.prefix) for d in context.decodes if d.prefix is not None)
+    assert prefixes == [2]  # the first four share two blocks (the fourth only two)
+    assert sum(len(d.rows) for d in context.decodes) == len(ctx)
+
+    q = torch.randn(len(ctx), heads, DIM)
+    k = attn.k_cache[slots].clone()  # the new tokens' K/V are already in place: rewritten as is
+    v = attn.v_cache[slots].clone()
+    out = attn(q, k, v, context)
+    for i, (t, c) in enumerate(zip(tables, ctx, strict=True)):
+        torch.testing.assert_close(out[i], reference(attn, q[i], t, c), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prefix_is_shared_only_up_to_each_members_last_token():
+    # the second sequence's context ends inside the first one's third block: the group shares
+    # the blocks before its last token only, so each member keeps a key of its own
+    tables = torch.tensor([[1, 2, 3, 4], [1, 2, 3, -1]], dtype=torch.int32)
+    ctx = [16, 9]
+    context = Context.decoder(
+        [1, 1], ctx, torch.tensor([63, 12]), tables, BLOCK, torch.device("cpu")
+    )
+    [decodes] = context.decodes
+    assert decodes.prefix.tolist() == [1, 2]
