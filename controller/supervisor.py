@@ -63,7 +63,7 @@ class Slot:
 def kv_fields(cfg: Config) -> dict[str, Any]:
     """The [kv] keys for the workers' Spec, once it has the fields (`block_size`, `kv_memory`)."""
     fields = getattr(Spec, "__dataclass_fields__", {})
-    kv = {"block_size": cfg.kv.block_size, "kv_memory": cfg.kv.memory}
+    kv = {"block_size": cfg.kv.block_size, "kv_memory": cfg.kv.memory, "compile": cfg.kv.compile}
     return {k: v for k, v in kv.items() if k in fields}
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.layers.attention import Attention, Context
+from workers.layers.paged import PagedDecode
 
 BLOCK = 4
 DIM = 8
@@ -31,10 +32,18 @@ def reference(attn: Attention, q: torch.Tensor, table: list[int], ctx: int) -> t
     return F.scaled_dot_product_attention(q[None, :, None], k, v, enable_gqa=gqa)[0, :, 0]
 
 
+@pytest.fixture(scope="module")
+def kernel() -> PagedDecode:
+    return PagedDecode()  # compiled once for the module (sizes are dynamic)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["gather", "compiled"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_decode_with_and_without_shared_blocks(kv_heads):
+def test_decode_with_and_without_shared_blocks(kv_heads, compiled, request):
     heads = 4
     attn = paged(heads, kv_heads, slots=64 * BLOCK)
+    if compiled:
+        attn.kernel = request.getfixturevalue("kernel")
     shared = [3, 9, 4]  # three full blocks every sequence of group one starts with
     tables = [
         shared + [10, 11],
@@ -75,3 +84,26 @@ def test_a_prefix_is_shared_only_up_to_each_members_last_token():
     )
     [decodes] = context.decodes
     assert decodes.prefix.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("n,blocks", [(1, 1), (1, 3), (3, 1), (5, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_reads_the_paged_cache(kernel, n, blocks, dtype):
+    # one sequence or one block is padded to two (a size torch.compile does not specialise on)
+    torch.manual_seed(1)
+    kv_heads, rep = 2, 3
+    k_cache, v_cache = (torch.randn(20, BLOCK, kv_heads, DIM).to(dtype) for _ in range(2))
+    q = torch.randn(n, kv_heads, rep, DIM).to(dtype)
+    table = torch.randperm(20)[: n * blocks].view(n, blocks)
+    lens = torch.randint(1, blocks * BLOCK + 1, (n,))
+    out, lse = kernel(q, k_cache, v_cache, table, lens)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:3]
+    for i in range(n):
+        k, v = (
+            c[table[i]].flatten(0, 1)[: lens[i]].float().transpose(0, 1) for c in (k_cache, v_cache)
+        )
+        s = q[i].float() @ k.transpose(-1, -2) * DIM**-0.5
+        torch.testing.assert_close(lse[i], s.logsumexp(-1), atol=1e-4, rtol=1e-4)
+        want = (s.softmax(-1) @ v).to(dtype).float()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16 keeps 8 bits of mantissa
+        torch.testing.assert_close(out[i].float(), want, atol=tol, rtol=tol)

@@ -39,10 +39,14 @@ class Engine:
     """Just enough of a scheduler to drive runners: each sequence owns fixed blocks, except
     that a sequence may start on another's full blocks (a shared prefix)."""
 
-    def __init__(self, directory, pipeline: int, tp: TPGroup = SOLO) -> None:
+    def __init__(
+        self, directory, pipeline: int, tp: TPGroup = SOLO, compiled: bool = False
+    ) -> None:
         info = load_info(str(directory))
         self.runners = [
-            ModelRunner(info, s, pipeline, tp, block_size=BLOCK, kv_memory=4 << 20)
+            ModelRunner(
+                info, s, pipeline, tp, block_size=BLOCK, kv_memory=4 << 20, compile=compiled
+            )
             for s in range(pipeline)
         ]
         self.blocks_each = 40
@@ -87,9 +91,11 @@ B = [70, 4, 4, 19, 23]
 C = A[:8] + [50, 51, 52]  # shares A's two full blocks
 
 
-@pytest.mark.parametrize("pipeline", [1, 2])
-def test_greedy_matches_transformers(checkpoint, pipeline):
-    out = scenario(Engine(checkpoint, pipeline))
+@pytest.mark.parametrize(
+    "pipeline,compiled", [(1, False), (2, False), (1, True)], ids=["pp1", "pp2", "pp1-compiled"]
+)
+def test_greedy_matches_transformers(checkpoint, pipeline, compiled):
+    out = scenario(Engine(checkpoint, pipeline, compiled=compiled))
     for seq, prompt in ((0, A), (1, B), (2, C)):
         check_greedy(checkpoint, prompt, out[seq])
 

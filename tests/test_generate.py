@@ -62,6 +62,9 @@ def fleet(
         f"parallel.tensor={tp}",
         f"parallel.pipeline={pp}",
         *DECODER,
+        # the compiled decode attention on one worker; the eager one on several (each worker
+        # compiles on its own, which would cost this file a minute on two cores)
+        f"kv.compile={'true' if tp * pp == 1 else 'false'}",
     )
     try:
         yield f, checkpoints[family]

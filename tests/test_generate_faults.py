@@ -120,6 +120,7 @@ def piped(checkpoint: Path) -> Iterator[Fleet]:
         "kv.memory=4000000",
         "batching.max_batch_tokens=64",
         "workers.dead_after_ms=5000",
+        "kv.compile=false",  # two workers compiling at each start: time this file can spare
     )
     try:
         yield f

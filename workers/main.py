@@ -67,6 +67,7 @@ class Spec:
     kv_memory: float = (
         0.25  # KV cache: <= 1 a fraction of the memory free after weights, else bytes
     )
+    compile: bool = False  # decode attention compiled to read the paged cache in place
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -121,7 +122,15 @@ class Worker:
             info.max_seq_length = s.max_seq_length
         self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device)
         self.runner = ModelRunner(
-            info, s.stage, s.pipeline, self.tp, s.device, DTYPES[s.dtype], s.block_size, s.kv_memory
+            info,
+            s.stage,
+            s.pipeline,
+            self.tp,
+            s.device,
+            DTYPES[s.dtype],
+            s.block_size,
+            s.kv_memory,
+            s.compile,
         )
         self.tell(Kind.READY, kv_blocks=self.runner.num_blocks)
 

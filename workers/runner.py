@@ -16,6 +16,7 @@ import torch
 
 from workers import models
 from workers.layers.attention import Attention, Context, Workspace
+from workers.layers.paged import PagedDecode
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo
 from workers.sampler import sample
@@ -51,15 +52,16 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         block_size: int = 16,
         kv_memory: float = 0.25,
+        compile: bool = False,
     ) -> None:
         self.info, self.tp, self.block_size = info, tp, block_size
         self.device = torch.device(device)
         self.model = models.build(info, stage, pipeline, tp, device, dtype)
         self.num_blocks = 0
         if info.decoder:
-            self.allocate_kv_cache(kv_memory, dtype)
+            self.allocate_kv_cache(kv_memory, dtype, compile)
 
-    def allocate_kv_cache(self, kv_memory: float, dtype: torch.dtype) -> None:
+    def allocate_kv_cache(self, kv_memory: float, dtype: torch.dtype, compile: bool) -> None:
         """One tensor [layers, 2, slots, kv_heads, head_dim]; each layer's attention gets views
         of its K and V slots."""
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -74,13 +76,24 @@ class ModelRunner:
                 f"kv.memory = {kv_memory} leaves room for no KV block of {per_block} bytes"
             )
         slots = self.num_blocks * self.block_size
-        self.kv_cache = torch.empty(
+        # Zeroed, not left as found: attention reads whole blocks and masks the slots past a
+        # sequence's end, but a masked value still meets a zero weight (0 * v), and a NaN that
+        # recycled memory happened to hold would poison the sum.
+        self.kv_cache = torch.zeros(
             len(layers), 2, slots, kv_heads, d, dtype=dtype, device=self.device
         )
         workspace = Workspace()
+        kernel = PagedDecode() if compile else None
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
-            attn.block_size, attn.workspace = self.block_size, workspace
+            attn.block_size, attn.workspace, attn.kernel = self.block_size, workspace, kernel
+        if kernel is not None:  # now, not at the first step: the worker is not yet ready
+            by_block = (-1, self.block_size, kv_heads, d)
+            kernel.warm(
+                self.kv_cache[0, 0].view(by_block),
+                self.kv_cache[0, 1].view(by_block),
+                layers[0].heads,
+            )
 
     @torch.inference_mode()
     def run(self, body: dict[str, Any], tensors: list[torch.Tensor]) -> Step:

@@ -15,6 +15,7 @@ from torch import nn
 
 from workers import packing
 from workers.layers.linear import QKVParallelLinear, RowParallelLinear
+from workers.layers.paged import PagedDecode
 from workers.layers.parallel import TPGroup
 from workers.layers.rotary import Rotary
 
@@ -45,6 +46,7 @@ class Decodes:
     rows: torch.Tensor  # [n] batch rows of their tokens
     blocks: torch.Tensor  # [n, max_blocks] their cache blocks (padding points at block 0)
     mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where the key is real
+    lens: torch.Tensor  # [n] keys of each (in `blocks`)
     prefix: torch.Tensor | None = None  # [p] cache blocks every sequence of the group starts with
     bias: torch.Tensor | None = None  # `mask` as an additive float mask, made on first use
 
@@ -207,7 +209,7 @@ def _decodes(
     blocks = tables[group][:, :width].clamp(min=0)
     real = torch.arange(width * block_size, device=device)[None, :] < ctx[:, None]
     rows = torch.tensor([starts[i] for i in group], device=device)
-    return Decodes(rows, blocks, real[:, None, None, :], prefix)
+    return Decodes(rows, blocks, real[:, None, None, :], ctx, prefix)
 
 
 def _attend(
@@ -238,6 +240,7 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)
         self.block_size = 0
         self.workspace = Workspace()  # the runner gives every layer of a stage the same one
+        self.kernel: PagedDecode | None = None  # compiled decode attention, when the runner has it
 
     def read(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `blocks` [n, m] out of the cache: [n, m * block_size, kv_heads, d] each."""
@@ -280,14 +283,23 @@ class Attention(nn.Module):
         head's query rows ([n, kv_heads, rep, d]): grouped-query attention without copying K/V."""
         n, heads, dim = q.shape
         qs = q.view(n, self.kv_heads, heads // self.kv_heads, dim)
-        ks, vs = (t.transpose(1, 2) for t in self.read(d.blocks))
+        if self.kernel is not None:
+            caches = (
+                c.view(-1, self.block_size, self.kv_heads, dim)
+                for c in (self.k_cache, self.v_cache)
+            )
+            own, own_lse = self.kernel(qs, *caches, d.blocks, d.lens)
+        else:
+            ks, vs = (t.transpose(1, 2) for t in self.read(d.blocks))
+            if d.prefix is None:
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask)
+                return o.reshape(n, heads, dim)
+            if d.bias is None:
+                d.bias = torch.zeros(d.mask.shape, dtype=q.dtype, device=q.device)
+                d.bias.masked_fill_(~d.mask, float("-inf"))
+            own, own_lse = _attend(qs, ks, vs, d.bias)  # before the next read reuses the buffer
         if d.prefix is None:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask)
-            return o.reshape(n, heads, dim)
-        if d.bias is None:
-            d.bias = torch.zeros(d.mask.shape, dtype=q.dtype, device=q.device)
-            d.bias.masked_fill_(~d.mask, float("-inf"))
-        own, own_lse = _attend(qs, ks, vs, d.bias)  # before the next read reuses the buffer
+            return own.reshape(n, heads, dim)
         # the shared blocks, once for the whole group: [1, kv_heads, n * rep, d] against them
         kp, vp = (t.transpose(1, 2) for t in self.read(d.prefix[None]))
         qp = qs.transpose(0, 1).reshape(1, self.kv_heads, -1, dim)
