@@ -64,6 +64,7 @@ class PagedDecode:
         out, lse = self.fn(q, k_cache, v_cache, blocks, lens)
         return out[:n], lse[:n]
 
+    @torch.inference_mode()  # as the runner's forward: grad mode is part of what is compiled
     def warm(self, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> None:
         """Compile now, on the real caches, for `heads` query heads. The sizes differ from one
         another (and from the cache's): torch.compile would otherwise guard on their equality."""
