@@ -67,7 +67,7 @@ def generation(quick: bool, repeats: int) -> dict:
         "generation: pipeline 2 with two groups in flight vs pipeline 1 (1 thread/worker)",
         {"pp2 groups in flight": [*one, "parallel.pipeline=2"], "pp1": one},
         (jobs, poisson, 0.5),
-        ("pp2_vs_pp1", "pp2 groups in flight", "pp1", 1.6),
+        [("pp2_vs_pp1", "pp2 groups in flight", "pp1", 1.6)],
         {
             "model": common.GPT2_MODEL,
             "jobs": num,

@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "300 jobs sharing a 384-token prefix, with and without prefix sharing, GPT-2 8 x 512",
         layouts,
         (jobs, poisson, 2.0),
-        ("sharing_vs_none", "sharing", "no sharing", 3.0),
+        [("sharing_vs_none", "sharing", "no sharing", 3.0)],
         {
             "model": common.GPT2_MODEL,
             "jobs": num,

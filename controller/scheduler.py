@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from controller.block_manager import BlockManager
-from controller.sequence import Sequence, Status
+from controller.sequence import SamplingParams, Sequence, Status
 
 
 @dataclass(slots=True)
@@ -79,13 +79,15 @@ class Scheduler:
         block_manager: BlockManager | None = None,
         eos_token_id: int | Iterable[int] | None = None,
         groups: int = 1,
-        static: bool = False,
+        static: str = "off",
     ) -> None:
         self.budget = max_batch_tokens
         # With P pipeline stages, the running sequences split into P micro-batches in flight at
         # once, so every stage works on one while the others work on the rest.
         self.groups = groups
-        self.static = static  # admit only into an empty running set (static batching)
+        # "off"; or static batching (admit only into an empty running set), "padded" or
+        # "shrinking" (controller/config.py)
+        self.static = static
         self.max_wait = max_wait_ms / 1000
         self.bm = block_manager  # None: the model does not generate
         # end-of-sequence tokens: one, or several (Llama 3 lists them)
@@ -140,7 +142,7 @@ class Scheduler:
             self.tokens -= sum(s.cost for s in gone)
             for s in gone:
                 s.status = Status.FINISHED
-        for s in [s for s in self.running if s.id in ids]:
+        for s in [s for s in self.running if s.id in ids and not s.filler]:
             self.finish(s, "cancelled")
             gone.append(s)
         if gone:
@@ -157,7 +159,8 @@ class Scheduler:
             s.status = Status.FINISHED
         for s in list(self.running):
             self.finish(s, "cancelled")
-            gone.append(s)
+            if not s.filler:
+                gone.append(s)
         return gone
 
     def finish(self, seq: Sequence, reason: str | None = None) -> None:
@@ -180,7 +183,7 @@ class Scheduler:
     def recompute_all(self, num_blocks: int | None = None) -> None:
         """The workers' KV is gone (a replica restart): every running sequence goes back to the
         front of the queue, in admission order, to be recomputed; every block is free again."""
-        seqs, self.running = self.running, []
+        seqs, self.running = [s for s in self.running if not s.filler], []
         for s in seqs:
             s.block_table.clear()
             s.num_cached_tokens = s.num_hashed_blocks = 0
@@ -286,7 +289,7 @@ class Scheduler:
                 continue  # it was preempted itself
             self.bm.may_append(seq)
             used += self._put(batch, seq, q, chosen)
-        admit = not alone and not (self.static and self.running)
+        admit = not alone and not (self.static != "off" and self.running)
         while admit and self.waiting and not self.waiting[0].oneshot and used < self.budget:
             seq = self.waiting[0]
             if seq.deadline is not None and seq.deadline <= now:
@@ -346,6 +349,9 @@ class Scheduler:
         return True
 
     def preempt(self, seq: Sequence) -> None:
+        if seq.filler:  # padding: nothing to compute again
+            self.finish(seq)
+            return
         self.bm.deallocate(seq)
         self.running.remove(seq)
         self.preemptions += 1
@@ -372,15 +378,48 @@ class Scheduler:
             if i in sampled:
                 token = sampled[i]
                 seq.append(token)
-                stepped.append(seq)
                 reason = self._stop(seq, token)
-                if reason is not None:
-                    self.finish(seq, reason)
-                    finished.append(seq)
-                    continue
+                if seq.filler:
+                    if reason is not None:
+                        self.finish(seq)
+                        continue
+                else:
+                    stepped.append(seq)
+                    if reason is not None:
+                        if self.static == "padded":
+                            self._pad(seq)
+                        self.finish(seq, reason)
+                        finished.append(seq)
+                        continue
             self.bm.commit(seq)
+        if self.running and all(s.filler for s in self.running):
+            for s in list(self.running):  # the batch's longest has ended: so does its padding
+                self.finish(s)
         self.arrived.set()
         return stepped, finished
+
+    def _pad(self, seq: Sequence) -> None:
+        """Padded static batching (transformers' generate, FasterTransformer): a member that has
+        ended keeps its place and computes on until the batch's longest ends. Its job is
+        answered now; a filler takes its blocks and goes on, its tokens read by no one, up to
+        the longest length any member may reach (within the model's positions, as each is)."""
+        members = [s for s in self.running if not s.filler]
+        longest = max(s.num_prompt_tokens + s.params.max_new_tokens for s in members if s.params)
+        if members == [seq] or seq.num_tokens >= longest:
+            return  # the last one, or as long as any: the batch ends with it
+        filler = Sequence(
+            seq.id,
+            seq.task,
+            list(seq.token_ids),
+            SamplingParams(max_new_tokens=longest - seq.num_prompt_tokens, ignore_eos=True),
+            oneshot=False,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            filler=True,
+        )
+        filler.block_table, seq.block_table = seq.block_table, []
+        filler.num_hashed_blocks, filler.status = seq.num_hashed_blocks, Status.RUNNING
+        self.running.append(filler)
 
     def landed(self, batch: MicroBatch) -> None:
         """A generate step left the pipeline (came back, was refused, or was never sent): its

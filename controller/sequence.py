@@ -113,6 +113,7 @@ class Sequence:
     inflight: bool = False  # inside a micro-batch in the pipeline: not schedulable
     suspect: bool = False  # lost with a dying worker or a refused batch: its next step runs alone
     num_streamed: int = 0  # generated tokens already sent to the broker as `tokens` deltas
+    filler: bool = False  # padded static batching: computes on after its job ended, unread
     arrived: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:

@@ -252,3 +252,31 @@ def test_every_sequence_completes_and_every_block_comes_back(
     for q in fits:
         assert q.completion_token_ids == list(range(q.params.max_new_tokens))
     assert s.bm.num_free == blocks and s.bm.stats()["blocks_used"] == 0
+
+
+def test_static_batching_padded_and_shrinking() -> None:
+    """Nothing joins a static batch until it has ended; "padded" keeps a member that has ended
+    computing (unseen) until the longest ends, "shrinking" lets it drop out."""
+    for mode, widths in (("padded", [3, 3, 3, 3]), ("shrinking", [3, 2, 1, 1])):
+        s = Scheduler(100, 0, BlockManager(32, 4), static=mode)
+        s.add([gen("a", 3, max_new=2), gen("b", 3, max_new=3), gen("c", 3, max_new=5)])
+        s.add([gen("late", 3, max_new=1)])
+        s.budget = 9  # the first step takes a, b and c only
+        done: list[str] = []
+        seen = []
+        while len(done) < 3:
+            batch = s.schedule()
+            assert batch is not None and "late" not in ids(batch)
+            seen.append(len(batch.seqs))
+            stepped, finished = s.postprocess(batch, [7] * len(batch.sample))
+            assert all(not q.filler for q in (*stepped, *finished))  # fillers are never answered
+            done += [q.id for q in finished]
+        assert done == ["a", "b", "c"] and seen[1:] == widths, mode
+        assert s.running == [] and s.bm.num_free == 32  # padding gone with the batch, blocks back
+        assert ids(s.schedule()) == ["late"]
+    s = Scheduler(100, 0, BlockManager(32, 4), static="padded")
+    s.add([gen("a", 3, max_new=1), gen("b", 3, max_new=4)])
+    back(s, s.schedule())
+    assert s.drop({"a"}) == [] and len(s.running) == 2  # a is answered; its filler is no job
+    s.recompute_all()
+    assert [q.id for q in s.waiting] == ["b"]  # a filler is never computed again
