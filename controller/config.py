@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wire.limits import Limits, config_fields
+from workers import precision
 
 
 class ConfigError(ValueError):
@@ -220,6 +221,9 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'model.dtype' must be float32, float16 or bfloat16, got {cfg.model.dtype!r}"
         )
+    half = precision.refusal(cfg.model.dtype, cfg.device.partition(":")[0])
+    if half is not None:
+        raise ConfigError(half)
     if cfg.batching.static not in STATIC_MODES:
         raise ConfigError(
             f"config key 'batching.static' must be one of {', '.join(STATIC_MODES)}, "

@@ -40,12 +40,24 @@ class Engine:
     that a sequence may start on another's full blocks (a shared prefix)."""
 
     def __init__(
-        self, directory, pipeline: int, tp: TPGroup = SOLO, compiled: bool = False
+        self,
+        directory,
+        pipeline: int,
+        tp: TPGroup = SOLO,
+        compiled: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         info = load_info(str(directory))
         self.runners = [
             ModelRunner(
-                info, s, pipeline, tp, block_size=BLOCK, kv_memory=4 << 20, compile=compiled
+                info,
+                s,
+                pipeline,
+                tp,
+                dtype=dtype,
+                block_size=BLOCK,
+                kv_memory=4 << 20,
+                compile=compiled,
             )
             for s in range(pipeline)
         ]
