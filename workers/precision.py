@@ -2,8 +2,8 @@
 
 On CPU, oneDNN runs bfloat16 matmuls on AVX-512 BF16 or AMX and float16 ones on AVX-512 FP16 or
 AMX-FP16; elsewhere torch emulates them in float32 with conversions on every product, which is
-slower than float32 itself. On this project's machine (AVX-512 BF16, no FP16) bfloat16
-matmuls run at 3x float32 (docs/performance.md). CUDA computes both natively.
+slower than float32 itself. On a machine with AVX-512 BF16 (and no FP16) bfloat16 matmuls ran
+at 3x float32 (docs/performance.md). CUDA computes both natively.
 """
 
 from __future__ import annotations
