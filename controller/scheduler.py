@@ -392,7 +392,7 @@ class Scheduler:
                         finished.append(seq)
                         continue
             self.bm.commit(seq)
-        if self.running and all(s.filler for s in self.running):
+        if self.static == "padded" and all(s.filler for s in self.running):
             for s in list(self.running):  # the batch's longest has ended: so does its padding
                 self.finish(s)
         self.arrived.set()

@@ -11,15 +11,11 @@ import traceback
 import pytest
 import torch
 import torch.multiprocessing as mp
-from decoders import check_greedy, gpt2, llama
+from decoders import A, B, C, Engine, check_greedy, gpt2, llama, scenario
 
-from workers.layers.parallel import TPGroup, close, init_tp_group
-from workers.models import load_info
-from workers.runner import ModelRunner
+from workers.layers.parallel import close, init_tp_group
 from workers.sampler import sample
 
-BLOCK = 4
-SOLO = TPGroup(0, 1, None)
 WAIT_S = 120  # generous bound for a loaded 2-core machine; the test never sleeps
 
 
@@ -33,74 +29,6 @@ def free_port() -> int:
 def checkpoint(request, tmp_path_factory):
     make = {"gpt2": gpt2, "llama": llama}[request.param]
     return make(tmp_path_factory.mktemp(request.param))
-
-
-class Engine:
-    """Just enough of a scheduler to drive runners: each sequence owns fixed blocks, except
-    that a sequence may start on another's full blocks (a shared prefix)."""
-
-    def __init__(
-        self,
-        directory,
-        pipeline: int,
-        tp: TPGroup = SOLO,
-        compiled: bool = False,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        info = load_info(str(directory))
-        self.runners = [
-            ModelRunner(
-                info,
-                s,
-                pipeline,
-                tp,
-                dtype=dtype,
-                block_size=BLOCK,
-                kv_memory=4 << 20,
-                compile=compiled,
-            )
-            for s in range(pipeline)
-        ]
-        self.blocks_each = 40
-        self.tables: dict[int, list[int]] = {}
-
-    def table(self, seq: int, shared: list[int] = ()) -> list[int]:
-        if seq not in self.tables:
-            own = list(range(seq * self.blocks_each, (seq + 1) * self.blocks_each))
-            self.tables[seq] = [*shared, *own][: self.blocks_each]
-        return self.tables[seq]
-
-    def step(self, work: list[tuple[int, list[int], int, bool]]) -> list[int]:
-        """work: (sequence, its new token ids, tokens cached before them, samples?)."""
-        seq_lens = [len(ids) for _, ids, _, _ in work]
-        context_lens = [c + len(ids) for _, ids, c, _ in work]
-        slots = []
-        for seq, ids, cached, _ in work:
-            table = self.table(seq)
-            slots += [
-                table[p // BLOCK] * BLOCK + p % BLOCK for p in range(cached, cached + len(ids))
-            ]
-        width = max(len(self.table(s)) for s, *_ in work)
-        tables = torch.full((len(work), width), -1, dtype=torch.int32)
-        for i, (seq, *_) in enumerate(work):
-            tables[i, : len(self.table(seq))] = torch.tensor(self.table(seq))
-        body = {
-            "task": "generate",
-            "seq_lens": seq_lens,
-            "context_lens": context_lens,
-            "sample": [[i, 0.0, 0, 1.0, -1, 0] for i, w in enumerate(work) if w[3]],
-        }
-        x = torch.tensor([t for _, ids, _, _ in work for t in ids])
-        tensors = [x, torch.tensor(slots), tables]
-        for runner in self.runners:
-            out = runner.run(body, tensors)
-            tensors = out.tensors
-        return out.body["token_ids"]
-
-
-A = [5, 17, 3, 44, 9, 12, 30, 2, 7, 61, 8]  # 11 tokens: two full blocks and a part
-B = [70, 4, 4, 19, 23]
-C = A[:8] + [50, 51, 52]  # shares A's two full blocks
 
 
 @pytest.mark.parametrize(
@@ -151,34 +79,6 @@ def rank_main(directory: str, rank: int, port: int, results) -> None:
     finally:
         if group is not None:
             close(group)
-
-
-def scenario(engine: Engine) -> dict[int, list[int]]:
-    """Greedy tokens of A, B and C: A's prompt in two chunks, B joining while A decodes, C
-    starting on A's cached blocks while both decode."""
-    a, b, c = A, B, C
-    out = {0: [], 1: [], 2: []}
-    # a's prompt in two chunks; only the second samples
-    assert engine.step([(0, a[:6], 0, False)]) == []
-    out[0] += engine.step([(0, a[6:], 6, True)])
-    # a decodes while b's whole prompt joins the same micro-batch
-    got = engine.step([(0, out[0][-1:], len(a), True), (1, b, 0, True)])
-    out[0].append(got[0])
-    out[1].append(got[1])
-    # c starts on a's first two blocks: only its last three prompt tokens are computed
-    engine.table(2, shared=engine.table(0)[:2])
-    for k in range(6):
-        work = [
-            (0, out[0][-1:], len(a) + len(out[0]) - 1, True),
-            (1, out[1][-1:], len(b) + len(out[1]) - 1, True),
-        ]
-        if k == 0:
-            work.append((2, c[8:], 8, True))
-        else:
-            work.append((2, out[2][-1:], len(c) + len(out[2]) - 1, True))
-        for seq, token in zip((0, 1, 2), engine.step(work), strict=True):
-            out[seq].append(token)
-    return out
 
 
 def test_seeded_sampling_is_a_function_of_seed_and_position():

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from corpus import MODEL, reference, texts
-from decoders import gpt2, llama, reference_logits
-from test_decoders import A, B, C, Engine, scenario
+from decoders import A, B, C, Engine, gpt2, llama, reference_logits, scenario
 
 from controller.config import ConfigError, check, load
 from workers import packing
