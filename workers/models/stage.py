@@ -56,6 +56,12 @@ class Decoder(Stage):
     norm: nn.Module | None
     lm_head: nn.Module | None
 
+    def load(self) -> Decoder:
+        super().load()
+        if self.lm_head is not None:
+            self.lm_head.pack()
+        return self
+
     def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)
 
