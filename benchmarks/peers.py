@@ -339,7 +339,7 @@ def embed(
                 # the tables round to 3 digits, where every cosine reads 1
                 notes.append(
                     f"embeddings: {who} against {REFERENCE} float32: cosine min "
-                    f"{cos['cosine_min']:.6f}, mean {cos['cosine_mean']:.6f}"
+                    f"{cos['cosine_min']:.8f}, mean {cos['cosine_mean']:.8f}"
                 )
     else:
         notes.append(f"{REFERENCE} did not run: no cosines")
