@@ -96,11 +96,23 @@ class Runner:
         except queue.Empty:
             raise RuntimeError(f"{self.peer}: no answer in {timeout_s:.0f} s") from None
         if line is None:
-            raise RuntimeError(f"{self.peer}: exited ({self.proc.wait()}); see {self.log_path}")
+            raise RuntimeError(
+                f"{self.peer}: exited ({self.proc.wait()}), last logged: {self.tail()!r}; "
+                f"see {self.log_path}"
+            )
         reply = json.loads(line)
         if not reply.get("ok"):
             raise RuntimeError(f"{self.peer}: {reply.get('error')}; see {self.log_path}")
         return reply
+
+    def tail(self) -> str:
+        """The log's last line: for a process that died, usually what killed it."""
+        self._log.flush()
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
 
     def close(self) -> None:
         """End of stdin asks it to exit; its whole session is ended after a grace period (vLLM's
@@ -377,6 +389,7 @@ def generate(
         built["single"] = (one, bench.generation(1, "128", "128", tokenizer=model, seed=1))
         setup["single"] = {"input_tokens": 128, "output_tokens": 128}
     setup["generation_model"] = common.GPT2_MODEL + ", float32, greedy, ignore_eos"
+    setup["vllm_kv_cache_gb"] = peer_env(threads)["VLLM_CPU_KVCACHE_SPACE"]
     setup["transformers_batch"] = 32
 
     def plain(jobs: list[dict]) -> list[dict]:
