@@ -10,6 +10,8 @@ repeat of the interleaved benchmark:
   <- {"ok": true, "load_s": S}                 (the model loaded and warmed up on each W)
   -> {"op": "run", "workload": W}
   <- {"ok": true, "figures": {...}}            (only the workload itself is timed)
+  -> {"op": "tokens", "workload": W}           (generators: the greedy tokens of W's first job)
+  <- {"ok": true, "tokens": [...]}
   <- {"ok": false, "error": "..."}             (whatever went wrong, instead)
 End of stdin ends the process. `--probe` prints which peers' packages are importable.
 
@@ -255,6 +257,11 @@ class Generator(Peer):
         for w in self.workloads.values():
             self.generate(w["warmup"])
 
+    def tokens(self, job: dict[str, Any]) -> list[int]:
+        """The tokens one job makes (not timed): to check that every contestant runs the
+        same model on the same ids."""
+        raise NotImplementedError
+
     def run(self, workload: str) -> Figures:
         jobs = self.workloads[workload]["jobs"]
         t0 = time.perf_counter()
@@ -308,6 +315,18 @@ class Transformers(Generator):
                 made += sum(j["max_new_tokens"] for j in batch)
         return made
 
+    def tokens(self, job: dict[str, Any]) -> list[int]:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=torch.tensor([job["token_ids"]]),
+                max_new_tokens=job["max_new_tokens"],
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[0, len(job["token_ids"]) :].tolist()
+
 
 class Vllm(Generator):
     """vLLM's CPU build, offline `LLM.generate` on token-id prompts, greedy, ignore_eos, all
@@ -349,7 +368,12 @@ class Vllm(Generator):
         want = sum(j["max_new_tokens"] for j in jobs)
         if made != want:
             raise RuntimeError(f"vLLM made {made} tokens of {want}")
+        self.last = [list(o.outputs[0].token_ids) for o in outs]
         return made
+
+    def tokens(self, job: dict[str, Any]) -> list[int]:
+        self.generate([job])
+        return self.last[0]
 
 
 MAKERS: dict[str, Callable[[dict[str, Any]], Peer]] = {
@@ -406,6 +430,12 @@ def serve(proto: TextIO) -> None:
                 if peer is None:
                     raise RuntimeError("run before load")
                 reply({"ok": True, "figures": peer.run(msg["workload"])})
+            elif msg["op"] == "tokens":
+                if not isinstance(peer, Generator):
+                    raise RuntimeError("tokens of a peer that does not generate")
+                reply(
+                    {"ok": True, "tokens": peer.tokens(peer.workloads[msg["workload"]]["jobs"][0])}
+                )
             else:
                 raise ValueError(f"unknown op {msg['op']!r}")
         except Exception as e:  # any failure of a peer is reported, not fatal to the caller

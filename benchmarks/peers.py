@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         embed(a.quick, repeats, threads, wanted, skipped, out_dir, runs, dist, setup, notes)
     gen = [w for w in ("generation", "prefix", "single") if w in workloads]
     if gen:
-        generate(a.quick, repeats, threads, wanted, gen, skipped, runs, dist, setup)
+        generate(a.quick, repeats, threads, wanted, gen, skipped, runs, dist, setup, notes)
 
     ratios: dict[str, list[float]] = {}
     for name in runs:
@@ -368,6 +368,7 @@ def generate(
     runs: dict[str, list[Figures]],
     dist: list[dict],
     setup: dict[str, Any],
+    notes: list[str],
 ) -> None:
     model = common.gpt2()
     built: dict[str, tuple[list[dict], list[dict]]] = {}  # workload -> (jobs, warm-up jobs)
@@ -415,6 +416,37 @@ def generate(
             for p, r in rs.items():
                 alternatives[f"{w}: {p}"] = lambda r=r, w=w: ask_run(r, w)
         runs.update(common.interleave(alternatives, repeats, dist))
+        notes += agreement(endpoint, rs, built)
+
+
+def agreement(endpoint: str, rs: dict[str, Runner], built: dict[str, Any]) -> list[str]:
+    """How far each contestant's greedy tokens for one job agree with transformers' (not
+    timed): the same model on the same ids should give the same tokens, until float32
+    rounding flips a near tie of the random weights' logits."""
+    from baton.client import BlockingClient
+
+    w = "single" if "single" in built else next(iter(built))
+    job = built[w][0][0]
+    with BlockingClient(endpoint) as c:
+        got = c.generate([job["token_ids"]], max_new_tokens=job["max_new_tokens"], ignore_eos=True)
+    tokens = {"baton": got[0].token_ids or []}
+    for p, r in rs.items():
+        tokens[p] = r.ask({"op": "tokens", "workload": w}, RUN_TIMEOUT_S)["tokens"]
+    if "transformers" not in tokens:
+        return [f"{w}: greedy tokens not compared (transformers did not run)"]
+    ref = tokens["transformers"]
+    out = []
+    for who, ids in tokens.items():
+        if who != "transformers":
+            same = next(
+                (i for i, (x, y) in enumerate(zip(ids, ref, strict=False)) if x != y),
+                min(len(ids), len(ref)),
+            )
+            out.append(
+                f"{w}, first job: {who}'s greedy tokens equal transformers' for the first "
+                f"{same} of {len(ref)}"
+            )
+    return out
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
