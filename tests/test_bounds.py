@@ -5,6 +5,8 @@ capped, and clients are served in turn."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +85,7 @@ def fleet(executed: Path) -> Fleet:
         "pipeline.max_inflight=2",
         "limits.max_queued_bytes=8000000",
         f'jobs.execution_log="{executed}"',
+        "workers.dead_after_ms=600000",  # a worker held still (SIGSTOP) below is not dead
     )
     try:
         yield f
@@ -92,18 +95,27 @@ def fleet(executed: Path) -> Fleet:
 
 def test_one_job_is_not_held_back_by_another_clients_backlog(fleet: Fleet, executed: Path) -> None:
     """A queues 20,480 jobs, then B sends one: few of A's jobs run between B's arrival and B's
-    run (a few batches), not A's whole backlog. Counted from the fleet's execution log."""
+    run (a few batches), not A's whole backlog. Counted from the fleet's execution log. The
+    worker is held still (SIGSTOP) while both submit, so that A's backlog is still there when B's
+    job arrives however fast the fleet drains it, or however slowly a busy machine submits."""
 
     async def go() -> tuple[int, int]:
         async with (
             Client(fleet.endpoint, timeout_s=WAIT_S) as a,
             Client(fleet.endpoint, timeout_s=WAIT_S) as b,
         ):
-            backlog = await a.submit(
-                {"id": f"fair-a-{i}", "task": "echo", "text": "x"} for i in range(20_480)
-            )
-            done = (await b.status())["jobs"]["done"]  # before B's job exists
-            [mine] = await b.submit([{"id": "fair-b", "task": "echo", "text": "x"}])
+            workers = [w["pid"] for w in (await b.status())["workers"]]
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                backlog = await a.submit(
+                    {"id": f"fair-a-{i}", "task": "echo", "text": "x"} for i in range(20_480)
+                )
+                done = (await b.status())["jobs"]["done"]  # before B's job exists
+                [mine] = await b.submit([{"id": "fair-b", "task": "echo", "text": "x"}])
+            finally:
+                for pid in workers:
+                    os.kill(pid, signal.SIGCONT)
             await asyncio.wait_for(mine, WAIT_S)
             assert mine.result().ok
             await asyncio.wait_for(asyncio.gather(*backlog), WAIT_S)
