@@ -171,7 +171,10 @@ def table(body: dict) -> str:
     jobs = body.get("jobs") or {}
     lines = [
         f"model   {body.get('model')}",
-        f"layout  tensor {layout.get('tensor')} x pipeline {layout.get('pipeline')}",
+        f"layout  tensor {layout.get('tensor')} x pipeline {layout.get('pipeline')}"
+        + "".join(
+            f"  stage {i}: layers {a}-{b}" for i, (a, b) in enumerate(layout.get("stages") or [])
+        ),
         "jobs    " + "  ".join(f"{k} {v}" for k, v in jobs.items()),
     ]
     for c in body.get("controllers") or []:

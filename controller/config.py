@@ -35,6 +35,9 @@ class Model:
 class Parallel:
     tensor: int = 1
     pipeline: int = 1
+    # layers per pipeline stage, first to last (their sum is the model's layers); empty = planned
+    # from the model (workers.models.split_layers: even, the LM head's work counted on the last)
+    stages: list = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -260,6 +263,16 @@ def check_model(cfg: Config, info: Any) -> None:
     if pp > info.num_layers:
         raise ConfigError(
             f"parallel.pipeline = {pp} is more stages than the model's {info.num_layers} layers"
+        )
+    stages = cfg.parallel.stages
+    if stages and (
+        len(stages) != pp
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in stages)
+        or sum(stages) != info.num_layers
+    ):
+        raise ConfigError(
+            f"parallel.stages = {stages} must be {pp} positive layer counts (one per pipeline "
+            f"stage) adding up to the model's {info.num_layers} layers"
         )
     if cfg.model.max_seq_length > info.max_position:
         raise ConfigError(

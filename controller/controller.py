@@ -53,6 +53,7 @@ from wire.protocol import (
     job_size,
 )
 from wire.transport import Heartbeat, Peer, configure, serve
+from workers.models import plan
 
 log = logging.getLogger("baton.controller")
 
@@ -190,7 +191,15 @@ class Controller:
         """Say `ready` (again): a fresh registration starts with no credit at the broker."""
         self.epoch += 1
         self.asked_jobs = self.asked_bytes = 0
-        layout = {"tensor": self.cfg.parallel.tensor, "pipeline": self.cfg.parallel.pipeline}
+        pp = self.cfg.parallel.pipeline
+        layout = {
+            "tensor": self.cfg.parallel.tensor,
+            "pipeline": pp,
+            # each stage's first and last layer, as the workers split the model
+            "stages": [
+                [r.start, r.stop - 1] for r in plan(self.info, pp, self.cfg.parallel.stages)
+            ],
+        }
         body = {
             "model": self.model,
             "tasks": list(self.tasks),

@@ -109,6 +109,7 @@ class Supervisor:
                             dead_after_ms=cfg.workers.dead_after_ms,
                             max_message_bytes=cfg.limits.max_message_bytes,
                             max_frames=cfg.limits.max_frames,
+                            stages=list(cfg.parallel.stages),
                             **kv_fields(cfg),
                         ),
                         self.heartbeat.pulse(time.monotonic()),

@@ -54,7 +54,7 @@ def test_status_json(small_fleet: Fleet) -> None:
     assert done.returncode == 0, done.stderr
     s = json.loads(done.stdout)
     assert s["model"] == "all-MiniLM-L6-v2"
-    assert s["layout"] == {"tensor": 1, "pipeline": 1}
+    assert s["layout"] == {"tensor": 1, "pipeline": 1, "stages": [[0, 5]]}
     [w] = s["workers"]
     assert {"pid", "stage", "tp_rank", "state", "restarts"} <= set(w) and w["state"] == "ready"
     assert {"accepted", "queued", "running", "done", "failed"} <= set(s["jobs"])
@@ -71,6 +71,7 @@ def test_status_without_broker_fails_clearly() -> None:
         ("parallel.tensor=5", "parallel.tensor"),  # 12 heads
         ("parallel.pipeline=7", "parallel.pipeline"),  # 6 layers
         ("parallel.tensr=2", "parallel.tensr"),
+        ("parallel.stages=[3,3]", "parallel.stages"),  # two stages' layers, one stage
         ("batching.max_batch_tokens=-1", "batching.max_batch_tokens"),
         ('device="tpu"', "device"),
     ],

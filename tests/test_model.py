@@ -11,11 +11,12 @@ from corpus import MODEL, reference, sentence_transformer, texts
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from controller.config import ConfigError, check_model, load
 from workers import packing
 from workers.layers.attention import Context
 from workers.layers.parallel import TPGroup
 from workers.loader import View, resolve_model_dir, tensors
-from workers.models import build, load_info, split_layers
+from workers.models import build, load_info, plan, split_layers
 from workers.tokenizer import Tokenizer
 
 MIN_COSINE = 0.9999
@@ -172,7 +173,7 @@ def test_split_layers():
 
 
 def test_split_layers_balances_the_lm_head():
-    # GPT-2 8 x 512's head is worth about 4 layers: the last of 2 stages takes 2 layers, not 4
+    # a head worth about 4 layers: the last of 2 stages takes 2 of 8 layers, not 4
     assert split_layers(8, 2, 4.1) == [range(0, 6), range(6, 8)]
     assert split_layers(8, 4, 4.1) == [range(0, 2), range(2, 4), range(4, 7), range(7, 8)]
     assert split_layers(2, 2, 9.0) == [range(0, 1), range(1, 2)]  # every stage keeps a layer
@@ -187,6 +188,18 @@ def test_split_layers_balances_the_lm_head():
                 even = [len(r) for r in split_layers(n, p)]
                 even[-1] += head if p > 1 else 0
                 assert max(work) <= max(even)  # never worse than the even split
+
+
+def test_plan_takes_the_configured_stages_or_plans_them():
+    info = load_info(MODEL)  # 6 layers, an encoder: no head to balance
+    assert plan(info, 2) == [range(0, 3), range(3, 6)]
+    assert plan(info, 2, [4, 2]) == [range(0, 4), range(4, 6)]
+    assert plan(info, 3, [1, 1, 4]) == [range(0, 1), range(1, 2), range(2, 6)]
+    with pytest.raises(ConfigError, match="parallel.stages"):
+        check_model(load(None, ["parallel.pipeline=2", "parallel.stages=[4,1]"]), info)
+    with pytest.raises(ConfigError, match="parallel.stages"):
+        check_model(load(None, ["parallel.pipeline=2", "parallel.stages=[6,0]"]), info)
+    check_model(load(None, ["parallel.pipeline=2", "parallel.stages=[5,1]"]), info)
 
 
 def test_packing():

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import zmq
@@ -68,6 +68,7 @@ class Spec:
         0.25  # KV cache: <= 1 a fraction of the memory free after weights, else bytes
     )
     compile: bool = False  # decode attention compiled to read the paged cache in place
+    stages: list[int] = field(default_factory=list)  # layers per stage; empty = planned
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -131,6 +132,7 @@ class Worker:
             s.block_size,
             s.kv_memory,
             s.compile,
+            s.stages,
         )
         self.tell(Kind.READY, kv_blocks=self.runner.num_blocks)
 

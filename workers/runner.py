@@ -53,10 +53,11 @@ class ModelRunner:
         block_size: int = 16,
         kv_memory: float = 0.25,
         compile: bool = False,
+        stages: list[int] | None = None,
     ) -> None:
         self.info, self.tp, self.block_size = info, tp, block_size
         self.device = torch.device(device)
-        self.model = models.build(info, stage, pipeline, tp, device, dtype)
+        self.model = models.build(info, stage, pipeline, tp, device, dtype, stages)
         self.num_blocks = 0
         if info.decoder:
             self.allocate_kv_cache(kv_memory, dtype, compile)

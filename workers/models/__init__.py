@@ -31,15 +31,23 @@ def load_info(path: str) -> ModelInfo:
 # sequence, one per prompt. With outputs about as long as prompts (the generation workloads of
 # benchmarks/), about half of the tokens a stage computes pass through it.
 SAMPLED_SHARE = 0.5
+# What a parameter of the (oneDNN-packed) LM head costs against a parameter of a layer, measured
+# on CPU with the GPT-2 layout of benchmarks/ through the fleet (1 thread a worker, 128 mixed
+# jobs): each stage's busy share at the splits 6 + 2, 5 + 3 and 4 + 4 put the head at 1.0 layer
+# a computed token on an AVX-512 EPYC, and at 1.2 on an AVX2 one, where its parameters say 4.1.
+# A layer spends much of its time outside its matmuls (attention over the cache, norms,
+# activation, Python between them); the head is one large, packed matmul (docs/performance.md).
+HEAD_EFFICIENCY = 0.25
 
 
 def head_cost(info: ModelInfo) -> float:
-    """The LM head's work per computed token, in units of one layer's (matmul parameters)."""
+    """The LM head's work per computed token, in units of one layer's."""
     if not info.decoder:
         return 0.0  # an encoder's pooling is a sum over tokens: nothing beside a layer
     h, q, kv = info.hidden_size, info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
     mlp = (3 if MODELS[info.family].gated else 2) * h * info.intermediate_size
-    return SAMPLED_SHARE * info.vocab_size * h / (h * (q + 2 * kv) + q * h + mlp)
+    params = info.vocab_size * h / (h * (q + 2 * kv) + q * h + mlp)
+    return SAMPLED_SHARE * HEAD_EFFICIENCY * params
 
 
 def split_layers(num_layers: int, pipeline: int, head: float = 0.0) -> list[range]:
@@ -68,6 +76,14 @@ def split_layers(num_layers: int, pipeline: int, head: float = 0.0) -> list[rang
     return ranges
 
 
+def plan(info: ModelInfo, pipeline: int, stages: list[int] | None = None) -> list[range]:
+    """Each stage's layers: `stages` (layer counts, first to last) when given, else planned."""
+    if not stages:
+        return split_layers(info.num_layers, pipeline, head_cost(info))
+    starts = [sum(stages[:i]) for i in range(len(stages))]
+    return [range(a, a + n) for a, n in zip(starts, stages, strict=True)]
+
+
 def build(
     info: ModelInfo,
     stage: int,
@@ -75,8 +91,10 @@ def build(
     tp: TPGroup,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    stages: list[int] | None = None,
 ) -> Stage:
-    """Stage `stage` of `pipeline` on this rank, weights loaded."""
-    layers = split_layers(info.num_layers, pipeline, head_cost(info))[stage]
+    """Stage `stage` of `pipeline` on this rank, weights loaded; `stages` (layers per stage)
+    overrides the planned split."""
+    layers = plan(info, pipeline, stages)[stage]
     model = MODELS[info.family](info, layers, stage == 0, stage == pipeline - 1, tp, device, dtype)
     return model.load()
