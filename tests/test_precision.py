@@ -39,11 +39,6 @@ def test_half_precision_is_refused_where_the_cpu_would_emulate_it():
 
 
 @needs_bf16
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: 0.99987 today; the hidden states between layers are rounded to bfloat16 "
-    "(a float32 residual stream would keep them)",
-)
 def test_bfloat16_embeddings_within_tolerance():
     info = load_info(MODEL)
     corpus = texts(40)
