@@ -164,8 +164,9 @@ def generation(
     """`num` generate jobs (no ids) on the stdlib text: prompts of `input_len` tokens, each after
     the same `prefix_len`-token prefix when it is > 0 (as vllm's --random-prefix-len: the prefix
     comes on top), and `max_new_tokens` drawn from `output_len` with `ignore_eos`, so every job
-    makes exactly that many tokens. Prompts are consecutive stretches of the text, so no two
-    share more than the prefix.
+    makes exactly that many tokens. Prompts are consecutive stretches of the text from a place
+    the seed picks, so no two share more than the prefix, nor do two workloads of other seeds
+    (a server's prefix cache finds none of one run's prompts in another's).
 
     With `tokenizer` (a model directory, its tokenizer.json, or a `tokenizers.Tokenizer`) the
     prompts are token ids of exactly those lengths; without, they are texts of about that many
@@ -188,6 +189,8 @@ def generation(
     from baton import workload as w
 
     texts = w.paragraphs() if source == "paragraphs" else w.docstrings()
+    first = rng.randrange(len(texts))
+    texts = texts[first:] + texts[:first]
     if tokenizer is not None:
         unit: Callable[[int], list] = _token_stream(_tokenizer(tokenizer), texts)
     else:

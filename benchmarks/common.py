@@ -8,6 +8,7 @@ of the machine hits each of them alike; each ratio is the median of the per-repe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -271,6 +272,29 @@ def generate(
     }
 
 
+Workload = Callable[[int], tuple[list[dict], list[dict]]]
+
+
+def workload(num: int, input_len: str, output_len: str, **kw: Any) -> Workload:
+    """`make(r)`: the r-th draw of `num` generate jobs and `num // 5` Poisson ones (seeds 2r and
+    2r + 1, so each starts elsewhere in the text): a run never meets prompts that an earlier
+    one left in a prefix cache, which would flatter every repeat after the first."""
+    from baton import bench
+
+    model = gpt2()
+    return lambda r: (
+        bench.generation(num, input_len, output_len, tokenizer=model, seed=2 * r, **kw),
+        bench.generation(num // 5, input_len, output_len, tokenizer=model, seed=2 * r + 1, **kw),
+    )
+
+
+def fresh(make: Workload) -> Callable[[], tuple[list[dict], list[dict]]]:
+    """Each call, the next draw of `make`: one per alternative, so that repeat r of each gets
+    the same jobs (unless a disturbed run had to be taken again)."""
+    draws = itertools.count()
+    return lambda: make(next(draws))
+
+
 def paired(runs: dict[str, list[Figures]], a: str, b: str, key: str) -> list[float]:
     """Per-repeat ratios a/b of one figure (repeat i of a against repeat i of b)."""
     return [x[key] / y[key] for x, y in zip(runs[a], runs[b], strict=True)]
@@ -405,7 +429,7 @@ def compare_generation(
     name: str,
     title: str,
     layouts: dict[str, list[str]],
-    workloads: tuple[list[dict], list[dict], float],
+    workloads: tuple[Workload, float],
     ratios: list[tuple[str, str, str, float | None]],
     setup: dict[str, Any],
     quick: bool,
@@ -413,15 +437,17 @@ def compare_generation(
     concurrency: int | None = None,
 ) -> dict[str, Any]:
     """Two fleets of configs/gpt2.toml (their `--set`s in `layouts`), interleaved: `generate`
-    on `workloads` = (jobs, Poisson jobs, rate), `concurrency` jobs at a time (None: all at
-    once); each of `ratios` = (its name, a, b, the target a/b must reach in output tokens/s,
+    on `workloads` = (`workload`'s maker, the Poisson rate), a fresh draw each run,
+    `concurrency` jobs at a time (None: all at once); each of `ratios` = (its name, a, b, the target a/b must reach in output tokens/s,
     or None: reported only)."""
-    jobs, poisson, rate = workloads
+    make, rate = workloads
+    num = len(make(0)[0])
     with fleets(layouts, GPT2_CONFIG) as f:
         dist: list[dict] = []
+        draws = {n: fresh(make) for n in layouts}
         runs = interleave(
             {
-                n: lambda n=n: generate(f[n].endpoint, jobs, poisson, rate, concurrency)
+                n: lambda n=n: generate(f[n].endpoint, *draws[n](), rate, concurrency)
                 for n in layouts
             },
             repeats,
@@ -435,7 +461,12 @@ def compare_generation(
         runs,
         {key: paired(runs, a, b, "output_tokens_per_s") for key, a, b, _ in ratios},
         [Target(key, ">=", bound) for key, _, _, bound in ratios if bound is not None],
-        {**setup, "concurrency": concurrency or len(jobs), "poisson_rate_jobs_per_s": rate},
+        {
+            **setup,
+            "concurrency": concurrency or num,
+            "poisson_rate_jobs_per_s": rate,
+            "prompts": "drawn afresh for every run (seeds 2r, 2r + 1)",
+        },
         disturbance=dist,
     )
     return write(report, quick)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from baton import bench
 from benchmarks import common
 
 BUDGET = "batching.max_batch_tokens=4096"  # a static batch of about 28 of these prompts
@@ -25,8 +24,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num = 48 if a.quick else 128
     outs = "16:128" if a.quick else "16:256"
     repeats = a.repeats or (1 if a.quick else 3)
-    jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
-    poisson = bench.generation(num // 5, "32:256", outs, tokenizer=model, seed=1)
     layouts = {
         "continuous": [f"model.path={model}", BUDGET],
         "static": [f"model.path={model}", BUDGET, "batching.static=padded"],
@@ -36,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "continuous",
         "iteration-level vs static batching, mixed output lengths, GPT-2 8 x 512",
         layouts,
-        (jobs, poisson, 0.5),
+        (common.workload(num, "32:256", outs), 0.5),
         [
             ("continuous_vs_static", "continuous", "static", 2.0),
             ("continuous_vs_static_shrinking", "continuous", "static shrinking", None),

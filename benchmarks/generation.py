@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-from baton import bench
 from benchmarks import common
 from benchmarks.common import Figures, Report, Target
 
@@ -58,16 +57,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num = 32 if a.quick else 128
     outs = "16:64" if a.quick else "16:256"
     repeats = a.repeats or (1 if a.quick else 3)
-    jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
-    poisson = bench.generation(num // 5, "32:256", outs, tokenizer=model, seed=1)
+    make = common.workload(num, "32:256", outs)
+    fleet, peer = common.fresh(make), common.fresh(make)  # the same prompts, new each repeat
     rate = 0.5 if a.quick else 0.5
     torch.set_num_threads(2)  # as the fleet's one worker on this 2-core machine
     with common.fleets({"fleet": [f"model.path={model}"]}, common.GPT2_CONFIG) as f:
         dist: list[dict] = []
         runs = common.interleave(
             {
-                "fleet tp1 pp1": lambda: common.generate(f["fleet"].endpoint, jobs, poisson, rate),
-                "transformers generate": lambda: transformers_generate(model, jobs),
+                "fleet tp1 pp1": lambda: common.generate(f["fleet"].endpoint, *fleet(), rate),
+                "transformers generate": lambda: transformers_generate(model, peer()[0]),
             },
             repeats,
             dist,

@@ -41,6 +41,7 @@ PEERS: dict[str, tuple[str, ...]] = {
     "openvino-bf16": ("openvino", "onnx", "transformers"),
     "transformers": ("transformers",),
     "vllm": ("vllm",),
+    "vllm-bf16": ("vllm",),
 }
 
 ST_BATCH = 32  # sentence-transformers' default batch, and the sorted batches of ORT/OpenVINO
@@ -330,7 +331,8 @@ class Transformers(Generator):
 
 class Vllm(Generator):
     """vLLM's CPU build, offline `LLM.generate` on token-id prompts, greedy, ignore_eos, all
-    jobs handed over at once (as the fleet gets them). Float32; prefix caching on (its default,
+    jobs handed over at once (as the fleet gets them). Float32, or bfloat16 (`vllm-bf16`: peers.py
+    starts it only where the CPU computes bfloat16 natively); prefix caching on (its default,
     as the fleet's prefix sharing): both keep the blocks of finished prompts cached, so from the
     second run on both find the same prompts' blocks cached alike."""
 
@@ -342,7 +344,7 @@ class Vllm(Generator):
             model=spec["model"],
             skip_tokenizer_init=True,  # prompts are token ids; the random checkpoint's
             # tokenizer.json has no tokenizer_config.json for transformers' AutoTokenizer
-            dtype="float32",
+            dtype="bfloat16" if spec["peer"].endswith("bf16") else "float32",
             max_model_len=spec.get("max_model_len", 1024),
             enable_prefix_caching=True,
             seed=0,
@@ -383,6 +385,7 @@ MAKERS: dict[str, Callable[[dict[str, Any]], Peer]] = {
     "openvino-bf16": OpenVino,
     "transformers": Transformers,
     "vllm": Vllm,
+    "vllm-bf16": Vllm,
 }
 
 

@@ -8,12 +8,15 @@ get identical inputs (the same texts; the same token ids and max_new_tokens):
               only where the CPU has AVX-512 BF16 or AMX
   generation  the GPT-2 layout of benchmarks/common.gpt2 (8 x 512), 128 prompts of 32-256 tokens,
               16-256 new tokens each, greedy, ignore_eos, all at once, output tokens/s; peers
-              transformers `generate` (padded static batches of 32) and vLLM's CPU build
+              transformers `generate` (padded static batches of 32) and vLLM's CPU build, float32
+              and (vllm-bf16) bfloat16
   prefix      300 prompts sharing a 384-token prefix (own suffix 8-32), 32 new tokens each
               (vLLM with prefix caching on)
   single      one request alone, 128 prompt + 128 new tokens, ms per output token
 
-Baton runs through a whole fleet (tensor 1 x pipeline 1), as the other benchmarks. Each peer runs
+Baton runs through a whole fleet (tensor 1 x pipeline 1), as the other benchmarks: float32, and
+`baton-bf16` (model.dtype = "bfloat16") where the CPU computes bfloat16 natively, which the -bf16
+peers are measured against. Each peer runs
 in its own process under the peers' virtualenv (.peers/, `make peers`; benchmarks/peer_runner.py),
 loads and warms up once, then answers each repeat: per repeat and workload, Baton, then each
 peer, in turn. A peer that is not installed (or fails to load) is skipped with a line saying so.
@@ -47,7 +50,7 @@ PEERS_PYTHON = REPO / ".peers" / "bin" / "python"
 LOGS = REPO / ".peers" / "logs"  # each peer's stderr (vLLM logs a lot), kept for a failure
 
 EMBED_PEERS = ["sentence-transformers", "onnxruntime", "openvino", "openvino-bf16"]
-GEN_PEERS = ["transformers", "vllm"]
+GEN_PEERS = ["transformers", "vllm", "vllm-bf16"]
 HEADLINE = {
     "embeddings": "texts_per_s",
     "generation": "output_tokens_per_s",
@@ -215,6 +218,17 @@ def runners(
     return out
 
 
+def fleet_layouts(base: list[str]) -> dict[str, list[str]]:
+    """Baton in float32, and in bfloat16 where the CPU computes it natively (as the -bf16 peers:
+    elsewhere `baton up` refuses it)."""
+    from workers.precision import refusal
+
+    layouts = {"baton": base}
+    if refusal("bfloat16", "cpu") is None:
+        layouts["baton-bf16"] = [*base, 'model.dtype="bfloat16"']
+    return layouts
+
+
 def ask_run(r: Runner, workload: str) -> Figures:
     return r.ask({"op": "run", "workload": workload}, RUN_TIMEOUT_S)["figures"]
 
@@ -271,15 +285,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ratios: dict[str, list[float]] = {}
     for name in runs:
         workload, _, who = name.partition(": ")
-        base = f"{workload}: baton"
-        if who == "baton" or base not in runs:
+        if who.startswith("baton"):
+            continue
+        # each peer against Baton in its own precision; float32 Baton against the rest too
+        mine = "baton-bf16" if who.endswith("-bf16") else "baton"
+        base = f"{workload}: {mine}"
+        if base not in runs:
             continue
         key = HEADLINE[workload]
         pairs = zip(runs[base], runs[name], strict=True)
         if key in LOWER_IS_BETTER:
-            ratios[f"{workload}_baton_vs_{who}"] = [p[key] / b[key] for b, p in pairs]
+            ratios[f"{workload}_{mine}_vs_{who}"] = [p[key] / b[key] for b, p in pairs]
         else:
-            ratios[f"{workload}_baton_vs_{who}"] = [b[key] / p[key] for b, p in pairs]
+            ratios[f"{workload}_{mine}_vs_{who}"] = [b[key] / p[key] for b, p in pairs]
     setup["skipped"] = {p: why for p, why in skipped.items()}
     notes += [f"{p} skipped: {why}" for p, why in skipped.items()]
     report = Report(
@@ -323,23 +341,27 @@ def embed(
         "out_dir": str(out_dir),
         "workloads": {"embeddings": {"texts": texts, "warmup": texts[:32]}},
     }
-    setup["embeddings"] = {"model": "all-MiniLM-L6-v2, float32", "workload": "paragraphs"}
+    setup["embeddings"] = {"model": "all-MiniLM-L6-v2", "workload": "paragraphs"}
     setup["embeddings"] |= {"num": num, "peer_batch": 32, "peers_sort_by_length": True}
-    with common.fleets({"baton": []}) as f, ExitStack() as stack:
-        endpoint = f["baton"].endpoint
+    layouts = fleet_layouts([])
+    vectors = {}
+    with common.fleets(layouts) as f, ExitStack() as stack:
 
-        def fleet() -> Figures:
+        def fleet(endpoint: str) -> Figures:
             figures, _ = common.serve(endpoint, jobs)
             return {k: figures[k] for k in ("texts_per_s", "seconds")}
 
         rs = runners(stack, peers, spec, skipped)
-        alternatives: dict[str, Callable[[], Figures]] = {"embeddings: baton": fleet}
+        alternatives: dict[str, Callable[[], Figures]] = {
+            f"embeddings: {n}": lambda e=f[n].endpoint: fleet(e) for n in layouts
+        }
         for p, r in rs.items():
             alternatives[f"embeddings: {p}"] = lambda r=r: ask_run(r, "embeddings")
         got = common.interleave(alternatives, repeats, dist)
-        with BlockingClient(endpoint) as c:  # not timed: Baton's own vectors, for the cosine
-            results = c.embed(texts)
-    vectors = {"baton": np.asarray([r.embedding for r in results], dtype=np.float32)}
+        for n in layouts:  # not timed: Baton's own vectors, for the cosine
+            with BlockingClient(f[n].endpoint) as c:
+                results = c.embed(texts)
+            vectors[n] = np.asarray([r.embedding for r in results], dtype=np.float32)
     for p in rs:
         vectors[p] = np.load(out_dir / f"{p}-embeddings.npy")
     if REFERENCE in vectors:
@@ -389,7 +411,7 @@ def generate(
         one = bench.generation(1, "128", "128", tokenizer=model, seed=0)
         built["single"] = (one, bench.generation(1, "128", "128", tokenizer=model, seed=1))
         setup["single"] = {"input_tokens": 128, "output_tokens": 128}
-    setup["generation_model"] = common.GPT2_MODEL + ", float32, greedy, ignore_eos"
+    setup["generation_model"] = common.GPT2_MODEL + ", greedy, ignore_eos"
     setup["vllm_kv_cache_gb"] = peer_env(threads)["VLLM_CPU_KVCACHE_SPACE"]
     setup["transformers_batch"] = 32
 
@@ -404,15 +426,16 @@ def generate(
         },
     }
     peers = [p for p in GEN_PEERS if p in wanted and p not in skipped]
-    with (
-        common.fleets({"baton": [f"model.path={model}"]}, common.GPT2_CONFIG) as f,
-        ExitStack() as stack,
-    ):
+    layouts = fleet_layouts([f"model.path={model}"])
+    with common.fleets(layouts, common.GPT2_CONFIG) as f, ExitStack() as stack:
         rs = runners(stack, peers, spec, skipped)
         endpoint = f["baton"].endpoint
         alternatives: dict[str, Callable[[], Figures]] = {}
         for w, (jobs, warm) in built.items():
-            alternatives[f"{w}: baton"] = lambda j=jobs, m=warm: baton_generate(endpoint, j, m)
+            for n in layouts:
+                alternatives[f"{w}: {n}"] = lambda e=f[n].endpoint, j=jobs, m=warm: baton_generate(
+                    e, j, m
+                )
             for p, r in rs.items():
                 alternatives[f"{w}: {p}"] = lambda r=r, w=w: ask_run(r, w)
         runs.update(common.interleave(alternatives, repeats, dist))
@@ -543,12 +566,10 @@ def plot(parts: list[Report], quick: bool, path: Path) -> None:
         lo = [f["median"] - f["min"] for f in figs]
         hi = [f["max"] - f["median"] for f in figs]
         labels = [n.partition(": ")[2] for n in names]
-        colors = ["#dd8452" if n == "baton" else "#4c72b0" for n in labels]
+        colors = ["#dd8452" if n.startswith("baton") else "#4c72b0" for n in labels]
         ax.bar(labels, med, yerr=[lo, hi], capsize=5, color=colors)
         ax.set_ylabel(p.headline + (" (lower is better)" if p.headline in LOWER_IS_BETTER else ""))
-        shown = ", ".join(
-            f"{k.partition('_baton_vs_')[2]} {v:.2f}x" for k, v in s["ratios"].items()
-        )
+        shown = ", ".join(f"{k.partition('_vs_')[2]} {v:.2f}x" for k, v in s["ratios"].items())
         ax.set_title(f"{p.name}\nBaton vs: {shown}", fontsize=8)
         ax.tick_params(axis="x", labelsize=7, labelrotation=20)
     fig.tight_layout()

@@ -59,14 +59,12 @@ def generation(quick: bool, repeats: int) -> dict:
     model = common.gpt2()
     num = 48 if quick else 128
     outs = "16:128" if quick else "16:256"
-    jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
-    poisson = bench.generation(num // 5, "32:256", outs, tokenizer=model, seed=1)
     one = [f"model.path={model}", "workers.threads=1"]
     return common.compare_generation(
         "pipeline_generation",
         "generation: pipeline 2 with two groups in flight vs pipeline 1 (1 thread/worker)",
         {"pp2 groups in flight": [*one, "parallel.pipeline=2"], "pp1": one},
-        (jobs, poisson, 0.5),
+        (common.workload(num, "32:256", outs), 0.5),
         [("pp2_vs_pp1", "pp2 groups in flight", "pp1", 1.6)],
         {
             "model": common.GPT2_MODEL,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from baton import bench
 from benchmarks import common
 
 
@@ -19,8 +18,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num = 60 if a.quick else 300
     repeats = a.repeats or (1 if a.quick else 3)
     # each job's own text sits on top of the shared 384 tokens
-    jobs = bench.generation(num, "8:32", "32", prefix_len=384, tokenizer=model, seed=0)
-    poisson = bench.generation(num // 5, "8:32", "32", prefix_len=384, tokenizer=model, seed=1)
     layouts = {
         "sharing": [f"model.path={model}"],
         "no sharing": [f"model.path={model}", "kv.prefix_sharing=false"],
@@ -29,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "prefix",
         "300 jobs sharing a 384-token prefix, with and without prefix sharing, GPT-2 8 x 512",
         layouts,
-        (jobs, poisson, 2.0),
+        (common.workload(num, "8:32", "32", prefix_len=384), 2.0),
         [("sharing_vs_none", "sharing", "no sharing", 3.0)],
         {
             "model": common.GPT2_MODEL,
