@@ -16,6 +16,16 @@ ACTIVATIONS = {
 }
 
 
+# The same activations as oneDNN post-ops: (algorithm, its approximation), applied by the
+# packed matmul to its output while it is still in cache (workers/layers/linear.py)
+POST_OPS = {
+    "gelu": ("gelu", "none"),
+    "gelu_new": ("gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+}
+
+
 def activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.backends import mkldnn
 
-from workers.layers.linear import param
+from workers.layers.linear import Packed, param
 from workers.layers.parallel import TPGroup
 from workers.loader import View
 
@@ -51,7 +50,7 @@ class VocabParallelEmbedding(nn.Module):
             p[: self.rows].copy_(view.read(0, self.first, self.rows))
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(Packed, VocabParallelEmbedding):
     """Logits over the vocabulary: each rank scores its own rows, then all ranks gather them.
     Tied to the token embedding when the model says so (the same checkpoint tensor loads both)."""
 
@@ -65,23 +64,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     ) -> None:
         super().__init__(vocab, dim, tp, dtype)
         self.bias = param(self.per, dtype=dtype, loader=self.weight_loader) if bias else None
-        self.packed: torch.Tensor | None = None
-
-    def pack(self) -> None:
-        """Once loaded, on a CPU with oneDNN: the float32 weight moves into oneDNN's blocked
-        layout, once. The head is the largest matrix of a small decoder and meets only a few
-        rows a step (one per sampling sequence); there the plain GEMM read it at a third of the
-        memory's speed (re-packing it each call, by the look of it), and the packed one ran
-        1.35-2x faster (docs/performance.md)."""
-        w = self.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or not mkldnn.is_available():
-            return
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-        self.weight = None  # the packed copy replaces it: the weight's bytes exist once
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.packed is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(h, self.packed, self.bias, "none", [], "")
-        else:
-            logits = F.linear(h, self.weight, self.bias)
-        return self.tp.all_gather(logits, dim=-1)[:, : self.vocab]
+        return self.tp.all_gather(self.linear(h, self.bias), dim=-1)[:, : self.vocab]

@@ -23,11 +23,12 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         self.up = ColumnParallelLinear(hidden, inner, tp, dtype=dtype)
-        self.act = activation(act)
+        activation(act)  # refused here if unknown
+        self.act = act
         self.down = RowParallelLinear(inner, hidden, tp, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
+        return self.down(self.up.linear(x, self.up.bias, self.act))
 
 
 class GatedMLP(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workers.layers.linear import Packed
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo, Target, load
 
@@ -44,6 +45,9 @@ class Stage(nn.Module):
 
     def load(self) -> Stage:
         load(self, self.info.path)
+        for m in self.modules():
+            if isinstance(m, Packed):
+                m.pack()  # oneDNN's layout on CPU; a no-op elsewhere
         return self
 
 
@@ -55,12 +59,6 @@ class Decoder(Stage):
     layers: nn.ModuleDict
     norm: nn.Module | None
     lm_head: nn.Module | None
-
-    def load(self) -> Decoder:
-        super().load()
-        if self.lm_head is not None:
-            self.lm_head.pack()
-        return self
 
     def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)

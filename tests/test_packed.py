@@ -1,0 +1,72 @@
+"""Linear layers and the LM head read a oneDNN-packed copy of their weight on CPU: the same
+outputs as the plain matmul, for every batch size, in float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.backends import mkldnn
+
+from workers.layers.embedding import ParallelLMHead
+from workers.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    Packed,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from workers.layers.parallel import TPGroup
+
+SOLO = TPGroup(0, 1, None)
+pytestmark = pytest.mark.skipif(not mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def layers(dtype: torch.dtype) -> list[Packed]:
+    return [
+        ParallelLMHead(1000, 64, SOLO, bias=True, dtype=dtype),
+        ParallelLMHead(1000, 64, SOLO, bias=False, dtype=dtype),
+        ColumnParallelLinear(64, 96, SOLO, dtype=dtype),
+        MergedColumnParallelLinear(64, [48, 48], SOLO, dtype=dtype),
+        QKVParallelLinear(64, 16, 4, 2, SOLO, dtype=dtype),
+        RowParallelLinear(64, 80, SOLO, dtype=dtype),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_packed_layers_give_the_plain_outputs(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    for layer in layers(dtype):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_()
+        plain = {rows: torch.randn(rows, 64, dtype=dtype) for rows in (1, 3, 64, 300)}
+        want = {rows: layer(h) for rows, h in plain.items()}
+        layer.pack()
+        assert layer.weight is None and layer.packed is not None  # one copy of the weight
+        for rows, h in plain.items():  # one packing serves every batch size
+            got, expected = layer(h), want[rows]
+            for g, e in zip(
+                got if isinstance(got, list | tuple) else [got],
+                expected if isinstance(expected, list | tuple) else [expected],
+                strict=True,
+            ):
+                torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_float16_keeps_its_plain_weight() -> None:
+    layer = ColumnParallelLinear(16, 8, SOLO, dtype=torch.float16)  # oneDNN packs no float16
+    layer.pack()
+    assert layer.packed is None and layer.weight is not None
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
+def test_activation_fused_into_the_packed_matmul(act: str) -> None:
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(64, 96, SOLO, dtype=torch.float32)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=0.2)
+    h = torch.randn(37, 64)
+    want = layer.linear(h, layer.bias, act)  # plain matmul, then the activation
+    layer.pack()
+    torch.testing.assert_close(layer.linear(h, layer.bias, act), want, rtol=1e-4, atol=1e-4)
