@@ -438,8 +438,8 @@ def compare_generation(
 ) -> dict[str, Any]:
     """Two fleets of configs/gpt2.toml (their `--set`s in `layouts`), interleaved: `generate`
     on `workloads` = (`workload`'s maker, the Poisson rate), a fresh draw each run,
-    `concurrency` jobs at a time (None: all at once); each of `ratios` = (its name, a, b, the target a/b must reach in output tokens/s,
-    or None: reported only)."""
+    `concurrency` jobs at a time (None: all at once); each of `ratios` = (its name, a, b, the
+    target a/b must reach in output tokens/s, or None: reported only)."""
     make, rate = workloads
     num = len(make(0)[0])
     with fleets(layouts, GPT2_CONFIG) as f:

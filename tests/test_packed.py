@@ -14,6 +14,7 @@ from workers.layers.linear import (
     Packed,
     QKVParallelLinear,
     RowParallelLinear,
+    packable,
 )
 from workers.layers.parallel import TPGroup
 
@@ -34,6 +35,8 @@ def layers(dtype: torch.dtype) -> list[Packed]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_packed_layers_give_the_plain_outputs(dtype: torch.dtype) -> None:
+    if not packable(dtype):
+        pytest.skip("oneDNN does not compute bfloat16 on this CPU")
     torch.manual_seed(0)
     for layer in layers(dtype):
         with torch.no_grad():

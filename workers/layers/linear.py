@@ -26,7 +26,14 @@ def param(*shape: int, dtype: torch.dtype | None, loader=None) -> nn.Parameter:
     return p
 
 
-PACKABLE = (torch.float32, torch.bfloat16)
+def packable(dtype: torch.dtype) -> bool:
+    """oneDNN packs float32 everywhere, bfloat16 only where it computes it (AVX-512 BF16, AMX;
+    elsewhere the plain path stays, as `baton up` refuses bfloat16 there anyway)."""
+    if not mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 class Packed(nn.Module):
@@ -40,12 +47,7 @@ class Packed(nn.Module):
         """Once loaded: reorder the weight for oneDNN, once (one packing serves every batch
         size); the packed copy replaces the plain one, so the weight's bytes exist once."""
         w = self.weight
-        if (
-            w is None
-            or w.device.type != "cpu"
-            or w.dtype not in PACKABLE
-            or not mkldnn.is_available()
-        ):
+        if w is None or w.device.type != "cpu" or not packable(w.dtype):
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
         self.weight = None
