@@ -439,9 +439,9 @@ def compare_generation(
     """Two fleets of configs/gpt2.toml (their `--set`s in `layouts`), interleaved: `generate`
     on `workloads` = (`workload`'s maker, the Poisson rate), a fresh draw each run,
     `concurrency` jobs at a time (None: all at once); each of `ratios` = (its name, a, b, the
-    target a/b must reach in output tokens/s, or None: reported only)."""
+    target a/b must reach in output tokens/s, or None: reported only); `setup` names the
+    number of `jobs` a draw holds."""
     make, rate = workloads
-    num = len(make(0)[0])
     with fleets(layouts, GPT2_CONFIG) as f:
         dist: list[dict] = []
         draws = {n: fresh(make) for n in layouts}
@@ -463,7 +463,7 @@ def compare_generation(
         [Target(key, ">=", bound) for key, _, _, bound in ratios if bound is not None],
         {
             **setup,
-            "concurrency": concurrency or num,
+            "concurrency": concurrency or setup["jobs"],
             "poisson_rate_jobs_per_s": rate,
             "prompts": "drawn afresh for every run (seeds 2r, 2r + 1)",
         },

@@ -57,11 +57,13 @@ class Packed(nn.Module):
     ) -> torch.Tensor:
         """x W^T + b, then the activation named `act` (HF's names), if any: fused into the
         packed matmul where oneDNN has it as a post-op."""
-        if self.packed is not None:
-            algorithm, approx = POST_OPS.get(act, ("none", "")) if act else ("none", "")
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, algorithm, [], approx)
-            return y if algorithm != "none" or act is None else activation(act)(y)
-        y = F.linear(x, self.weight, bias)
+        if self.packed is None:
+            y = F.linear(x, self.weight, bias)
+        elif act in POST_OPS:
+            algorithm, approx = POST_OPS[act]
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, algorithm, [], approx)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return y if act is None else activation(act)(y)
 
 
