@@ -33,17 +33,26 @@ def reference(attn: Attention, q: torch.Tensor, table: list[int], ctx: int) -> t
 
 
 @pytest.fixture(scope="module")
-def kernel() -> PagedDecode:
-    return PagedDecode()  # compiled once for the module (sizes are dynamic)
+def native() -> PagedDecode:
+    kernel = PagedDecode()  # built once for the machine, loaded once for the module
+    assert kernel.native is not None, "the C++ kernel did not build (see the log)"
+    return kernel
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["gather", "compiled"])
+@pytest.fixture(scope="module")
+def compiled() -> PagedDecode:
+    return PagedDecode(build=False)  # compiled once for the module (sizes are dynamic)
+
+
+@pytest.mark.parametrize(
+    "kernel", [None, "native", "compiled"], ids=["gather", "native", "compiled"]
+)
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_decode_with_and_without_shared_blocks(kv_heads, compiled, request):
+def test_decode_with_and_without_shared_blocks(kv_heads, kernel, request):
     heads = 4
     attn = paged(heads, kv_heads, slots=64 * BLOCK)
-    if compiled:
-        attn.kernel = request.getfixturevalue("kernel")
+    if kernel:
+        attn.kernel = request.getfixturevalue(kernel)
     shared = [3, 9, 4]  # three full blocks every sequence of group one starts with
     tables = [
         shared + [10, 11],
@@ -88,12 +97,16 @@ def test_a_prefix_is_shared_only_up_to_each_members_last_token():
 
 @pytest.mark.parametrize("n,blocks", [(1, 1), (1, 3), (3, 1), (5, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_kernel_reads_the_paged_cache(kernel, n, blocks, dtype):
-    # one sequence or one block is padded to two (a size torch.compile does not specialise on)
+@pytest.mark.parametrize("which", ["native", "compiled"])
+@pytest.mark.parametrize("dim", [DIM, 64])  # 64: a head size the C++ kernel unrolls
+def test_kernels_read_the_paged_cache(which, n, blocks, dtype, dim, request):
+    # compiled: one sequence or one block is padded to two (a size torch.compile does not
+    # specialise on); native: few sequences are split by KV head, many are taken whole
+    kernel = request.getfixturevalue(which)
     torch.manual_seed(1)
     kv_heads, rep = 2, 3
-    k_cache, v_cache = (torch.randn(20, BLOCK, kv_heads, DIM).to(dtype) for _ in range(2))
-    q = torch.randn(n, kv_heads, rep, DIM).to(dtype)
+    k_cache, v_cache = (torch.randn(20, BLOCK, kv_heads, dim).to(dtype) for _ in range(2))
+    q = torch.randn(n, kv_heads, rep, dim).to(dtype)
     table = torch.randperm(20)[: n * blocks].view(n, blocks)
     lens = torch.randint(1, blocks * BLOCK + 1, (n,))
     out, lse = kernel(q, k_cache, v_cache, table, lens)
@@ -102,7 +115,7 @@ def test_compiled_kernel_reads_the_paged_cache(kernel, n, blocks, dtype):
         k, v = (
             c[table[i]].flatten(0, 1)[: lens[i]].float().transpose(0, 1) for c in (k_cache, v_cache)
         )
-        s = q[i].float() @ k.transpose(-1, -2) * DIM**-0.5
+        s = q[i].float() @ k.transpose(-1, -2) * dim**-0.5
         torch.testing.assert_close(lse[i], s.logsumexp(-1), atol=1e-4, rtol=1e-4)
         want = (s.softmax(-1) @ v).to(dtype).float()
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16 keeps 8 bits of mantissa

@@ -84,7 +84,7 @@ class ModelRunner:
             len(layers), 2, slots, kv_heads, d, dtype=dtype, device=self.device
         )
         workspace = Workspace()
-        kernel = PagedDecode() if compile else None
+        kernel = PagedDecode(self.device, dtype) if compile else None
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
             attn.block_size, attn.workspace, attn.kernel = self.block_size, workspace, kernel

@@ -1,0 +1,125 @@
+// Decode attention over the paged KV cache, on CPU: one query token per sequence against its
+// keys, each read once, in place, from its cache block (no gathered copy). Built on first use by
+// workers/layers/paged.py (torch.utils.cpp_extension) for the machine it runs on.
+//
+// Each cache slot holds every KV head's vector contiguously ([blocks, block_size, kv_heads, d]),
+// so a work item takes one sequence's slots front to back for all its heads: two passes (keys,
+// then values) of sequential reads, with float32 accumulation whatever the cache's dtype.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+static inline float to_f(float x) { return x; }
+// bfloat16 is the top half of a float32: widening is a shift the compiler vectorises
+static inline float to_f(at::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+
+// D > 0: the head size known when compiled (the loops unroll and vectorise); 0: `dd` at run time.
+template <typename T, int D>
+static void run(const float* q, const T* kc, const T* vc, const int64_t* blocks,
+                const int64_t* lens, float* out, float* lse, int64_t n, int64_t m,
+                int64_t kvh, int64_t rep, int64_t bs, int64_t dd) {
+  const int64_t D_ = D > 0 ? D : dd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
+  const int64_t row = kvh * D_;  // one cache slot: every KV head's vector, contiguous
+  // A work item is one sequence's KV heads [h0, h1): all of them when there are sequences enough
+  // to keep every thread busy (each slot is then read whole, front to back), else one each.
+  const int64_t parts = n >= 2 * at::get_num_threads() ? 1 : kvh;
+  const int64_t part = kvh / parts, heads = part * rep;  // query heads of one item
+  at::parallel_for(0, n * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s, acc(heads * D_);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t i = w / parts, h0 = (w % parts) * part, len = lens[i];
+      const float* qi = q + (i * kvh + h0) * rep * D_;  // query head g of the item at g * D_
+      const int64_t* tab = blocks + i * m;
+      s.resize(heads * len);  // [heads, len]
+      float* sp = s.data();
+      for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const T* base = kc + tab[j0 / bs] * bs * row + h0 * D_;
+        const int64_t stop = std::min(bs, len - j0);
+        for (int64_t t = 0; t < stop; ++t) {
+          const T* kp = base + t * row;
+          for (int64_t g = 0; g < heads; ++g) {
+            const float* qg = qi + g * D_;
+            const T* kh = kp + (g / rep) * D_;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t e = 0; e < D_; ++e) dot += qg[e] * to_f(kh[e]);
+            sp[g * len + j0 + t] = dot * scale;
+          }
+        }
+      }
+      for (int64_t g = 0; g < heads; ++g) {
+        float* sg = sp + g * len;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) mx = std::max(mx, sg[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < len; ++j) { const float p = std::exp(sg[j] - mx); sg[j] = p; sum += p; }
+        lse[(i * kvh + h0) * rep + g] = mx + std::log(sum);
+        const float inv = 1.f / sum;  // normalised here, so the output needs no pass of its own
+        for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const T* base = vc + tab[j0 / bs] * bs * row + h0 * D_;
+        const int64_t stop = std::min(bs, len - j0);
+        for (int64_t t = 0; t < stop; ++t) {
+          const T* vp = base + t * row;
+          for (int64_t g = 0; g < heads; ++g) {
+            const float p = sp[g * len + j0 + t];
+            const T* vh = vp + (g / rep) * D_;
+            float* a = acc.data() + g * D_;
+#pragma omp simd
+            for (int64_t e = 0; e < D_; ++e) a[e] += p * to_f(vh[e]);
+          }
+        }
+      }
+      std::memcpy(out + (i * kvh + h0) * rep * D_, acc.data(), heads * D_ * sizeof(float));
+    }
+  });
+}
+
+template <typename T>
+static void dispatch(int64_t d, const float* q, const T* kc, const T* vc, const int64_t* blocks,
+                     const int64_t* lens, float* out, float* lse, int64_t n, int64_t m,
+                     int64_t kvh, int64_t rep, int64_t bs) {
+  switch (d) {
+    case 32: return run<T, 32>(q, kc, vc, blocks, lens, out, lse, n, m, kvh, rep, bs, d);
+    case 64: return run<T, 64>(q, kc, vc, blocks, lens, out, lse, n, m, kvh, rep, bs, d);
+    case 128: return run<T, 128>(q, kc, vc, blocks, lens, out, lse, n, m, kvh, rep, bs, d);
+    default: return run<T, 0>(q, kc, vc, blocks, lens, out, lse, n, m, kvh, rep, bs, d);
+  }
+}
+
+// q [n, kv_heads, rep, d] (the query heads of each KV head as its rows); caches [blocks,
+// block_size, kv_heads, d], float32 or bfloat16; blocks [n, m] each sequence's blocks (entries past
+// its keys are not read); lens [n] its keys. -> (out [n, kv_heads, rep, d] in q's dtype, log-sum-exp
+// [n, kv_heads, rep] float32, to merge with other keys' parts).
+std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                        torch::Tensor blocks, torch::Tensor lens) {
+  auto qf = q.to(torch::kFloat).contiguous();
+  blocks = blocks.to(torch::kLong).contiguous();
+  lens = lens.to(torch::kLong).contiguous();
+  const int64_t n = q.size(0), kvh = q.size(1), rep = q.size(2), d = q.size(3);
+  const int64_t m = blocks.size(1), bs = k_cache.size(1);
+  auto out = torch::empty({n, kvh, rep, d}, qf.options());
+  auto lse = torch::empty({n, kvh, rep}, qf.options());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode: K and V caches differ in dtype");
+  if (k_cache.scalar_type() == torch::kFloat) {
+    dispatch<float>(d, qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+               blocks.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(),
+               lse.data_ptr<float>(), n, m, kvh, rep, bs);
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == torch::kBFloat16, "paged_decode: cache dtype must be float32 or bfloat16");
+    dispatch<at::BFloat16>(d, qf.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
+               blocks.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(),
+               lse.data_ptr<float>(), n, m, kvh, rep, bs);
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode); }
