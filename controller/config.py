@@ -63,8 +63,8 @@ class KV:
     block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
     memory: float = 0.25  # <= 1: fraction of the memory free after weights; > 1: bytes
     prefix_sharing: bool = True  # full blocks of identical prefixes computed once (comparison)
-    # decode attention compiled (torch.compile) to read keys straight from their blocks, rather
-    # than gathered into one buffer for SDPA; compiled once per worker before it is ready
+    # decode attention by a kernel reading keys straight from their blocks (CPU: C++ built for
+    # the machine once; CUDA: torch.compile), rather than gathered into one buffer for SDPA
     compile: bool = True
 
 

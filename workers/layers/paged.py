@@ -85,7 +85,8 @@ def native() -> Callable | None:
 class PagedDecode:
     """Decode attention over the paged cache: the C++ kernel for a CPU cache of float32 or
     bfloat16 (unless `build` is false, as tests comparing the two ask), else `paged_decode`
-    compiled once per process. `warm` builds or compiles it before the worker says it is ready.
+    compiled once per process. The C++ kernel is built (or loaded) here; `warm` compiles the other
+    before the worker says it is ready.
     Compiled inputs are padded to at least two sequences of two blocks: torch.compile specialises
     sizes 0 and 1, and each would be a compile of its own."""
 
