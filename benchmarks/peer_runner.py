@@ -8,7 +8,7 @@ Protocol, one JSON object a line each way, so one process loads its model once a
 repeat of the interleaved benchmark:
   -> {"op": "load", "peer": NAME, "model": DIR, "threads": N, "workloads": {W: {...}}, ...}
   <- {"ok": true, "load_s": S}                 (the model loaded and warmed up on each W)
-  -> {"op": "run", "workload": W}
+  -> {"op": "run", "workload": W, "draw": I}
   <- {"ok": true, "figures": {...}}            (only the workload itself is timed)
   -> {"op": "tokens", "workload": W}           (generators: the greedy tokens of W's first job)
   <- {"ok": true, "tokens": [...]}
@@ -60,7 +60,9 @@ class Peer:
         self.workloads: dict[str, dict[str, Any]] = spec["workloads"]
         self.out = Path(spec.get("out_dir", "."))
 
-    def run(self, workload: str) -> Figures:
+    def run(self, workload: str, draw: int = 0) -> Figures:
+        """Time one run of `workload`; `draw`: which of its draws (generators: each run its own
+        prompts, so no prefix cache carries one run's work into the next)."""
         raise NotImplementedError
 
 
@@ -78,7 +80,7 @@ class Embedder(Peer):
         for w in self.workloads.values():
             self.encode(w["warmup"])
 
-    def run(self, workload: str) -> Figures:
+    def run(self, workload: str, draw: int = 0) -> Figures:  # texts: the same every run
         import numpy as np
 
         texts = self.workloads[workload]["texts"]
@@ -263,8 +265,8 @@ class Generator(Peer):
         same model on the same ids."""
         raise NotImplementedError
 
-    def run(self, workload: str) -> Figures:
-        jobs = self.workloads[workload]["jobs"]
+    def run(self, workload: str, draw: int = 0) -> Figures:
+        jobs = self.workloads[workload]["draws"][draw]
         t0 = time.perf_counter()
         made = self.generate(jobs)
         seconds = time.perf_counter() - t0
@@ -432,12 +434,15 @@ def serve(proto: TextIO) -> None:
             elif msg["op"] == "run":
                 if peer is None:
                     raise RuntimeError("run before load")
-                reply({"ok": True, "figures": peer.run(msg["workload"])})
+                reply({"ok": True, "figures": peer.run(msg["workload"], msg.get("draw", 0))})
             elif msg["op"] == "tokens":
                 if not isinstance(peer, Generator):
                     raise RuntimeError("tokens of a peer that does not generate")
                 reply(
-                    {"ok": True, "tokens": peer.tokens(peer.workloads[msg["workload"]]["jobs"][0])}
+                    {
+                        "ok": True,
+                        "tokens": peer.tokens(peer.workloads[msg["workload"]]["draws"][0][0]),
+                    }
                 )
             else:
                 raise ValueError(f"unknown op {msg['op']!r}")

@@ -27,6 +27,7 @@ Not part of `make test` or `make bench`. Ratios: Baton's throughput / the peer's
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -229,8 +230,20 @@ def fleet_layouts(base: list[str]) -> dict[str, list[str]]:
     return layouts
 
 
-def ask_run(r: Runner, workload: str) -> Figures:
-    return r.ask({"op": "run", "workload": workload}, RUN_TIMEOUT_S)["figures"]
+def ask_run(r: Runner, workload: str, draw: int = 0) -> Figures:
+    return r.ask({"op": "run", "workload": workload, "draw": draw}, RUN_TIMEOUT_S)["figures"]
+
+
+def baton_runs(endpoint: str, each: list[list[dict]], warmup: list[dict]) -> Callable[[], Figures]:
+    """Each call, a run of the fleet on the next draw of a workload."""
+    i = itertools.count()
+    return lambda: baton_generate(endpoint, each[next(i) % len(each)], warmup)
+
+
+def peer_runs(r: Runner, workload: str, draws: int) -> Callable[[], Figures]:
+    """Each call, a run of the peer on the next draw of `workload`."""
+    i = itertools.count()
+    return lambda: ask_run(r, workload, next(i) % draws)
 
 
 def baton_generate(endpoint: str, jobs: list[dict], warmup: list[dict]) -> Figures:
@@ -393,24 +406,32 @@ def generate(
     notes: list[str],
 ) -> None:
     model = common.gpt2()
-    built: dict[str, tuple[list[dict], list[dict]]] = {}  # workload -> (jobs, warm-up jobs)
+    # Each run takes the next draw of its workload (every alternative draw i in its run i, a
+    # disturbed run taken again the next one): no run meets prompts an earlier one left in a
+    # prefix cache (Baton's, or vLLM's automatic one), which would flatter every repeat after
+    # the first. The warm-up is a draw of its own.
+    draws = repeats * common.ATTEMPTS
+    makers: dict[str, Callable[[int], list[dict]]] = {}
     num = 8 if quick else 128
     outs = "16:64" if quick else "16:256"
     if "generation" in workloads:
-        jobs = bench.generation(num, "32:256", outs, tokenizer=model, seed=0)
-        built["generation"] = (jobs, jobs[:4])  # common.generate's warm-up
+        makers["generation"] = lambda s: bench.generation(
+            num, "32:256", outs, tokenizer=model, seed=s
+        )
         setup["generation"] = {"jobs": num, "input_tokens": "32:256", "output_tokens": outs}
     if "prefix" in workloads:
         n = 16 if quick else 300
-        jobs = bench.generation(n, "8:32", "32", prefix_len=384, tokenizer=model, seed=0)
-        built["prefix"] = (jobs, jobs[:4])
+        makers["prefix"] = lambda s: bench.generation(
+            n, "8:32", "32", prefix_len=384, tokenizer=model, seed=s
+        )
         setup["prefix"] = {"jobs": n, "prefix_tokens": 384, "suffix_tokens": "8:32"}
         setup["prefix"] |= {"output_tokens": 32, "vllm_prefix_caching": True}
     if "single" in workloads:
-        # warmed up on another prompt of that shape: the timed prompt's blocks are not cached
-        one = bench.generation(1, "128", "128", tokenizer=model, seed=0)
-        built["single"] = (one, bench.generation(1, "128", "128", tokenizer=model, seed=1))
+        makers["single"] = lambda s: bench.generation(1, "128", "128", tokenizer=model, seed=s)
         setup["single"] = {"input_tokens": 128, "output_tokens": 128}
+    # workload -> (its draws, warm-up jobs)
+    built = {w: ([make(s) for s in range(draws)], make(draws)[:4]) for w, make in makers.items()}
+    setup["fresh_prompts"] = "a draw of its own for every run (seed = run index)"
     setup["generation_model"] = common.GPT2_MODEL + ", greedy, ignore_eos"
     setup["vllm_kv_cache_gb"] = peer_env(threads)["VLLM_CPU_KVCACHE_SPACE"]
     setup["transformers_batch"] = 32
@@ -422,7 +443,8 @@ def generate(
         "model": str(model),
         "threads": threads,
         "workloads": {
-            w: {"jobs": plain(jobs), "warmup": plain(warm)} for w, (jobs, warm) in built.items()
+            w: {"draws": [plain(jobs) for jobs in each], "warmup": plain(warm)}
+            for w, (each, warm) in built.items()
         },
     }
     peers = [p for p in GEN_PEERS if p in wanted and p not in skipped]
@@ -431,13 +453,11 @@ def generate(
         rs = runners(stack, peers, spec, skipped)
         endpoint = f["baton"].endpoint
         alternatives: dict[str, Callable[[], Figures]] = {}
-        for w, (jobs, warm) in built.items():
+        for w, (each, warm) in built.items():
             for n in layouts:
-                alternatives[f"{w}: {n}"] = lambda e=f[n].endpoint, j=jobs, m=warm: baton_generate(
-                    e, j, m
-                )
+                alternatives[f"{w}: {n}"] = baton_runs(f[n].endpoint, each, warm)
             for p, r in rs.items():
-                alternatives[f"{w}: {p}"] = lambda r=r, w=w: ask_run(r, w)
+                alternatives[f"{w}: {p}"] = peer_runs(r, w, draws)
         runs.update(common.interleave(alternatives, repeats, dist))
         notes += agreement(endpoint, rs, built)
 
@@ -449,7 +469,7 @@ def agreement(endpoint: str, rs: dict[str, Runner], built: dict[str, Any]) -> li
     from baton.client import BlockingClient
 
     w = "single" if "single" in built else next(iter(built))
-    job = built[w][0][0]
+    job = built[w][0][0][0]  # the first job of the first draw
     with BlockingClient(endpoint) as c:
         got = c.generate([job["token_ids"]], max_new_tokens=job["max_new_tokens"], ignore_eos=True)
     tokens = {"baton": got[0].token_ids or []}
