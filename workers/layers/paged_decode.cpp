@@ -11,6 +11,21 @@
 #include <cstring>
 #include <vector>
 
+// Slots ahead to prefetch: the hardware's prefetchers lose the stream at every block (blocks
+// are scattered) and every 4 KB page; asking for the slot 4 ahead (8 KB for GPT-2 8 x 512 in
+// float32) took a layer of 128 sequences x 200 keys from 3.3 to 1.9 ms here (2 and 8: slower).
+constexpr int64_t AHEAD = 4;
+
+// Prefetch the bytes of this item's heads in the slot AHEAD after slot t of the block at `base`
+// (past its end: in the sequence's next block `next`, or its own when it has none).
+template <typename T>
+static inline void prefetch(const T* base, const T* next, int64_t t, int64_t bs, int64_t row,
+                            int64_t bytes) {
+  const int64_t k = t + AHEAD;
+  const T* ahead = k < bs ? base + k * row : next + std::min(k - bs, bs - 1) * row;
+  for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(ahead) + c);
+}
+
 static inline float to_f(float x) { return x; }
 // bfloat16 is the top half of a float32: widening is a shift the compiler vectorises
 static inline float to_f(at::BFloat16 x) {
@@ -37,10 +52,13 @@ static void run(const float* q, const T* kc, const T* vc, const int64_t* blocks,
       const int64_t* tab = blocks + i * m;
       s.resize(heads * len);  // [heads, len]
       float* sp = s.data();
+      const int64_t bytes = part * D_ * static_cast<int64_t>(sizeof(T));  // this item's heads
       for (int64_t j0 = 0; j0 < len; j0 += bs) {
         const T* base = kc + tab[j0 / bs] * bs * row + h0 * D_;
+        const T* next = j0 + bs < len ? kc + tab[j0 / bs + 1] * bs * row + h0 * D_ : base;
         const int64_t stop = std::min(bs, len - j0);
         for (int64_t t = 0; t < stop; ++t) {
+          prefetch(base, next, t, bs, row, bytes);
           const T* kp = base + t * row;
           for (int64_t g = 0; g < heads; ++g) {
             const float* qg = qi + g * D_;
@@ -65,8 +83,10 @@ static void run(const float* q, const T* kc, const T* vc, const int64_t* blocks,
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j0 = 0; j0 < len; j0 += bs) {
         const T* base = vc + tab[j0 / bs] * bs * row + h0 * D_;
+        const T* next = j0 + bs < len ? vc + tab[j0 / bs + 1] * bs * row + h0 * D_ : base;
         const int64_t stop = std::min(bs, len - j0);
         for (int64_t t = 0; t < stop; ++t) {
+          prefetch(base, next, t, bs, row, bytes);
           const T* vp = base + t * row;
           for (int64_t g = 0; g < heads; ++g) {
             const float p = sp[g * len + j0 + t];
