@@ -4,10 +4,10 @@ Eager PyTorch has no attention over paged keys: the eager path (`Attention.decod
 sequence's blocks into one buffer and calls SDPA, so every key is read, written and read again.
 Two kernels read each key once from its block, in the cache's own dtype, accumulating in float32:
 - on CPU, `paged_decode.cpp`, built for this machine on first use (torch.utils.cpp_extension;
-  a C++ compiler and ninja, as torch.compile's own CPU backend needs) and cached: it walks each
-  sequence's cache slots front to back for all heads at once. Measured on 2 cores of an AVX-512
-  CPU (128 sequences of 200 keys, GPT-2 8 x 512's layer): 1.4-1.5x the inductor kernel below in
-  float32 and bfloat16, which was itself 1.4x gather + SDPA (docs/performance.md);
+  a C++ compiler and ninja) and cached: it walks each sequence's cache slots front to back for
+  all heads at once, prefetching ahead across its scattered blocks. Measured on 2 cores of an
+  AVX-512 CPU (128 sequences of 200 keys, GPT-2 8 x 512's layer): about 3x the inductor kernel
+  below in float32 and 2x in bfloat16, which was itself 1.4x gather + SDPA (docs/performance.md);
 - elsewhere (CUDA), `paged_decode` below compiled by torch.compile, which is also the CPU's
   fallback should the build fail (logged).
 """
