@@ -335,8 +335,8 @@ class Vllm(Generator):
     """vLLM's CPU build, offline `LLM.generate` on token-id prompts, greedy, ignore_eos, all
     jobs handed over at once (as the fleet gets them). Float32, or bfloat16 (`vllm-bf16`: peers.py
     starts it only where the CPU computes bfloat16 natively); prefix caching on (its default,
-    as the fleet's prefix sharing): both keep the blocks of finished prompts cached, so from the
-    second run on both find the same prompts' blocks cached alike."""
+    as the fleet's prefix sharing). Each run gets prompts of its own (`draw`), so neither finds
+    an earlier run's prompts in its cache."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)

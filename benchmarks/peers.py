@@ -234,16 +234,10 @@ def ask_run(r: Runner, workload: str, draw: int = 0) -> Figures:
     return r.ask({"op": "run", "workload": workload, "draw": draw}, RUN_TIMEOUT_S)["figures"]
 
 
-def baton_runs(endpoint: str, each: list[list[dict]], warmup: list[dict]) -> Callable[[], Figures]:
-    """Each call, a run of the fleet on the next draw of a workload."""
+def in_turn(run: Callable[[int], Figures], draws: int) -> Callable[[], Figures]:
+    """Each call, `run` on the next of a workload's `draws` draws (its index)."""
     i = itertools.count()
-    return lambda: baton_generate(endpoint, each[next(i) % len(each)], warmup)
-
-
-def peer_runs(r: Runner, workload: str, draws: int) -> Callable[[], Figures]:
-    """Each call, a run of the peer on the next draw of `workload`."""
-    i = itertools.count()
-    return lambda: ask_run(r, workload, next(i) % draws)
+    return lambda: run(next(i) % draws)
 
 
 def baton_generate(endpoint: str, jobs: list[dict], warmup: list[dict]) -> Figures:
@@ -457,9 +451,12 @@ def generate(
         alternatives: dict[str, Callable[[], Figures]] = {}
         for w, (each, warm) in built.items():
             for n in layouts:
-                alternatives[f"{w}: {n}"] = baton_runs(f[n].endpoint, each, warm)
+                alternatives[f"{w}: {n}"] = in_turn(
+                    lambda d, e=f[n].endpoint, each=each, m=warm: baton_generate(e, each[d], m),
+                    draws,
+                )
             for p, r in rs.items():
-                alternatives[f"{w}: {p}"] = peer_runs(r, w, draws)
+                alternatives[f"{w}: {p}"] = in_turn(lambda d, r=r, w=w: ask_run(r, w, d), draws)
         runs.update(common.interleave(alternatives, repeats, dist))
         notes += agreement(endpoint, rs, built)
 

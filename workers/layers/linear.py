@@ -189,6 +189,8 @@ class RowParallelLinear(Packed):
         self.bias = param(out_features, dtype=dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:  # nothing to sum: the bias rides in the matmul, not a pass of its own
+            return self.linear(x, self.bias)
         y = self.tp.all_reduce(self.linear(x, None))
         # The bias is replicated, so add it after the sum or it would count tp.size times.
         return y + self.bias if self.bias is not None else y
