@@ -29,6 +29,9 @@ class Model:
     name: str = ""  # routing name; empty = the model's own name
     max_seq_length: int = 0  # 0 = the model's own (sentence_bert_config.json)
     dtype: str = "float32"
+    # encoders on CPU: attention over packed sequences by the C++ kernel built for the machine,
+    # one call per layer; false: torch's flash attention, one call per distinct length (compare)
+    encoder_kernel: bool = True
 
 
 @dataclass(slots=True)

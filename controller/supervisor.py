@@ -100,6 +100,7 @@ class Supervisor:
                             model_path=cfg.model.path,
                             max_seq_length=cfg.model.max_seq_length,
                             dtype=cfg.model.dtype,
+                            encoder_kernel=cfg.model.encoder_kernel,
                             threads=threads,
                             ctl=f"ipc://{run_dir}/ctl",
                             inp=self.inp(stage, tp_rank),

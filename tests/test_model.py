@@ -17,6 +17,7 @@ from workers.layers.attention import Context
 from workers.layers.parallel import TPGroup
 from workers.loader import View, resolve_model_dir, tensors
 from workers.models import build, load_info, plan, split_layers
+from workers.runner import use_encoder_kernel
 from workers.tokenizer import Tokenizer
 
 MIN_COSINE = 0.9999
@@ -43,9 +44,22 @@ def expected(corpus):
     return reference(corpus)
 
 
+@pytest.fixture(scope="module", params=["flash", "kernel"])
+def attention(request) -> str:
+    """Encoder attention by torch's flash kernel (per distinct length) or by the C++ kernel."""
+    return request.param
+
+
+def built(info, stage: int, pipeline: int, attention: str) -> torch.nn.Module:
+    model = build(info, stage, pipeline, SOLO)
+    if attention == "kernel":
+        assert use_encoder_kernel(model, torch.device("cpu"), torch.float32), "no C++ kernel"
+    return model
+
+
 @pytest.fixture(scope="module")
-def model(info):
-    return build(info, 0, 1, SOLO)
+def model(info, attention):
+    return built(info, 0, 1, attention)
 
 
 def run(stages: list, seqs: list[list[int]], padded: bool = False) -> torch.Tensor:
@@ -89,8 +103,8 @@ def test_tokenizer_matches_sentence_transformers(corpus, encoded):
 
 
 @pytest.mark.parametrize("pipeline", [1, 2, 3])
-def test_matches_sentence_transformers(info, encoded, expected, pipeline):
-    stages = [build(info, i, pipeline, SOLO) for i in range(pipeline)]
+def test_matches_sentence_transformers(info, encoded, expected, pipeline, attention):
+    stages = [built(info, i, pipeline, attention) for i in range(pipeline)]
     got = run(stages, [e.ids for e in encoded])
     assert got.shape == expected.shape
     cosine = F.cosine_similarity(got, expected)
@@ -108,11 +122,11 @@ def test_batch_independence(model, encoded):
         assert (alone - together[i]).abs().max().item() <= 1e-5, i
 
 
-def test_padded_matches_packed(info, model, encoded):
+def test_padded_matches_packed(info, model, encoded, attention):
     seqs = [e.ids for e in encoded]
     assert (run([model], seqs, padded=True) - run([model], seqs)).abs().max().item() <= 1e-5
     # A middle stage returns packed hidden states, which must agree too.
-    middle = build(info, 0, 3, SOLO)  # two layers, no pooling
+    middle = built(info, 0, 3, attention)  # two layers, no pooling
     diff = (run([middle], seqs, padded=True) - run([middle], seqs)).abs().max().item()
     assert diff <= 1e-4
 

@@ -68,6 +68,7 @@ class Spec:
         0.25  # KV cache: <= 1 a fraction of the memory free after weights, else bytes
     )
     compile: bool = False  # decode attention compiled to read the paged cache in place
+    encoder_kernel: bool = False  # encoder attention by the C++ kernel (CPU)
     stages: list[int] = field(default_factory=list)  # layers per stage; empty = planned
 
     def to_json(self) -> str:
@@ -133,6 +134,7 @@ class Worker:
             s.kv_memory,
             s.compile,
             s.stages,
+            s.encoder_kernel,
         )
         self.tell(Kind.READY, kv_blocks=self.runner.num_blocks)
 

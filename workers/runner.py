@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from workers import models
+from workers.layers import native
 from workers.layers.attention import Attention, Context, Workspace
 from workers.layers.paged import PagedDecode
 from workers.layers.parallel import TPGroup
@@ -41,6 +42,23 @@ def free_memory(device: torch.device) -> int:
     raise RuntimeError("cannot tell the free memory: /proc/meminfo has no MemAvailable")
 
 
+def use_encoder_kernel(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Give an encoder's attention layers the C++ kernel (built or loaded now) where it applies:
+    CPU, float32 or bfloat16, head size 32, 64 or 128. Elsewhere, or where it cannot be built
+    (logged), they keep torch's flash attention. Whether they have it."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if not layers or device.type != "cpu" or dtype not in native.DTYPES:
+        return False
+    if layers[0].head_dim not in native.HEAD_DIMS or layers[0].heads != layers[0].kv_heads:
+        return False
+    module = native.kernels()
+    if module is None:
+        return False
+    for attn in layers:
+        attn.packed = module.packed_attention
+    return True
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -54,6 +72,7 @@ class ModelRunner:
         kv_memory: float = 0.25,
         compile: bool = False,
         stages: list[int] | None = None,
+        encoder_kernel: bool = False,
     ) -> None:
         self.info, self.tp, self.block_size = info, tp, block_size
         self.device = torch.device(device)
@@ -61,6 +80,8 @@ class ModelRunner:
         self.num_blocks = 0
         if info.decoder:
             self.allocate_kv_cache(kv_memory, dtype, compile)
+        elif encoder_kernel:  # now, not at the first batch: the worker is not yet ready
+            use_encoder_kernel(self.model, self.device, dtype)
 
     def allocate_kv_cache(self, kv_memory: float, dtype: torch.dtype, compile: bool) -> None:
         """One tensor [layers, 2, slots, kv_heads, head_dim]; each layer's attention gets views

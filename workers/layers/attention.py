@@ -6,7 +6,7 @@ layer; no token ever attends across a sequence boundary and nothing is padded to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -75,8 +75,12 @@ class Context:
     seq_lens: list[int]  # tokens of each sequence in this forward
     positions: torch.Tensor  # [T] each token's position in its sequence
     causal: bool = False
-    # encoders, packed: (count, length, token rows [count*length]) per distinct length
-    groups: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    # encoders, packed: for the C++ kernel, each sequence's first row in the batch and its
+    # length [n] (int64, CPU); for torch's flash kernel, (count, length, token rows
+    # [count*length]) per distinct length, made on first use (`by_length`)
+    starts: torch.Tensor | None = None
+    lens: torch.Tensor | None = None
+    groups: list[tuple[int, int, torch.Tensor]] | None = None
     # encoders, padded comparison mode: [n, 1, 1, max_len] True where the key is a real token
     key_mask: torch.Tensor | None = None
     # decoders
@@ -94,14 +98,22 @@ class Context:
         if padded:
             mask = packing.mask(seq_lens, device)[:, None, None, :]
             return Context(seq_lens, positions, key_mask=mask)
-        starts: dict[int, list[int]] = {}
-        for start, length in zip(packing.offsets(seq_lens)[:-1], seq_lens, strict=True):
-            starts.setdefault(length, []).append(start)
-        groups = []
-        for length, s in starts.items():
-            index = (torch.tensor(s)[:, None] + torch.arange(length)).flatten()
-            groups.append((len(s), length, index.to(device)))
-        return Context(seq_lens, positions, groups=groups)
+        starts = torch.tensor(packing.offsets(seq_lens)[:-1], dtype=torch.int64)
+        lens = torch.tensor(seq_lens, dtype=torch.int64)
+        return Context(seq_lens, positions, starts=starts, lens=lens)
+
+    def by_length(self) -> list[tuple[int, int, torch.Tensor]]:
+        """The encoder's sequences grouped by length: (count, length, their rows), made once."""
+        if self.groups is None:
+            rows: dict[int, list[int]] = {}
+            for start, length in zip(self.starts.tolist(), self.seq_lens, strict=True):
+                rows.setdefault(length, []).append(start)
+            device = self.positions.device
+            self.groups = [
+                (len(r), n, (torch.tensor(r)[:, None] + torch.arange(n)).flatten().to(device))
+                for n, r in rows.items()
+            ]
+        return self.groups
 
     @staticmethod
     def decoder(
@@ -241,6 +253,8 @@ class Attention(nn.Module):
         self.block_size = 0
         self.workspace = Workspace()  # the runner gives every layer of a stage the same one
         self.kernel: PagedDecode | None = None  # compiled decode attention, when the runner has it
+        # the C++ encoder attention (native.py), when the runner has it: (q, k, v, starts, lens)
+        self.packed: Callable[..., torch.Tensor] | None = None
 
     def read(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `blocks` [n, m] out of the cache: [n, m * block_size, kv_heads, d] each."""
@@ -258,7 +272,11 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context
     ) -> torch.Tensor:
         if not ctx.causal:
-            return _padded(q, k, v, ctx) if ctx.padded else _packed(q, k, v, ctx)
+            if ctx.padded:
+                return _padded(q, k, v, ctx)
+            if self.packed is not None:
+                return self.packed(q, k, v, ctx.starts, ctx.lens)
+            return _packed(q, k, v, ctx)
         if self.k_cache.numel():
             self.k_cache.index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.index_copy_(0, ctx.slot_mapping, v)
@@ -314,7 +332,7 @@ class Attention(nn.Module):
 def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
     out = torch.empty_like(q)
     heads, d = q.shape[1:]
-    for count, length, index in ctx.groups:
+    for count, length, index in ctx.by_length():
         # Gather equal-length sequences into [count, heads, length, d]: a dense batch
         # with no padding, since every member has the same length.
         qg, kg, vg = (

@@ -3,8 +3,8 @@
 Eager PyTorch has no attention over paged keys: the eager path (`Attention.decode`) gathers each
 sequence's blocks into one buffer and calls SDPA, so every key is read, written and read again.
 Two kernels read each key once from its block, in the cache's own dtype, accumulating in float32:
-- on CPU, `paged_decode.cpp`, built for this machine on first use (torch.utils.cpp_extension;
-  a C++ compiler and ninja) and cached: it walks each sequence's cache slots front to back for
+- on CPU, `paged_decode.cpp`, built for this machine on first use with the other C++ kernels
+  (`workers.layers.native`) and cached: it walks each sequence's cache slots front to back for
   all heads at once, prefetching ahead across its scattered blocks. Measured on 2 cores of an
   AVX-512 CPU (128 sequences of 200 keys, GPT-2 8 x 512's layer): about 3x the inductor kernel
   below in float32 and 2x in bfloat16, which was itself 1.4x gather + SDPA (docs/performance.md);
@@ -14,18 +14,12 @@ Two kernels read each key once from its block, in the cache's own dtype, accumul
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("baton.worker")
-
-SOURCE = Path(__file__).with_name("paged_decode.cpp")
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the cache dtypes the C++ kernel reads
+from workers.layers import native
 
 
 def paged_decode(
@@ -53,35 +47,6 @@ def paged_decode(
     return out.to(q.dtype), top + z.log()
 
 
-def _isa() -> str:
-    """What the build is specialised for (-march=native): a short hash of the CPU's flags, so a
-    cache shared by machines of different instruction sets never hands one the other's binary."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
-
-
-def native() -> Callable | None:
-    """The C++ kernel, built (the first time on this machine: about 20 s) or loaded from torch's
-    extension cache; None, logged, where it cannot be built."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        module = load(
-            f"baton_paged_decode_{_isa()}",
-            [str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-        return module.paged_decode
-    except Exception as e:  # no compiler, no ninja, a read-only cache: the compiled path works
-        log.warning("paged decode: the C++ kernel could not be built (%s); using torch.compile", e)
-        return None
-
-
 class PagedDecode:
     """Decode attention over the paged cache: the C++ kernel for a CPU cache of float32 or
     bfloat16 (unless `build` is false, as tests comparing the two ask), else `paged_decode`
@@ -96,9 +61,10 @@ class PagedDecode:
         dtype: torch.dtype = torch.float32,
         build: bool = True,
     ) -> None:
-        self.native = None
-        if build and torch.device(device).type == "cpu" and dtype in NATIVE_DTYPES:
-            self.native = native()
+        self.native: Callable | None = None
+        if build and torch.device(device).type == "cpu" and dtype in native.DTYPES:
+            module = native.kernels()
+            self.native = module.paged_decode if module is not None else None
         self.fn = None if self.native else torch.compile(paged_decode, dynamic=True)
 
     def __call__(

@@ -1,6 +1,6 @@
 // Decode attention over the paged KV cache, on CPU: one query token per sequence against its
 // keys, each read once, in place, from its cache block (no gathered copy). Built on first use by
-// workers/layers/paged.py (torch.utils.cpp_extension) for the machine it runs on.
+// workers/layers/native.py (torch.utils.cpp_extension) for the machine it runs on.
 //
 // Each cache slot holds every KV head's vector contiguously ([blocks, block_size, kv_heads, d]),
 // so a work item takes one sequence's slots front to back for all its heads: two passes (keys,
@@ -138,5 +138,3 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_cache, 
   }
   return {out.to(q.scalar_type()), lse};
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode); }

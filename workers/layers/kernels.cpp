@@ -1,0 +1,15 @@
+// The Python module of the CPU kernels: one extension, built once per machine by
+// workers/layers/native.py, holding each kernel of its own source file.
+#include <torch/extension.h>
+#include <vector>
+
+std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_cache,
+                                        torch::Tensor v_cache, torch::Tensor blocks,
+                                        torch::Tensor lens);
+torch::Tensor packed_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               torch::Tensor starts, torch::Tensor lens);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache");
+  m.def("packed_attention", &packed_attention, "encoder attention over packed sequences");
+}

@@ -1,0 +1,54 @@
+"""The C++ kernels for CPU, built for this machine on first use and cached.
+
+One extension (`torch.utils.cpp_extension`: a C++ compiler and ninja) holds them all: decode
+attention over the paged KV cache (`paged_decode.cpp`) and encoder attention over packed sequences
+(`packed_attention.cpp`). The first worker to start on a machine builds it (about 30 s on 2 cores,
+`-O3 -march=native`); later ones load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
+Where it cannot be built, `kernels()` logs why and returns None, and each caller keeps its
+portable path (torch.compile, torch's flash attention).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("baton.worker")
+
+HERE = Path(__file__).parent
+SOURCES = [HERE / n for n in ("kernels.cpp", "paged_decode.cpp", "packed_attention.cpp")]
+DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
+HEAD_DIMS = (32, 64, 128)  # the encoder kernel's (decode's: any)
+
+
+def _isa() -> str:
+    """What the build is specialised for (-march=native): a short hash of the CPU's flags, so a
+    cache shared by machines of different instruction sets never hands one the other's binary."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The module, built or loaded once per process; None, logged, where it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            f"baton_kernels_{_isa()}",
+            [str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as e:  # no compiler, no ninja, a read-only cache: the portable paths work
+        log.warning("the C++ kernels could not be built (%s); using the portable paths", e)
+        return None
