@@ -96,3 +96,14 @@ def test_seeded_sampling_is_a_function_of_seed_and_position():
     greedy = int(logits[0].argmax())
     assert sample(logits[:1], [[0, 1.0, 1, 1.0, 3, 0]]) == [greedy]
     assert sample(logits[:1], [[0, 1.0, 0, 1e-6, 3, 0]]) == [greedy]
+
+
+def test_bfloat16_logits_sample_as_their_float32_values():
+    torch.manual_seed(2)
+    logits = torch.randn(4, 300).bfloat16()
+    logits[1, 7] = logits[1, 200] = logits[1].max() + 1  # a tie: the first wins, as argmax
+    rows = [[i, 0.0, 0, 1.0, -1, 0] for i in range(3)] + [[3, 0.7, 5, 0.9, 11, 2]]
+    wide = logits.float()
+    assert sample(logits, rows) == sample(wide, rows)
+    assert sample(logits, rows)[:3] == wide[:3].argmax(-1).tolist()
+    assert sample(logits, rows)[1] == 7

