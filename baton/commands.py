@@ -179,12 +179,22 @@ def table(body: dict) -> str:
     ]
     for c in body.get("controllers") or []:
         lines += _generation_lines(c)
+    if body.get("pool_bytes"):
+        lines.append(f"pool    {_mb(body['pool_bytes'])} of weights in shared memory, once a host")
     lines.append("")
-    cols = ["rank", "pid", "stage", "tp_rank", "device", "state", "restarts"]
-    rows = [cols] + [[str(w.get(c, "")) for c in cols] for w in body.get("workers") or []]
+    cols = ["rank", "pid", "stage", "tp_rank", "device", "state", "restarts", "weights", "pooled"]
+    rows = [cols] + [
+        [str(w.get(c, "")) for c in cols[:-2]]
+        + [_mb(w.get("resident_weight_bytes")), _mb(w.get("pooled_weight_bytes"))]
+        for w in body.get("workers") or []
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def _mb(n: object) -> str:
+    return f"{n / 2**20:.1f} MB" if isinstance(n, int) else ""
 
 
 def _generation_lines(controller: dict) -> list[str]:

@@ -33,6 +33,7 @@ from controller.config import Config, ConfigError, check_model, load
 from controller.controller import identity
 from wire.transport import Heartbeat
 from workers.models import load_info
+from workers.pool import PoolError, Region, layout, path_for
 
 log = logging.getLogger("baton.up")
 
@@ -62,7 +63,7 @@ def up(config: str, sets: list[str]) -> int:
     except zmq.ZMQError as e:
         print(f"baton up: cannot bind {cfg.endpoints.client}: {e}", file=sys.stderr)
         return 2
-    except JournalError as e:
+    except (JournalError, PoolError) as e:
         print(f"baton up: {e}", file=sys.stderr)
         return 2
     except JournalDamaged as e:
@@ -89,13 +90,14 @@ async def serve(cfg: Config) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="baton-"))
     check_private(run_dir)
     try:  # owned, checked and opened before anything starts: a refusal costs nothing
+        make_pool(cfg, run_dir)
         journal = Journal(
             cfg.journal.path or str(run_dir / "journal.sqlite3"),
             cfg.journal.durability,
             cfg.journal.result_ttl_s,
         )
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_run(run_dir)
         raise
     ctx = zmq.asyncio.Context()
     try:
@@ -112,7 +114,7 @@ async def serve(cfg: Config) -> int:
     except BaseException:
         await journal.close()
         ctx.destroy(0)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_run(run_dir)
         raise
     serving = asyncio.create_task(broker.run())
     try:
@@ -123,8 +125,25 @@ async def serve(cfg: Config) -> int:
         broker.close()
         await journal.close()  # whatever is still held stays journaled for the next start
         ctx.term()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        remove_run(run_dir)
     return 0
+
+
+def make_pool(cfg: Config, run_dir: Path) -> None:
+    """The shared region for the weights over the workers' budget (workers/pool.py), when any
+    are: sized by the plan every worker makes alike, empty until the workers load into it."""
+    if cfg.memory.weight_budget >= 1:
+        return
+    p = cfg.parallel
+    info = load_info(cfg.model.path)
+    plan = layout(info, p.tensor, p.pipeline, cfg.model.dtype, p.stages, cfg.memory.weight_budget)
+    Region.create(path_for(run_dir), plan.size).close()
+
+
+def remove_run(run_dir: Path) -> None:
+    """The run's files: its private directory and its pool, if it had one."""
+    path_for(run_dir).unlink(missing_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def unregistered(broker: Broker, ident: bytes, cfg: Config) -> None:

@@ -302,6 +302,10 @@ class Broker:
                 }
                 for c in ctrls
             ],
+            # one region per host, however many workers and replicas map it
+            "pool_bytes": max(
+                (v for c in ctrls if isinstance(v := c.stats.get("pool_bytes"), int)), default=0
+            ),
             "jobs": self.table.summary(),
             "unread_bytes": self.outbox.bytes(),
             "admitting": self.admission.admitting,

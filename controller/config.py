@@ -72,6 +72,15 @@ class KV:
 
 
 @dataclass(slots=True)
+class Memory:
+    """The peer memory pool (workers/pool.py)."""
+
+    # weight bytes each worker keeps privately: <= 1 a fraction of its own shard's, else bytes;
+    # what does not fit lives once per host in the shared pool. 1 = everything private.
+    weight_budget: float = 1.0
+
+
+@dataclass(slots=True)
 class Endpoints:
     client: str = "tcp://127.0.0.1:5555"
     client_keys: str = ""  # directory of allowed client public keys; "" = no keys required
@@ -107,6 +116,7 @@ class Config:
     batching: Batching = field(default_factory=Batching)
     pipeline: Pipeline = field(default_factory=Pipeline)
     kv: KV = field(default_factory=KV)
+    memory: Memory = field(default_factory=Memory)
     endpoints: Endpoints = field(default_factory=Endpoints)
     limits: Limits = field(default_factory=Limits)
     journal: Journal = field(default_factory=Journal)
@@ -208,6 +218,7 @@ def check(cfg: Config) -> None:
         "jobs.max_attempts": cfg.jobs.max_attempts,
         "kv.block_size": cfg.kv.block_size,
         "kv.memory": cfg.kv.memory,
+        "memory.weight_budget": cfg.memory.weight_budget,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -226,6 +237,11 @@ def check(cfg: Config) -> None:
     if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(
             f"config key 'model.dtype' must be float32, float16 or bfloat16, got {cfg.model.dtype!r}"
+        )
+    if cfg.memory.weight_budget < 1 and dev != "cpu":
+        raise ConfigError(
+            "memory.weight_budget below 1 runs on CPU only so far (pooled weights are used in "
+            "place; copying them to a GPU ahead of use is not built yet)"
         )
     half = precision.refusal(cfg.model.dtype, cfg.device.partition(":")[0])
     if half is not None:

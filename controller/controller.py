@@ -54,6 +54,7 @@ from wire.protocol import (
 )
 from wire.transport import Heartbeat, Peer, configure, serve
 from workers.models import plan
+from workers.pool import path_for
 
 log = logging.getLogger("baton.controller")
 
@@ -61,6 +62,7 @@ log = logging.getLogger("baton.controller")
 class Controller:
     def __init__(self, cfg: Config, broker: str, run_dir: Path) -> None:
         # sockets of our own: orphans of a dead predecessor must not reach our workers
+        pool = path_for(run_dir)  # the fleet's, made by `baton up` (when anything is pooled)
         run_dir = run_dir / f"c{os.getpid()}"
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # ipc sockets: ours alone
         self.cfg, self.run_dir = cfg, run_dir
@@ -77,7 +79,7 @@ class Controller:
         w = cfg.workers  # one heartbeat policy for the broker link and the workers' link
         self.heartbeat = Heartbeat(w.heartbeat_ms / 1000, w.dead_after_ms / 1000)
         results = f"ipc://{run_dir}/results"
-        self.sup = Supervisor(cfg, self.ctx, run_dir, results)
+        self.sup = Supervisor(cfg, self.ctx, run_dir, results, pool)
         self.sup.on_change = self.report
         self.sup.on_dead = self._on_dead
         self.sup.on_failed = self._on_refused
@@ -135,6 +137,7 @@ class Controller:
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.pipe.stats(), **self.sched.stats()}
+        out["pool_bytes"] = self.sup.pool_bytes()
         if self.sched.bm is not None:
             out["kv"] = self.sched.bm.stats()
         return out

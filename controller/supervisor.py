@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Slot:
     restarts: int = 0
     cause: str = ""
     kv_blocks: int | None = None  # KV blocks its kv.memory holds (its `ready`; decoders only)
+    weights: dict[str, int] = field(default_factory=dict)  # its weight bytes, from its `ready`
 
     def row(self) -> dict[str, Any]:
         s = self.spec
@@ -57,6 +58,8 @@ class Slot:
             "state": self.state,
             "restarts": self.restarts,
             "last_cause": self.cause,
+            "resident_weight_bytes": self.weights.get("resident_weight_bytes"),
+            "pooled_weight_bytes": self.weights.get("pooled_weight_bytes"),
         }
 
 
@@ -68,7 +71,14 @@ def kv_fields(cfg: Config) -> dict[str, Any]:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, ctx: zmq.asyncio.Context, run_dir: Path, results: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        ctx: zmq.asyncio.Context,
+        run_dir: Path,
+        results: str,
+        pool: Path | None = None,
+    ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.limits = Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames)
         self.ctl = ctx.socket(zmq.ROUTER)
@@ -101,6 +111,8 @@ class Supervisor:
                             max_seq_length=cfg.model.max_seq_length,
                             dtype=cfg.model.dtype,
                             encoder_kernel=cfg.model.encoder_kernel,
+                            weight_budget=cfg.memory.weight_budget,
+                            pool=str(pool) if pool and cfg.memory.weight_budget < 1 else "",
                             threads=threads,
                             ctl=f"ipc://{run_dir}/ctl",
                             inp=self.inp(stage, tp_rank),
@@ -137,6 +149,10 @@ class Supervisor:
 
     def rows(self) -> list[dict[str, Any]]:
         return [s.row() for s in self.slots]
+
+    def pool_bytes(self) -> int:
+        """The shared pool's size (once, however many workers map it), from their `ready`."""
+        return max((s.weights.get("pool_bytes", 0) for s in self.slots), default=0)
 
     def spawn(self) -> None:
         for slot in self.slots:
@@ -198,6 +214,11 @@ class Supervisor:
         kv = msg.body.get("kv_blocks")
         valid = isinstance(kv, int) and not isinstance(kv, bool) and kv >= 0
         slot.kv_blocks = kv if valid else None
+        slot.weights = {
+            k: v
+            for k in ("resident_weight_bytes", "pooled_weight_bytes", "pool_bytes")
+            if isinstance(v := msg.body.get(k), int) and not isinstance(v, bool) and v >= 0
+        }
         slot.state = "ready"
         if all(s.state == "ready" for s in self.slots):
             self.all_ready.set()

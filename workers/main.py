@@ -11,6 +11,7 @@ so their collectives line up without any extra coordination.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -19,6 +20,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import zmq
@@ -27,6 +29,7 @@ from wire.protocol import Code, Kind, Limits, Message, ProtocolError, encode
 from wire.transport import Heartbeat, Peer, configure, drain
 from workers.layers.parallel import close, init_tp_group
 from workers.models import load_info
+from workers.pool import Pooled, Region, layout
 from workers.runner import ModelRunner
 
 log = logging.getLogger("baton.worker")
@@ -70,6 +73,8 @@ class Spec:
     )
     compile: bool = False  # decode attention compiled to read the paged cache in place
     encoder_kernel: bool = False  # encoder attention by the C++ kernel (CPU)
+    weight_budget: float = 1.0  # memory.weight_budget
+    pool: str = ""  # the pool's shared-memory file (workers/pool.py); "" = nothing pooled
     stages: list[int] = field(default_factory=list)  # layers per stage; empty = planned
 
     def to_json(self) -> str:
@@ -124,6 +129,9 @@ class Worker:
         if s.max_seq_length:
             info.max_seq_length = s.max_seq_length
         self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device)
+        plan = layout(info, s.tensor, s.pipeline, s.dtype, s.stages, s.weight_budget)
+        mine = plan.of(s.stage, s.tp_rank)
+        self.pooled = Pooled(Region.open(Path(s.pool), plan.size), mine) if mine else None
         self.runner = ModelRunner(
             info,
             s.stage,
@@ -136,8 +144,17 @@ class Worker:
             s.compile,
             s.stages,
             s.encoder_kernel,
+            self.pooled,
         )
-        self.tell(Kind.READY, kv_blocks=self.runner.num_blocks)
+        release_freed_memory()
+        key = (s.stage, s.tp_rank)
+        self.tell(
+            Kind.READY,
+            kv_blocks=self.runner.num_blocks,
+            resident_weight_bytes=plan.private[key],
+            pooled_weight_bytes=plan.pooled[key],
+            pool_bytes=plan.size if mine else 0,
+        )
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -257,6 +274,13 @@ def keep_freed_memory() -> None:
         libc.mallopt(_TRIM_THRESHOLD, 1 << 31)
     except (OSError, AttributeError):
         log.info("not glibc: freed memory goes back to the kernel as the C library decides")
+
+
+def release_freed_memory() -> None:
+    """Hand back what loading freed (each weight's plain copy, once packed): kept, it would sit in
+    the worker's private memory beside the packed weights for good. No-op where not glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def main(argv: list[str] | None = None) -> int:

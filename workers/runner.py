@@ -20,6 +20,7 @@ from workers.layers.attention import Attention, Context, Workspace
 from workers.layers.paged import PagedDecode
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo
+from workers.pool import Pooled
 from workers.sampler import sample
 
 
@@ -73,10 +74,11 @@ class ModelRunner:
         compile: bool = False,
         stages: list[int] | None = None,
         encoder_kernel: bool = False,
+        pooled: Pooled | None = None,
     ) -> None:
         self.info, self.tp, self.block_size = info, tp, block_size
         self.device = torch.device(device)
-        self.model = models.build(info, stage, pipeline, tp, device, dtype, stages)
+        self.model = models.build(info, stage, pipeline, tp, device, dtype, stages, pooled)
         self.num_blocks = 0
         if info.decoder:
             self.allocate_kv_cache(kv_memory, dtype, compile)

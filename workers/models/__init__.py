@@ -9,6 +9,7 @@ from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo, read_json, resolve_model_dir
 from workers.models import bert, gpt2, llama
 from workers.models.stage import Stage
+from workers.pool import Pooled
 
 FAMILIES = {"bert": bert, "gpt2": gpt2, "llama": llama}
 MODELS: dict[str, type[Stage]] = {"bert": bert.Bert, "gpt2": gpt2.GPT2, "llama": llama.Llama}
@@ -92,9 +93,29 @@ def build(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     stages: list[int] | None = None,
+    pooled: Pooled | None = None,
 ) -> Stage:
     """Stage `stage` of `pipeline` on this rank, weights loaded; `stages` (layers per stage)
-    overrides the planned split."""
+    overrides the planned split; `pooled`, the parameters that live in the pool."""
     layers = plan(info, pipeline, stages)[stage]
     model = MODELS[info.family](info, layers, stage == 0, stage == pipeline - 1, tp, device, dtype)
-    return model.load()
+    return model.load(pooled)
+
+
+def shapes(
+    info: ModelInfo,
+    tensor: int,
+    pipeline: int,
+    dtype: torch.dtype = torch.float32,
+    stages: list[int] | None = None,
+) -> dict[tuple[int, int], Stage]:
+    """Every (stage, tensor rank)'s model on the meta device: its parameters' shapes and dtypes,
+    no memory, no weights (what the pool's plan is made from)."""
+    ranges = plan(info, pipeline, stages)
+    return {
+        (s, r): MODELS[info.family](
+            info, ranges[s], s == 0, s == pipeline - 1, TPGroup(r, tensor, None), "meta", dtype
+        )
+        for s in range(pipeline)
+        for r in range(tensor)
+    }

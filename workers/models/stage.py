@@ -8,6 +8,7 @@ from torch import nn
 from workers.layers.linear import Packed
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo, Target, load
+from workers.pool import Pooled
 
 
 class Stage(nn.Module):
@@ -43,11 +44,14 @@ class Stage(nn.Module):
         """Where checkpoint tensor `name` goes in this stage (empty: nowhere here)."""
         raise NotImplementedError
 
-    def load(self) -> Stage:
+    def load(self, pooled: Pooled | None = None) -> Stage:
+        """Read this stage's weights; `pooled` parameters straight into the pool's region."""
+        if pooled is not None:
+            pooled.place(self)
         load(self, self.info.path)
         for m in self.modules():
             if isinstance(m, Packed):
-                m.pack()  # oneDNN's layout on CPU; a no-op elsewhere
+                m.pack()  # oneDNN's layout on CPU, for a private weight; a no-op elsewhere
         return self
 
 

@@ -1,0 +1,259 @@
+"""The peer memory pool: the plan keeps each rank to its budget; pooled weights are read in place
+from one shared region with bitwise the outputs of private ones, for the encoder and a decoder;
+the processes' own memory maps show where the bytes are; a fleet with half its weights pooled
+serves, reports its memory, survives a worker's SIGKILL and removes its pool when it stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from corpus import MODEL, texts
+from decoders import gpt2
+
+from workers import packing
+from workers.layers.attention import Context
+from workers.layers.parallel import TPGroup
+from workers.models import build, load_info
+from workers.pool import ALIGN, Pooled, PoolError, Region, layout
+from workers.runner import ModelRunner
+from workers.tokenizer import Tokenizer
+
+SOLO = TPGroup(0, 1, None)
+BUDGETS = [1.0, 0.5, 0.2]
+
+
+@pytest.fixture(scope="module")
+def info():
+    return load_info(MODEL)
+
+
+@pytest.fixture
+def shm():
+    """A fresh path in the host's shared memory, removed after."""
+    path = Path("/dev/shm") / f"baton-test-{uuid.uuid4().hex}.pool"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_the_plan_keeps_each_rank_to_its_budget(info):
+    for tensor, pipeline in ((1, 1), (2, 2)):
+        for budget in BUDGETS:
+            plan = layout(info, tensor, pipeline, "float32", None, budget)
+            for key, private in plan.private.items():
+                total = private + plan.pooled[key]
+                assert private <= budget * total
+                assert sum(e.nbytes for e in plan.of(*key)) == plan.pooled[key]
+            places = sorted((e.offset, e.nbytes) for es in plan.entries.values() for e in es)
+            for (a, n), (b, _) in zip(places, places[1:], strict=False):
+                assert a % ALIGN == 0 and a + n <= b  # page-aligned, no two overlap
+            assert plan.size >= sum(n for _, n in places)
+            if budget == 1.0:
+                assert plan.size == 0 and not any(plan.entries.values())
+
+
+def test_alternate_layers_go_first(info):
+    plan = layout(info, 1, 1, "float32", None, 0.85)  # a little over two layers' worth
+    pooled = {e.param.split(".")[1] for e in plan.of(0, 0)}
+    assert pooled == {"1", "3"}  # the second and fourth layers; each has a resident neighbour
+
+
+def test_a_tiny_budget_pools_everything_and_too_little_shared_memory_is_refused(info, shm):
+    plan = layout(info, 1, 1, "float32", None, 1000)  # bytes: less than any unit
+    assert plan.private[(0, 0)] == 0 and plan.pooled[(0, 0)] > 0
+    with pytest.raises(PoolError, match=rf"the pool needs {1 << 50} bytes of shared memory"):
+        Region.create(shm, 1 << 50)
+    assert not shm.exists()
+
+
+def pooled_stage(info, budget: float, path: Path, stage: int = 0, pipeline: int = 1):
+    plan = layout(info, 1, pipeline, "float32", None, budget)
+    region = Region.open(path, plan.size) if path.exists() else Region.create(path, plan.size)
+    pooled = Pooled(region, plan.of(stage, 0)) if plan.of(stage, 0) else None
+    return build(info, stage, pipeline, SOLO, pooled=pooled), region, plan
+
+
+def in_region(t: torch.Tensor, region: Region) -> bool:
+    start = torch.frombuffer(region.map, dtype=torch.uint8, count=1).data_ptr()
+    return start <= t.data_ptr() < start + len(region.map)
+
+
+@pytest.mark.parametrize("budget", BUDGETS[1:])
+def test_encoder_outputs_are_bitwise_the_same_with_the_pool(info, shm, budget):
+    seqs = [e.ids for e in Tokenizer(info).encode(texts(24))]
+    x, seq_lens = packing.pack(seqs)
+    ctx = Context.encoder(seq_lens, False, torch.device("cpu"))
+    private = build(info, 0, 1, SOLO)
+    model, region, plan = pooled_stage(info, budget, shm)
+    with torch.inference_mode():
+        assert torch.equal(model(x, ctx), private(x, ctx))
+    # the pooled weights are in the region, read in place, not copied out of it
+    ptrs = [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
+    assert sum(in_region(p, region) for p in ptrs) > 0
+    assert plan.pooled[(0, 0)] > 0
+
+
+def generate(runners: list[ModelRunner], prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens of one sequence through `runners` (the stages), its KV in blocks 0.. ."""
+    out, ids, cached = [], list(prompt), 0
+    for _ in range(steps):
+        n = len(ids)
+        body = {
+            "task": "generate",
+            "seq_lens": [n],
+            "context_lens": [cached + n],
+            "sample": [[0, 0.0, 0, 1.0, -1, 0]],
+        }
+        table = torch.arange(16, dtype=torch.int32)[None]
+        tensors = [torch.tensor(ids), torch.arange(cached, cached + n), table]
+        for r in runners:
+            step = r.run(body, tensors)
+            tensors = step.tensors
+        token = step.body["token_ids"][0]
+        out.append(token)
+        cached, ids = cached + n, [token]
+    return out
+
+
+@pytest.mark.parametrize("budget", BUDGETS[1:])
+def test_decoder_tokens_and_hidden_states_are_the_same_with_the_pool(tmp_path, shm, budget):
+    info = load_info(str(gpt2(tmp_path)))
+    plan = layout(info, 1, 2, "float32", None, budget)
+    region = Region.create(shm, plan.size)
+
+    def runners(pool: bool) -> list[ModelRunner]:
+        return [
+            ModelRunner(
+                info,
+                s,
+                2,
+                SOLO,
+                block_size=4,
+                kv_memory=1 << 20,
+                pooled=Pooled(region, plan.of(s, 0)) if pool and plan.of(s, 0) else None,
+            )
+            for s in range(2)
+        ]
+
+    private, pooled = runners(False), runners(True)
+    prompt = [5, 17, 3, 44, 9, 12, 30]
+    assert generate(pooled, prompt, 12) == generate(private, prompt, 12)
+    body = {"task": "generate", "seq_lens": [7], "context_lens": [7], "sample": []}
+    tensors = [torch.tensor(prompt), torch.arange(7), torch.arange(16, dtype=torch.int32)[None]]
+    hidden = [r[0].run(body, tensors).tensors[0] for r in (private, pooled)]
+    assert torch.equal(*hidden)
+    assert sum(plan.pooled.values()) > 0
+
+
+MEMORY = """
+import json, sys, torch
+from pathlib import Path
+from workers.layers.parallel import TPGroup
+from workers.main import release_freed_memory
+from workers.models import build, load_info
+from workers.pool import Pooled, Region, layout
+info = load_info(sys.argv[1])
+budget, path = float(sys.argv[2]), Path(sys.argv[3])
+plan = layout(info, 1, 1, "float32", None, budget)
+pooled = Pooled(Region.create(path, plan.size), plan.of(0, 0)) if plan.size else None
+model = build(info, 0, 1, TPGroup(0, 1, None), pooled=pooled)
+release_freed_memory()
+fields = {}
+for line in open("/proc/self/smaps_rollup"):
+    name, _, value = line.partition(":")
+    if value.strip().endswith("kB"):
+        fields[name] = int(value.split()[0]) * 1024
+print(json.dumps({"smaps": fields, "pooled": plan.pooled[(0, 0)]}))
+"""
+
+
+def memory(budget: float, path: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY, MODEL, str(budget), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_pooled_bytes_leave_private_memory_for_the_shared_region(shm):
+    """From the process's own /proc/self/smaps_rollup: at half the budget, about the pooled
+    bytes move out of its anonymous (private) memory and into shared memory it maps."""
+    whole = memory(1.0, shm)
+    half = memory(0.5, shm)
+    pooled = half["pooled"]
+    assert pooled > 20 << 20
+    moved = whole["smaps"]["Anonymous"] - half["smaps"]["Anonymous"]
+    assert moved >= 0.8 * pooled, (moved, pooled)
+    assert half["smaps"]["Pss_Shmem"] >= 0.95 * pooled
+    assert whole["smaps"]["Pss_Shmem"] < 0.05 * pooled
+
+
+def one_by_one(endpoint: str, chosen: list[str]) -> torch.Tensor:
+    """Each text alone (a batch of its own: the same batches whatever the fleet), in order."""
+    from baton.client import BlockingClient
+
+    with BlockingClient(endpoint, timeout_s=120) as c:
+        rows = [c.embed([t])[0] for t in chosen]
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows]
+    return torch.tensor([r.embedding for r in rows])
+
+
+def status(endpoint: str) -> dict:
+    from baton.client import BlockingClient
+
+    with BlockingClient(endpoint, timeout_s=30) as c:
+        return c.status()
+
+
+def test_a_fleet_with_half_its_weights_pooled(tmp_path):
+    """tensor 2 x pipeline 2 at half the budget: bitwise the embeddings of the same fleet without
+    the pool, its memory in `baton status` and in each worker's smaps, the same after a worker's
+    SIGKILL, and no pool left once it stops."""
+    from conftest import start
+
+    chosen = [t for t in texts(12, seed=5) if t.strip()][:8]
+    layout_sets = ["parallel.tensor=2", "parallel.pipeline=2", "workers.dead_after_ms=5000"]
+    plain = start(*layout_sets)
+    try:
+        want = one_by_one(plain.endpoint, chosen)
+    finally:
+        plain.stop()
+    fleet = start(*layout_sets, "memory.weight_budget=0.5")
+    try:
+        assert torch.equal(one_by_one(fleet.endpoint, chosen), want)
+        s = status(fleet.endpoint)
+        assert s["pool_bytes"] >= sum(w["pooled_weight_bytes"] for w in s["workers"]) > 0
+        pools = set()
+        for w in s["workers"]:
+            resident, pooled = w["resident_weight_bytes"], w["pooled_weight_bytes"]
+            assert pooled > 0 and resident <= 0.5 * (resident + pooled)
+            maps = Path(f"/proc/{w['pid']}/maps").read_text().splitlines()
+            pools |= {line.split()[-1] for line in maps if line.endswith(".pool")}
+            shmem = next(
+                int(line.split()[1]) * 1024
+                for line in Path(f"/proc/{w['pid']}/smaps_rollup").read_text().splitlines()
+                if line.startswith("Pss_Shmem:")
+            )
+            assert shmem >= 0.95 * pooled, (w["rank"], shmem, pooled)
+        [pool] = pools  # one region, mapped by every worker
+        assert Path(pool).exists()
+        victim = s["workers"][-1]
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert torch.equal(one_by_one(fleet.endpoint, chosen), want)
+        after = status(fleet.endpoint)["workers"][-1]
+        assert (
+            after["restarts"] == 1 and after["pooled_weight_bytes"] == victim["pooled_weight_bytes"]
+        )
+    finally:
+        fleet.stop()
+    assert not Path(pool).exists()

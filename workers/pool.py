@@ -1,0 +1,225 @@
+"""The peer memory pool: the weights over a worker's budget live once per host, in one shared
+memory region that every worker using them maps.
+
+`memory.weight_budget` bounds the weight bytes a worker keeps privately (a fraction of its own
+shard's, or bytes). `plan` decides, the same way in every process, which parameters of which
+(stage, tensor rank) go to the pool and where each lies in the region: whole units (a layer, the
+embeddings, the LM head), alternate layers first, so that a resident layer separates two pooled
+ones wherever the budget allows. `baton up` creates the region (a file in /dev/shm, sized by the
+plan, removed when it stops); each worker maps it and points its pooled parameters at their
+places before the checkpoint is read, so the loader writes each shard straight into shared memory
+(a replica of the same rank writes the same bytes to the same place; a worker restarted after a
+crash finds it intact). On CPU a pooled parameter is used in place from the mapping.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workers.loader import ModelInfo
+
+ALIGN = 4096  # each entry starts on a page: no two entries share a page
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+class PoolError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Unit:
+    """Parameters pooled or kept together: one layer's, or one top-level module's."""
+
+    name: str
+    params: list[tuple[str, torch.Tensor]]
+    layer: int | None  # position among the stage's layers, for layers
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for _, p in self.params)
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    param: str  # parameter name within its stage
+    offset: int  # bytes into the region
+    nbytes: int
+
+
+def units(model: nn.Module) -> list[Unit]:
+    """The stage's parameters grouped: one unit per layer, one per other top-level module."""
+    out: dict[str, Unit] = {}
+    layer_ids: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        m = _LAYER.match(name)
+        key = m.group(0)[:-1] if m else name.split(".")[0]
+        if key not in out:
+            if m:
+                layer_ids[key] = len(layer_ids)
+            out[key] = Unit(key, [], layer_ids.get(key))
+        out[key].params.append((name, p))
+    return list(out.values())
+
+
+def budget_bytes(budget: float, total: int) -> int:
+    """`memory.weight_budget`: <= 1 a fraction of the shard's weight bytes, else bytes."""
+    return int(budget * total) if budget <= 1 else int(budget)
+
+
+def choose(shard: list[Unit], budget: float) -> list[Unit]:
+    """The units to pool so that what stays private fits the budget: alternate layers first
+    (the second, fourth, ...), then the others, then the rest largest first."""
+    total = sum(u.nbytes for u in shard)
+    keep = budget_bytes(budget, total)
+    layers = [u for u in shard if u.layer is not None]
+    order = [u for u in layers if u.layer % 2 == 1] + [u for u in layers if u.layer % 2 == 0]
+    order += sorted((u for u in shard if u.layer is None), key=lambda u: -u.nbytes)
+    pooled, private = [], total
+    for u in order:
+        if private <= keep:
+            break
+        pooled.append(u)
+        private -= u.nbytes
+    return pooled
+
+
+@dataclass(slots=True)
+class Plan:
+    """Where every pooled parameter of every (stage, tensor rank) lies in the region."""
+
+    entries: dict[tuple[int, int], list[Entry]]
+    size: int  # bytes of the region
+    private: dict[tuple[int, int], int]  # weight bytes each rank keeps privately
+    pooled: dict[tuple[int, int], int]  # weight bytes each rank has in the pool
+
+    def of(self, stage: int, tp_rank: int) -> list[Entry]:
+        return self.entries.get((stage, tp_rank), [])
+
+
+def plan(shards: dict[tuple[int, int], nn.Module], budget: float) -> Plan:
+    """`shards`: each (stage, tensor rank)'s model, built on the meta device (shapes only)."""
+    entries: dict[tuple[int, int], list[Entry]] = {}
+    private, pooled = {}, {}
+    offset = 0
+    for key in sorted(shards):
+        shard = units(shards[key])
+        chosen = choose(shard, budget)
+        entries[key] = []
+        for u in chosen:
+            for name, p in u.params:
+                entries[key].append(Entry(name, offset, p.nbytes))
+                offset += -(-p.nbytes // ALIGN) * ALIGN
+        pooled[key] = sum(u.nbytes for u in chosen)
+        private[key] = sum(u.nbytes for u in shard) - pooled[key]
+    return Plan(entries, offset, private, pooled)
+
+
+def layout(
+    info: ModelInfo,
+    tensor: int,
+    pipeline: int,
+    dtype: str,
+    stages: list[int] | None,
+    budget: float,
+) -> Plan:
+    """The plan for this model and layout, made on the meta device, the same in every process.
+    Pooled weights are read in place, so any positive budget can be kept to (all of a shard can
+    live in the pool); a copier into private buffers would need at least those buffers."""
+    from workers.models import shapes  # the models import this module
+
+    if budget <= 0:
+        raise PoolError(f"memory.weight_budget must be positive, got {budget}")
+    return plan(shapes(info, tensor, pipeline, getattr(torch, dtype), stages), budget)
+
+
+def path_for(run_dir: Path) -> Path:
+    """The pool of the fleet whose private run directory is `run_dir`: named after it, in the
+    host's shared memory."""
+    return Path("/dev/shm") / f"{run_dir.name}.pool"
+
+
+def check_room(path: Path, size: int) -> None:
+    """Refuse before anything starts where the region cannot be made."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError as e:
+        raise PoolError(
+            f"the pool needs {size} bytes of shared memory in {path.parent}: {e}"
+        ) from None
+    free = st.f_bavail * st.f_frsize
+    if free < size:
+        raise PoolError(
+            f"the pool needs {size} bytes of shared memory; {path.parent} has {free} free"
+        )
+
+
+class Region:
+    """The pool's shared memory, mapped: `create` (by `baton up`) or `open` (by a worker)."""
+
+    def __init__(self, path: Path, size: int, create: bool) -> None:
+        self.path = path
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)  # sparse: pages come into being as they are written
+            elif os.fstat(fd).st_size < size:
+                raise PoolError(f"the pool {path} holds {os.fstat(fd).st_size} bytes, not {size}")
+            self.map = mmap.mmap(fd, size) if size else None
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def create(cls, path: Path, size: int) -> Region:
+        check_room(path, size)
+        return cls(path, size, create=True)
+
+    @classmethod
+    def open(cls, path: Path, size: int) -> Region:
+        return cls(path, size, create=False)
+
+    def tensor(self, entry: Entry, like: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped as `like` over the entry's bytes of the region (shared, not copied)."""
+        if entry.nbytes != like.nbytes:
+            raise PoolError(
+                f"{entry.param}: {entry.nbytes} bytes in the pool, {like.nbytes} wanted"
+            )
+        raw = torch.frombuffer(self.map, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
+        return raw.view(like.dtype).view(like.shape)
+
+    def close(self) -> None:
+        """Unmap. Tensors over the region must be gone first (mmap refuses while they live)."""
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass(slots=True)
+class Pooled:
+    """One worker's share of the pool: the region, mapped, and its entries in it."""
+
+    region: Region
+    entries: list[Entry]
+
+    def place(self, model: nn.Module) -> None:
+        """Point each pooled parameter of `model` (built, not yet loaded) at its place in the
+        region, so that loading the checkpoint writes it there."""
+        params = dict(model.named_parameters())
+        for e in self.entries:
+            p = params[e.param]
+            p.data = self.region.tensor(e, p.data)
+            p.pooled = True
+
+
+def pooled(p: torch.Tensor | None) -> bool:
+    return p is not None and getattr(p, "pooled", False)
