@@ -83,6 +83,7 @@ class Controller:
     pid: int | None = None
     state: str = "ready"
     stats: dict[str, int] = field(default_factory=dict)
+    pool_bytes: int = 0  # its workers' shared weight pool (workers/pool.py), from its report
     epoch: int = 0  # which registration of this controller process this is
     credit: int = 0  # jobs it asked for and has not been sent yet
     credit_bytes: int = 0  # bytes (protocol.job_size) likewise
@@ -303,9 +304,7 @@ class Broker:
                 for c in ctrls
             ],
             # one region per host, however many workers and replicas map it
-            "pool_bytes": max(
-                (v for c in ctrls if isinstance(v := c.stats.get("pool_bytes"), int)), default=0
-            ),
+            "pool_bytes": max((c.pool_bytes for c in ctrls), default=0),
             "jobs": self.table.summary(),
             "unread_bytes": self.outbox.bytes(),
             "admitting": self.admission.admitting,
@@ -369,6 +368,7 @@ class Broker:
         ctrl.workers = get(msg.body, "workers", list, ctrl.workers)
         ctrl.state = get(msg.body, "state", str, ctrl.state)
         ctrl.stats = get(msg.body, "stats", dict, ctrl.stats)
+        ctrl.pool_bytes = get(msg.body, "pool_bytes", int, ctrl.pool_bytes)
 
     def _register(self, peer: Peer, msg: Message) -> None:
         ident, b = peer.ident, msg.body
@@ -381,6 +381,7 @@ class Broker:
             _generation(get(b, "generation", dict, None)),
             get(b, "workers", list, []),
             get(b, "pid", int, None),
+            pool_bytes=get(b, "pool_bytes", int, 0),
             epoch=get(b, "epoch", int, 0),
             pulse=self.heartbeat.pulse(time.monotonic()),
         )

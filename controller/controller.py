@@ -132,12 +132,17 @@ class Controller:
         if self.state == "starting":
             return  # the broker hears of the workers in our `ready`
         self.tell(
-            Kind.REPORT, {"workers": self.sup.rows(), "state": self.state, "stats": self.stats()}
+            Kind.REPORT,
+            {
+                "workers": self.sup.rows(),
+                "pool_bytes": self.sup.pool_bytes(),
+                "state": self.state,
+                "stats": self.stats(),
+            },
         )
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.pipe.stats(), **self.sched.stats()}
-        out["pool_bytes"] = self.sup.pool_bytes()
         if self.sched.bm is not None:
             out["kv"] = self.sched.bm.stats()
         return out
@@ -208,6 +213,7 @@ class Controller:
             "tasks": list(self.tasks),
             "layout": layout,
             "workers": self.sup.rows(),
+            "pool_bytes": self.sup.pool_bytes(),
             "pid": os.getpid(),
             "state": self.state,
         }

@@ -1,0 +1,96 @@
+"""pool: half of every worker's weights in the shared pool (`memory.weight_budget = 0.5`, used in
+place on CPU) against all of them private, side by side: embeddings (MiniLM, `paragraphs`) and
+generation (the GPT-2 8 x 512 layout, 128 mixed prompts), plus where each worker's memory is
+(its own /proc/PID/smaps_rollup: anonymous, private memory against shared memory it maps).
+
+Not yet measured here: the copier (`prefetch = "always"`) and memory per added replica, which
+wait for those parts of the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from baton import bench
+from baton.client import BlockingClient
+from benchmarks import common
+from benchmarks.common import Figures, Report, Target
+from benchmarks.peers import baton_generate, in_turn
+
+LAYOUTS = {"private": [], "pooled": ["memory.weight_budget=0.5"]}
+
+
+def memory(endpoint: str) -> Figures:
+    """Summed over the fleet's workers: anonymous (private) and shared-memory bytes, MB."""
+    with BlockingClient(endpoint, timeout_s=30) as c:
+        workers = c.status()["workers"]
+    out = {"anonymous_mb": 0.0, "shmem_pss_mb": 0.0, "pooled_weight_mb": 0.0}
+    for w in workers:
+        for line in Path(f"/proc/{w['pid']}/smaps_rollup").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("Anonymous", "Pss_Shmem"):
+                key = "anonymous_mb" if name == "Anonymous" else "shmem_pss_mb"
+                out[key] += int(value.split()[0]) / 1024
+        out["pooled_weight_mb"] += (w.get("pooled_weight_bytes") or 0) / 2**20
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    a = common.args(__doc__, argv)
+    repeats = a.repeats or (1 if a.quick else 3)
+    texts = bench.workload("paragraphs", 200 if a.quick else 1298)
+    make = common.workload(16 if a.quick else 128, "32:256", "16:64" if a.quick else "16:256")
+    dist: list[dict] = []
+    runs: dict[str, list[Figures]] = {}
+    setup: dict[str, Any] = {"budget": 0.5, "embeddings": "paragraphs", "generation": "gpt2 8x512"}
+    with common.fleets(LAYOUTS) as f:
+        for n in LAYOUTS:  # warmed up, untimed
+            common.serve(f[n].endpoint, texts[:32])
+
+        def embed(n: str) -> Figures:
+            figures, _ = common.serve(f[n].endpoint, texts)
+            return {"per_s": figures["texts_per_s"], **memory(f[n].endpoint)}
+
+        runs |= {
+            f"embeddings: {k}": v
+            for k, v in common.interleave(
+                {n: lambda n=n: embed(n) for n in LAYOUTS}, repeats, dist
+            ).items()
+        }
+    gpt2 = [f"model.path={common.gpt2()}"]
+    with common.fleets({n: gpt2 + s for n, s in LAYOUTS.items()}, common.GPT2_CONFIG) as f:
+        draws = [make(r)[0] for r in range(repeats * common.ATTEMPTS)]
+        warm = make(repeats * common.ATTEMPTS)[0][:4]
+
+        def generate(n: str, d: int) -> Figures:
+            figures = baton_generate(f[n].endpoint, draws[d], warm)
+            return {"per_s": figures["output_tokens_per_s"], **memory(f[n].endpoint)}
+
+        alternatives = {n: in_turn(lambda d, n=n: generate(n, d), len(draws)) for n in LAYOUTS}
+        runs |= {
+            f"generation: {k}": v for k, v in common.interleave(alternatives, repeats, dist).items()
+        }
+    ratios = {
+        f"{w}_pooled_vs_private": common.paired(runs, f"{w}: pooled", f"{w}: private", "per_s")
+        for w in ("embeddings", "generation")
+    }
+    report = Report(
+        "pool",
+        "half the weights pooled, in place, vs all private (per_s: texts/s, output tokens/s)",
+        "per_s",
+        runs,
+        ratios,
+        [
+            Target("embeddings_pooled_vs_private", ">=", None, 0.95),
+            Target("generation_pooled_vs_private", ">=", None, 0.95),
+        ],
+        setup,
+        disturbance=dist,
+    )
+    return common.write(report, a.quick)
+
+
+if __name__ == "__main__":
+    main()
