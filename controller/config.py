@@ -78,6 +78,10 @@ class Memory:
     # weight bytes each worker keeps privately: <= 1 a fraction of its own shard's, else bytes;
     # what does not fit lives once per host in the shared pool. 1 = everything private.
     weight_budget: float = 1.0
+    # pooled layers: "auto" reads them in place on CPU; "always" copies each into one of
+    # prefetch_distance + 1 private buffers, prefetch_distance layers ahead of its use
+    prefetch: str = "auto"
+    prefetch_distance: int = 2
 
 
 @dataclass(slots=True)
@@ -219,6 +223,7 @@ def check(cfg: Config) -> None:
         "kv.block_size": cfg.kv.block_size,
         "kv.memory": cfg.kv.memory,
         "memory.weight_budget": cfg.memory.weight_budget,
+        "memory.prefetch_distance": cfg.memory.prefetch_distance,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -237,6 +242,10 @@ def check(cfg: Config) -> None:
     if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(
             f"config key 'model.dtype' must be float32, float16 or bfloat16, got {cfg.model.dtype!r}"
+        )
+    if cfg.memory.prefetch not in ("auto", "always"):
+        raise ConfigError(
+            f"config key 'memory.prefetch' must be auto or always, got {cfg.memory.prefetch!r}"
         )
     if cfg.memory.weight_budget < 1 and dev != "cpu":
         raise ConfigError(

@@ -60,6 +60,8 @@ class Slot:
             "last_cause": self.cause,
             "resident_weight_bytes": self.weights.get("resident_weight_bytes"),
             "pooled_weight_bytes": self.weights.get("pooled_weight_bytes"),
+            "prefetches": self.weights.get("prefetches", 0),
+            "stalls": self.weights.get("stalls", 0),
         }
 
 
@@ -112,6 +114,8 @@ class Supervisor:
                             dtype=cfg.model.dtype,
                             encoder_kernel=cfg.model.encoder_kernel,
                             weight_budget=cfg.memory.weight_budget,
+                            prefetch=cfg.memory.prefetch,
+                            prefetch_distance=cfg.memory.prefetch_distance,
                             pool=str(pool) if pool and cfg.memory.weight_budget < 1 else "",
                             threads=threads,
                             ctl=f"ipc://{run_dir}/ctl",
@@ -187,7 +191,7 @@ class Supervisor:
                 Kind.HELLO: self._worker(self._hello),
                 Kind.READY: self._worker(self._ready),
                 Kind.FAILED: self._worker(lambda _slot, msg: self.on_failed(msg.body)),
-                Kind.HEARTBEAT: self._worker(lambda _slot, _msg: None),  # its arrival was the point
+                Kind.HEARTBEAT: self._worker(self._counters),  # its arrival is what counts most
             },
             routed=True,
             refused=lambda _peer, e: log.warning("bad control message: %s %s", e.code, e.message),
@@ -209,6 +213,12 @@ class Supervisor:
 
     def _hello(self, slot: Slot, msg: Message) -> None:
         slot.pid = msg.body.get("pid", slot.pid)
+
+    def _counters(self, slot: Slot, msg: Message) -> None:
+        """A worker's heartbeat carries its running counts (a pool's prefetches and stalls)."""
+        for k in ("prefetches", "stalls"):
+            if isinstance(v := msg.body.get(k), int) and not isinstance(v, bool) and v >= 0:
+                slot.weights[k] = v
 
     def _ready(self, slot: Slot, msg: Message) -> None:
         kv = msg.body.get("kv_blocks")

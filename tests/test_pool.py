@@ -19,9 +19,8 @@ from corpus import MODEL, texts
 from decoders import gpt2
 
 from workers import packing
-from workers.layers.attention import Context
 from workers.layers.parallel import TPGroup
-from workers.models import build, load_info
+from workers.models import load_info
 from workers.pool import ALIGN, Pooled, PoolError, Region, layout
 from workers.runner import ModelRunner
 from workers.tokenizer import Tokenizer
@@ -73,31 +72,35 @@ def test_a_tiny_budget_pools_everything_and_too_little_shared_memory_is_refused(
     assert not shm.exists()
 
 
-def pooled_stage(info, budget: float, path: Path, stage: int = 0, pipeline: int = 1):
-    plan = layout(info, 1, pipeline, "float32", None, budget)
-    region = Region.open(path, plan.size) if path.exists() else Region.create(path, plan.size)
-    pooled = Pooled(region, plan.of(stage, 0)) if plan.of(stage, 0) else None
-    return build(info, stage, pipeline, SOLO, pooled=pooled), region, plan
-
-
 def in_region(t: torch.Tensor, region: Region) -> bool:
     start = torch.frombuffer(region.map, dtype=torch.uint8, count=1).data_ptr()
     return start <= t.data_ptr() < start + len(region.map)
 
 
+@pytest.mark.parametrize("prefetch", ["auto", "always"], ids=["in place", "copied ahead"])
 @pytest.mark.parametrize("budget", BUDGETS[1:])
-def test_encoder_outputs_are_bitwise_the_same_with_the_pool(info, shm, budget):
+def test_encoder_outputs_are_bitwise_the_same_with_the_pool(info, shm, budget, prefetch):
     seqs = [e.ids for e in Tokenizer(info).encode(texts(24))]
     x, seq_lens = packing.pack(seqs)
-    ctx = Context.encoder(seq_lens, False, torch.device("cpu"))
-    private = build(info, 0, 1, SOLO)
-    model, region, plan = pooled_stage(info, budget, shm)
-    with torch.inference_mode():
-        assert torch.equal(model(x, ctx), private(x, ctx))
-    # the pooled weights are in the region, read in place, not copied out of it
-    ptrs = [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
-    assert sum(in_region(p, region) for p in ptrs) > 0
-    assert plan.pooled[(0, 0)] > 0
+    plan = layout(info, 1, 1, "float32", None, budget)
+    region = Region.create(shm, plan.size)
+    private = ModelRunner(info, 0, 1, SOLO)
+    pooled = ModelRunner(info, 0, 1, SOLO, pooled=Pooled(region, plan.of(0, 0)), prefetch=prefetch)
+    body = {"task": "embed", "seq_lens": seq_lens}
+    want = private.run(body, [x]).tensors[0]
+    for _ in range(2):  # the copies go around: the second forward's come from the first's turn
+        assert torch.equal(pooled.run(body, [x]).tensors[0], want)
+    weights = [p for _, p in pooled.model.named_parameters() if getattr(p, "pooled", False)]
+    assert weights and plan.pooled[(0, 0)] > 0
+    # between forwards every pooled weight is back on the region (in place: it never left)
+    assert all(in_region(p, region) for p in weights)
+    if prefetch == "always":
+        p = pooled.prefetcher
+        layers = sum(1 for e in plan.of(0, 0) if e.param.endswith("qkv.weight"))
+        assert p is not None and p.prefetches >= 2 * layers
+        assert pooled.counters() == {"prefetches": p.prefetches, "stalls": p.stalls}
+    else:
+        assert pooled.prefetcher is None and pooled.counters() == {}
 
 
 def generate(runners: list[ModelRunner], prompt: list[int], steps: int) -> list[int]:
@@ -122,8 +125,11 @@ def generate(runners: list[ModelRunner], prompt: list[int], steps: int) -> list[
     return out
 
 
+@pytest.mark.parametrize("prefetch", ["auto", "always"], ids=["in place", "copied ahead"])
 @pytest.mark.parametrize("budget", BUDGETS[1:])
-def test_decoder_tokens_and_hidden_states_are_the_same_with_the_pool(tmp_path, shm, budget):
+def test_decoder_tokens_and_hidden_states_are_the_same_with_the_pool(
+    tmp_path, shm, budget, prefetch
+):
     info = load_info(str(gpt2(tmp_path)))
     plan = layout(info, 1, 2, "float32", None, budget)
     region = Region.create(shm, plan.size)
@@ -138,6 +144,7 @@ def test_decoder_tokens_and_hidden_states_are_the_same_with_the_pool(tmp_path, s
                 block_size=4,
                 kv_memory=1 << 20,
                 pooled=Pooled(region, plan.of(s, 0)) if pool and plan.of(s, 0) else None,
+                prefetch=prefetch,
             )
             for s in range(2)
         ]
@@ -216,9 +223,9 @@ def status(endpoint: str) -> dict:
 
 
 def test_a_fleet_with_half_its_weights_pooled(tmp_path):
-    """tensor 2 x pipeline 2 at half the budget: bitwise the embeddings of the same fleet without
-    the pool, its memory in `baton status` and in each worker's smaps, the same after a worker's
-    SIGKILL, and no pool left once it stops."""
+    """tensor 2 x pipeline 2 at half the budget, in place and copied ahead: bitwise the
+    embeddings of the same fleet without the pool, its memory in `baton status` and in each
+    worker's smaps, the same after a worker's SIGKILL, and no pool left once it stops."""
     from conftest import start
 
     chosen = [t for t in texts(12, seed=5) if t.strip()][:8]
@@ -228,32 +235,38 @@ def test_a_fleet_with_half_its_weights_pooled(tmp_path):
         want = one_by_one(plain.endpoint, chosen)
     finally:
         plain.stop()
-    fleet = start(*layout_sets, "memory.weight_budget=0.5")
-    try:
-        assert torch.equal(one_by_one(fleet.endpoint, chosen), want)
-        s = status(fleet.endpoint)
-        assert s["pool_bytes"] >= sum(w["pooled_weight_bytes"] for w in s["workers"]) > 0
-        pools = set()
-        for w in s["workers"]:
-            resident, pooled = w["resident_weight_bytes"], w["pooled_weight_bytes"]
-            assert pooled > 0 and resident <= 0.5 * (resident + pooled)
-            maps = Path(f"/proc/{w['pid']}/maps").read_text().splitlines()
-            pools |= {line.split()[-1] for line in maps if line.endswith(".pool")}
-            shmem = next(
-                int(line.split()[1]) * 1024
-                for line in Path(f"/proc/{w['pid']}/smaps_rollup").read_text().splitlines()
-                if line.startswith("Pss_Shmem:")
-            )
-            assert shmem >= 0.95 * pooled, (w["rank"], shmem, pooled)
-        [pool] = pools  # one region, mapped by every worker
-        assert Path(pool).exists()
-        victim = s["workers"][-1]
-        os.kill(victim["pid"], signal.SIGKILL)
-        assert torch.equal(one_by_one(fleet.endpoint, chosen), want)
-        after = status(fleet.endpoint)["workers"][-1]
-        assert (
-            after["restarts"] == 1 and after["pooled_weight_bytes"] == victim["pooled_weight_bytes"]
-        )
-    finally:
-        fleet.stop()
-    assert not Path(pool).exists()
+    resident = {}
+    for prefetch in ("auto", "always"):
+        fleet = start(*layout_sets, "memory.weight_budget=0.5", f'memory.prefetch="{prefetch}"')
+        try:
+            assert torch.equal(one_by_one(fleet.endpoint, chosen), want)
+            s = status(fleet.endpoint)
+            assert s["pool_bytes"] >= sum(w["pooled_weight_bytes"] for w in s["workers"]) > 0
+            pools = set()
+            for w in s["workers"]:
+                pooled = w["pooled_weight_bytes"]
+                assert pooled > 0
+                maps = Path(f"/proc/{w['pid']}/maps").read_text().splitlines()
+                pools |= {line.split()[-1] for line in maps if line.endswith(".pool")}
+                rollup = Path(f"/proc/{w['pid']}/smaps_rollup").read_text().splitlines()
+                shmem = next(int(x.split()[1]) * 1024 for x in rollup if x.startswith("Pss_Shmem:"))
+                assert shmem >= 0.95 * pooled, (w["rank"], shmem, pooled)
+            resident[prefetch] = [w["resident_weight_bytes"] for w in s["workers"]]
+            [pool] = pools  # one region, mapped by every worker
+            assert Path(pool).exists()
+            victim = s["workers"][-1]
+            os.kill(victim["pid"], signal.SIGKILL)
+            assert torch.equal(one_by_one(fleet.endpoint, chosen), want)
+            after = status(fleet.endpoint)["workers"][-1]
+            assert after["restarts"] == 1
+            assert after["pooled_weight_bytes"] == victim["pooled_weight_bytes"]
+        finally:
+            fleet.stop()
+        assert not Path(pool).exists()
+    # in place, a worker keeps half its shard or less; copying ahead adds its buffers (a worker
+    # with pooled layers has some)
+    for auto, w in zip(resident["auto"], s["workers"], strict=True):
+        assert auto <= 0.5 * (auto + w["pooled_weight_bytes"])
+    pairs = list(zip(resident["auto"], resident["always"], strict=True))
+    assert all(always >= auto for auto, always in pairs)
+    assert any(always > auto for auto, always in pairs)

@@ -75,6 +75,8 @@ class Spec:
     encoder_kernel: bool = False  # encoder attention by the C++ kernel (CPU)
     weight_budget: float = 1.0  # memory.weight_budget
     pool: str = ""  # the pool's shared-memory file (workers/pool.py); "" = nothing pooled
+    prefetch: str = "auto"  # memory.prefetch
+    prefetch_distance: int = 2  # memory.prefetch_distance
     stages: list[int] = field(default_factory=list)  # layers per stage; empty = planned
 
     def to_json(self) -> str:
@@ -145,13 +147,16 @@ class Worker:
             s.stages,
             s.encoder_kernel,
             self.pooled,
+            s.prefetch,
+            s.prefetch_distance,
         )
+        buffers = self.runner.prefetcher.buffer_bytes if self.runner.prefetcher else 0
         release_freed_memory()
         key = (s.stage, s.tp_rank)
         self.tell(
             Kind.READY,
             kv_blocks=self.runner.num_blocks,
-            resident_weight_bytes=plan.private[key],
+            resident_weight_bytes=plan.private[key] + buffers,
             pooled_weight_bytes=plan.pooled[key],
             pool_bytes=plan.size if mine else 0,
         )
@@ -174,7 +179,7 @@ class Worker:
             if self.inp in events:
                 drain(self.inp, self.batch_limits, batches, most=1, refused=self._refused, log=log)
             if self.controller.due(now):
-                self.tell(Kind.HEARTBEAT)
+                self.tell(Kind.HEARTBEAT, **self.runner.counters())
             # an orphan must not linger: its controller is gone or has gone silent
             if os.getppid() != parent or self.controller.silent(now):
                 log.error("worker %d: controller gone; exiting", self.spec.rank)

@@ -20,7 +20,9 @@ from workers.layers.attention import Attention, Context, Workspace
 from workers.layers.paged import PagedDecode
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo
-from workers.pool import Pooled
+from workers.pool import Pooled, units
+from workers.pool import pooled as is_pooled
+from workers.prefetch import Prefetcher
 from workers.sampler import sample
 
 
@@ -75,10 +77,17 @@ class ModelRunner:
         stages: list[int] | None = None,
         encoder_kernel: bool = False,
         pooled: Pooled | None = None,
+        prefetch: str = "auto",
+        prefetch_distance: int = 2,
     ) -> None:
         self.info, self.tp, self.block_size = info, tp, block_size
         self.device = torch.device(device)
         self.model = models.build(info, stage, pipeline, tp, device, dtype, stages, pooled)
+        self.prefetcher: Prefetcher | None = None
+        if pooled is not None and prefetch == "always":
+            chosen = [u for u in units(self.model) if all(is_pooled(p) for _, p in u.params)]
+            if any(u.layer is not None for u in chosen):
+                self.prefetcher = Prefetcher(self.model, chosen, prefetch_distance)
         self.num_blocks = 0
         if info.decoder:
             self.allocate_kv_cache(kv_memory, dtype, compile)
@@ -118,6 +127,11 @@ class ModelRunner:
                 self.kv_cache[0, 1].view(by_block),
                 layers[0].heads,
             )
+
+    def counters(self) -> dict[str, int]:
+        """The prefetcher's running counts, when there is one."""
+        p = self.prefetcher
+        return {"prefetches": p.prefetches, "stalls": p.stalls} if p is not None else {}
 
     @torch.inference_mode()
     def run(self, body: dict[str, Any], tensors: list[torch.Tensor]) -> Step:
