@@ -4,8 +4,8 @@ memory region that every worker using them maps.
 `memory.weight_budget` bounds the weight bytes a worker keeps privately (a fraction of its own
 shard's, or bytes). `plan` decides, the same way in every process, which parameters of which
 (stage, tensor rank) go to the pool and where each lies in the region: whole units (a layer, the
-embeddings, the LM head), alternate layers first, so that a resident layer separates two pooled
-ones wherever the budget allows. `baton up` creates the region (a file in /dev/shm, sized by the
+embeddings, the LM head), the embedding tables first (only a few rows of them are read a token),
+then alternate layers, so that a resident layer separates two pooled ones wherever it can. `baton up` creates the region (a file in /dev/shm, sized by the
 plan, removed when it stops); each worker maps it and points its pooled parameters at their
 places before the checkpoint is read, so the loader writes each shard straight into shared memory
 (a replica of the same rank writes the same bytes to the same place; a worker restarted after a
@@ -40,6 +40,7 @@ class Unit:
     name: str
     params: list[tuple[str, torch.Tensor]]
     layer: int | None  # position among the stage's layers, for layers
+    lookup: bool = False  # read by index only (embeddings, norms): as cheap from the pool
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +66,10 @@ def units(model: nn.Module) -> list[Unit]:
                 layer_ids[key] = len(layer_ids)
             out[key] = Unit(key, [], layer_ids.get(key))
         out[key].params.append((name, p))
+    for u in out.values():
+        module = model.get_submodule(u.name)
+        # no matmul in it (a linear layer has `pack`): only rows of it are read per token
+        u.lookup = u.layer is None and not any(hasattr(m, "pack") for m in module.modules())
     return list(out.values())
 
 
@@ -74,13 +79,17 @@ def budget_bytes(budget: float, total: int) -> int:
 
 
 def choose(shard: list[Unit], budget: float) -> list[Unit]:
-    """The units to pool so that what stays private fits the budget: alternate layers first
-    (the second, fourth, ...), then the others, then the rest largest first."""
+    """The units to pool so that what stays private fits the budget: first those read by index
+    (the embedding tables: a few rows a token, as cheap from the pool), largest first; then
+    alternate layers (the second, fourth, ...), so that a resident layer separates pooled ones
+    while it can; then the other layers; then the rest (the LM head), largest first."""
     total = sum(u.nbytes for u in shard)
     keep = budget_bytes(budget, total)
     layers = [u for u in shard if u.layer is not None]
-    order = [u for u in layers if u.layer % 2 == 1] + [u for u in layers if u.layer % 2 == 0]
-    order += sorted((u for u in shard if u.layer is None), key=lambda u: -u.nbytes)
+    rest = sorted((u for u in shard if u.layer is None), key=lambda u: -u.nbytes)
+    order = [u for u in rest if u.lookup]
+    order += [u for u in layers if u.layer % 2 == 1] + [u for u in layers if u.layer % 2 == 0]
+    order += [u for u in rest if not u.lookup]
     pooled, private = [], total
     for u in order:
         if private <= keep:
