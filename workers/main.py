@@ -291,11 +291,11 @@ def release_freed_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller decides when we stop
-    keep_freed_memory()
     spec = Spec(**json.loads(argv[0]))
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s worker{spec.rank} %(levelname)s %(message)s"
     )
+    keep_freed_memory()
     worker = Worker(spec)
     try:
         worker.start()

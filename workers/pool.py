@@ -5,11 +5,13 @@ memory region that every worker using them maps.
 shard's, or bytes). `plan` decides, the same way in every process, which parameters of which
 (stage, tensor rank) go to the pool and where each lies in the region: whole units (a layer, the
 embeddings, the LM head), the embedding tables first (only a few rows of them are read a token),
-then alternate layers, so that a resident layer separates two pooled ones wherever it can. `baton up` creates the region (a file in /dev/shm, sized by the
-plan, removed when it stops); each worker maps it and points its pooled parameters at their
-places before the checkpoint is read, so the loader writes each shard straight into shared memory
-(a replica of the same rank writes the same bytes to the same place; a worker restarted after a
-crash finds it intact). On CPU a pooled parameter is used in place from the mapping.
+then alternate layers, so that a resident layer separates two pooled ones wherever it can.
+`baton up` creates the region (a file in /dev/shm, sized by the plan, removed when it stops);
+each worker maps it and points its pooled parameters at their places before the checkpoint is
+read, so the loader writes each shard straight into shared memory (a replica of the same rank
+would write the same bytes to the same place; a worker restarted after a crash finds it intact).
+On CPU a pooled parameter is used in place from the mapping, or copied ahead of its use into
+private buffers with `memory.prefetch = "always"` (workers/prefetch.py).
 """
 
 from __future__ import annotations
@@ -139,8 +141,8 @@ def layout(
     budget: float,
 ) -> Plan:
     """The plan for this model and layout, made on the meta device, the same in every process.
-    Pooled weights are read in place, so any positive budget can be kept to (all of a shard can
-    live in the pool); a copier into private buffers would need at least those buffers."""
+    Any positive budget can be kept to: all of a shard can live in the pool. The copier's
+    buffers (`memory.prefetch = "always"`) come on top, and `baton status` counts them."""
     from workers.models import shapes  # the models import this module
 
     if budget <= 0:
@@ -208,9 +210,6 @@ class Region:
         if self.map is not None:
             self.map.close()
             self.map = None
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 @dataclass(slots=True)

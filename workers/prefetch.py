@@ -46,6 +46,7 @@ class Prefetcher:
         self.asked: set[int] = set()
         self.expected = 0
         self.prefetches = self.stalls = 0
+        # lives as long as the worker: a daemon, idle on its queue between copies
         self.copier = threading.Thread(target=self._copy, name="prefetch", daemon=True)
         self.copier.start()
         for i, u in enumerate(self.layers):
@@ -115,7 +116,3 @@ class Prefetcher:
                 if not self.ready[i].wait(WAIT_S):
                     raise RuntimeError(f"the prefetch of pooled layer {i} did not finish")
                 self.release(i)
-
-    def close(self) -> None:
-        self.todo.put(None)
-        self.copier.join(WAIT_S)
