@@ -45,7 +45,8 @@ class Slot:
     restarts: int = 0
     cause: str = ""
     kv_blocks: int | None = None  # KV blocks its kv.memory holds (its `ready`; decoders only)
-    weights: dict[str, int] = field(default_factory=dict)  # its weight bytes, from its `ready`
+    # its weight bytes and the pool's (from its `ready`), its prefetch counts (from heartbeats)
+    memory: dict[str, int] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         s = self.spec
@@ -58,11 +59,16 @@ class Slot:
             "state": self.state,
             "restarts": self.restarts,
             "last_cause": self.cause,
-            "resident_weight_bytes": self.weights.get("resident_weight_bytes"),
-            "pooled_weight_bytes": self.weights.get("pooled_weight_bytes"),
-            "prefetches": self.weights.get("prefetches", 0),
-            "stalls": self.weights.get("stalls", 0),
+            "resident_weight_bytes": self.memory.get("resident_weight_bytes"),
+            "pooled_weight_bytes": self.memory.get("pooled_weight_bytes"),
+            "prefetches": self.memory.get("prefetches", 0),
+            "stalls": self.memory.get("stalls", 0),
         }
+
+
+def count(v: object) -> bool:
+    """A figure a worker reports: an int (not a bool), not negative."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def kv_fields(cfg: Config) -> dict[str, Any]:
@@ -156,7 +162,7 @@ class Supervisor:
 
     def pool_bytes(self) -> int:
         """The shared pool's size (once, however many workers map it), from their `ready`."""
-        return max((s.weights.get("pool_bytes", 0) for s in self.slots), default=0)
+        return max((s.memory.get("pool_bytes", 0) for s in self.slots), default=0)
 
     def spawn(self) -> None:
         for slot in self.slots:
@@ -217,17 +223,16 @@ class Supervisor:
     def _counters(self, slot: Slot, msg: Message) -> None:
         """A worker's heartbeat carries its running counts (a pool's prefetches and stalls)."""
         for k in ("prefetches", "stalls"):
-            if isinstance(v := msg.body.get(k), int) and not isinstance(v, bool) and v >= 0:
-                slot.weights[k] = v
+            if count(v := msg.body.get(k)):
+                slot.memory[k] = v
 
     def _ready(self, slot: Slot, msg: Message) -> None:
         kv = msg.body.get("kv_blocks")
-        valid = isinstance(kv, int) and not isinstance(kv, bool) and kv >= 0
-        slot.kv_blocks = kv if valid else None
-        slot.weights = {
+        slot.kv_blocks = kv if count(kv) else None
+        slot.memory = {
             k: v
             for k in ("resident_weight_bytes", "pooled_weight_bytes", "pool_bytes")
-            if isinstance(v := msg.body.get(k), int) and not isinstance(v, bool) and v >= 0
+            if count(v := msg.body.get(k))
         }
         slot.state = "ready"
         if all(s.state == "ready" for s in self.slots):

@@ -75,6 +75,10 @@ def units(model: nn.Module) -> list[Unit]:
     return list(out.values())
 
 
+def round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
 def budget_bytes(budget: float, total: int) -> int:
     """`memory.weight_budget`: <= 1 a fraction of the shard's weight bytes, else bytes."""
     return int(budget * total) if budget <= 1 else int(budget)
@@ -126,7 +130,7 @@ def plan(shards: dict[tuple[int, int], nn.Module], budget: float) -> Plan:
         for u in chosen:
             for name, p in u.params:
                 entries[key].append(Entry(name, offset, p.nbytes))
-                offset += -(-p.nbytes // ALIGN) * ALIGN
+                offset += round_up(p.nbytes, ALIGN)
         pooled[key] = sum(u.nbytes for u in chosen)
         private[key] = sum(u.nbytes for u in shard) - pooled[key]
     return Plan(entries, offset, private, pooled)

@@ -19,14 +19,10 @@ import threading
 import torch
 from torch import nn
 
-from workers.pool import Unit
+from workers.pool import Unit, round_up
 
 WAIT_S = 60.0  # a copy of a layer from memory: far longer means the copier died
-
-
-def _aligned(n: int) -> int:
-    """Each parameter starts on a cache line of its buffer (and so on its dtype's alignment)."""
-    return -(-n // 64) * 64
+LINE = 64  # each parameter starts on a cache line of its buffer (so on its dtype's alignment)
 
 
 class Prefetcher:
@@ -35,7 +31,9 @@ class Prefetcher:
         self.home = [[p.data for _, p in u.params] for u in self.layers]
         self.params = [[p for _, p in u.params] for u in self.layers]
         self.distance = min(distance, max(1, len(self.layers) - 1))
-        size = max((sum(_aligned(p.nbytes) for _, p in u.params) for u in self.layers), default=0)
+        size = max(
+            (sum(round_up(p.nbytes, LINE) for _, p in u.params) for u in self.layers), default=0
+        )
         self.buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(self.distance + 1)]
         self.free: queue.Queue[int] = queue.Queue()
         for b in range(len(self.buffers)):
@@ -65,7 +63,7 @@ class Prefetcher:
             out.append(
                 self.buffers[b][offset : offset + src.nbytes].view(src.dtype).view(src.shape)
             )
-            offset += _aligned(src.nbytes)
+            offset += round_up(src.nbytes, LINE)
         return out
 
     def _copy(self) -> None:

@@ -53,7 +53,9 @@ class Packed(nn.Module):
         w = self.weight
         if w is None or w.device.type != "cpu" or not packable(w.dtype):
             return
-        if pooled(w):  # oneDNN runs the plain layout at 90-100 % of the packed speed (measured)
+        # oneDNN runs the plain layout (measured): bitwise the packed one's results, at 90-100 %
+        # of its speed for 4,096 rows, 60-70 % for decode's few
+        if pooled(w):
             self.plain = True
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
