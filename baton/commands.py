@@ -182,7 +182,8 @@ def table(body: dict) -> str:
     if body.get("pool_bytes"):
         lines.append(f"pool    {_mb(body['pool_bytes'])} of weights in shared memory, once a host")
     lines.append("")
-    cols = ["rank", "pid", "stage", "tp_rank", "device", "state", "restarts", "weights", "pooled"]
+    cols = ["replica", "rank", "pid", "stage", "tp_rank", "device", "state", "restarts"]
+    cols += ["weights", "pooled"]
     rows = [cols] + [
         [str(w.get(c, "")) for c in cols[:-2]]
         + [_mb(w.get("resident_weight_bytes")), _mb(w.get("pooled_weight_bytes"))]

@@ -1,9 +1,9 @@
 """`baton up`: the broker in this process, one controller process per replica, in the foreground.
 
-Prints `ready <client endpoint>` once a controller has registered with all its workers ready. On
-SIGINT or SIGTERM it stops admitting, lets the broker finish what it holds (bounded), stops the
-controller (which stops its workers) and exits 0. A controller that dies is started again; the
-broker puts the jobs it held back in the queue.
+Prints `ready <client endpoint>` once every replica's controller has registered with all its
+workers ready. On SIGINT or SIGTERM it stops admitting, lets the broker finish what it holds
+(bounded), stops the controllers (which stop their workers) and exits 0. A controller that dies is
+started again; the broker puts the jobs it held back in the queue.
 """
 
 from __future__ import annotations
@@ -228,12 +228,46 @@ def check_private(run_dir: Path) -> None:
 
 
 async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Event) -> None:
-    """Keep one controller running until asked to stop; then drain and stop it."""
-    announced = False
+    """Keep parallel.replicas controllers running until asked to stop; then drain and stop them.
+    `ready` is printed once every replica has registered."""
+    n = cfg.parallel.replicas
+    arrived = [asyncio.Event() for _ in range(n)]
+    procs: list[asyncio.subprocess.Process | None] = [None] * n
+    replicas = [
+        asyncio.create_task(replica(i, cfg, broker, run_dir, stop, procs, arrived[i]))
+        for i in range(n)
+    ]
+    everyone = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in arrived)))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({everyone, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if everyone.done():
+        print(f"ready {broker.endpoint}", flush=True)
+    else:
+        everyone.cancel()
+        await asyncio.gather(everyone, return_exceptions=True)
+    await asyncio.gather(*replicas)
+    stopping.cancel()
+    drained = await broker.drain(DRAIN_TIMEOUT_S)
+    if not drained:
+        log.warning("drain timed out with jobs still held")
+    await asyncio.gather(*(end(p, broker) for p in procs if p is not None))
+
+
+async def replica(
+    index: int,
+    cfg: Config,
+    broker: Broker,
+    run_dir: Path,
+    stop: asyncio.Event,
+    procs: list[asyncio.subprocess.Process | None],
+    arrived: asyncio.Event,
+) -> None:
+    """Replica `index`'s controller, started again whenever it dies, until `stop`; its last
+    process is left in procs[index] for the drain and stop."""
     failures = 0
     stopping = asyncio.create_task(stop.wait())
     while True:
-        proc = await asyncio.create_subprocess_exec(
+        proc = procs[index] = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "controller.controller",
@@ -243,16 +277,17 @@ async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Ev
             broker.backend,
             "--run-dir",
             str(run_dir),
+            "--replica",
+            str(index),
             stdin=asyncio.subprocess.DEVNULL,
         )
         exited = asyncio.create_task(proc.wait())
-        if not announced:
-            registered = asyncio.create_task(broker.registered.wait())
+        if not arrived.is_set():
+            registered = asyncio.create_task(broker.arrival(identity(proc.pid)).wait())
             await asyncio.wait({registered, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if registered.done():
+                arrived.set()
             registered.cancel()
-            if broker.registered.is_set():
-                announced = True
-                print(f"ready {broker.endpoint}", flush=True)
         adrift = asyncio.create_task(unregistered(broker, identity(proc.pid), cfg))
         await asyncio.wait({exited, stopping, adrift}, return_when=asyncio.FIRST_COMPLETED)
         adrift.cancel()
@@ -267,21 +302,29 @@ async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Ev
         broker.lost(identity(proc.pid), f"controller exited with code {proc.returncode}")
         delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
         failures += 1
-        log.error("controller exited with code %s; restarting in %.1f s", proc.returncode, delay)
+        log.error(
+            "replica %d: controller exited with code %s; restarting in %.1f s",
+            index,
+            proc.returncode,
+            delay,
+        )
         try:
             await asyncio.wait_for(stop.wait(), delay)  # a restart backoff that a stop cuts short
             break
         except TimeoutError:
             continue
-    drained = await broker.drain(DRAIN_TIMEOUT_S)
-    if not drained:
-        log.warning("drain timed out with jobs still held")
-    if proc.returncode is None:
-        if identity(proc.pid) not in broker.controllers:
-            proc.terminate()  # never registered, so it cannot hear the broker's `stop`
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            log.error("controller did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
-            proc.kill()
-            await proc.wait()
+    stopping.cancel()
+
+
+async def end(proc: asyncio.subprocess.Process, broker: Broker) -> None:
+    """Stop a controller after the drain: the broker's `stop` reaches a registered one."""
+    if proc.returncode is not None:
+        return
+    if identity(proc.pid) not in broker.controllers:
+        proc.terminate()  # never registered, so it cannot hear the broker's `stop`
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+    except TimeoutError:
+        log.error("controller did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
+        proc.kill()
+        await proc.wait()

@@ -81,6 +81,7 @@ class Controller:
     generation: V.Generation | None = None  # a decoder's bounds, from its `ready`
     workers: list[dict[str, Any]] = field(default_factory=list)
     pid: int | None = None
+    replica: int = 0  # which of the fleet's data-parallel copies (parallel.replicas)
     state: str = "ready"
     stats: dict[str, int] = field(default_factory=dict)
     pool_bytes: int = 0  # its workers' shared weight pool (workers/pool.py), from its report
@@ -131,6 +132,8 @@ class Broker:
         self.controllers: dict[bytes, Controller] = {}
         self.admission = Admission(self.table, limits)
         self.registered = asyncio.Event()  # a controller said `ready`
+        self.arrivals: dict[bytes, asyncio.Event] = {}  # per controller, for `baton up`
+        self.turns = 0  # messages of jobs sent: which controller goes first among equals
         self.idle = asyncio.Event()  # nothing queued or running
         recovered = self.table.recover()
         if recovered:
@@ -295,6 +298,7 @@ class Broker:
                 {
                     "model": c.model,
                     "pid": c.pid,
+                    "replica": c.replica,
                     "state": c.state,
                     "credit": c.credit,
                     "credit_bytes": c.credit_bytes,
@@ -381,6 +385,7 @@ class Broker:
             _generation(get(b, "generation", dict, None)),
             get(b, "workers", list, []),
             get(b, "pid", int, None),
+            replica=get(b, "replica", int, 0),
             pool_bytes=get(b, "pool_bytes", int, 0),
             epoch=get(b, "epoch", int, 0),
             pulse=self.heartbeat.pulse(time.monotonic()),
@@ -391,6 +396,11 @@ class Broker:
             self._owe(failed)
         log.info("controller %r ready for model %s", ident, b["model"])
         self.registered.set()
+        self.arrival(ident).set()
+
+    def arrival(self, ident: bytes) -> asyncio.Event:
+        """Set once the controller `ident` has said `ready` (`baton up` waits for each replica's)."""
+        return self.arrivals.setdefault(ident, asyncio.Event())
 
     def _refused(self, ctrl: Controller, msg: Message) -> None:
         """The controller could not read one of our `jobs` messages: its jobs go back."""
@@ -449,7 +459,11 @@ class Broker:
     def _dispatch(self) -> None:
         """Hand queued jobs to controllers within their credit, in messages within the limit."""
         budget = self.limits.max_message_bytes - ENVELOPE
-        for ctrl in list(self.controllers.values()):
+        # the controller with the most room first, taking turns among equals: replicas share
+        # a light load too
+        ctrls = list(self.controllers.values())
+        turn = self.turns % len(ctrls) if ctrls else 0
+        for ctrl in sorted(ctrls[turn:] + ctrls[:turn], key=lambda c: -c.credit):
             while ctrl.credit > 0 and ctrl.credit_bytes > 0 and self.table.pending(ctrl.model):
                 nbytes = min(ctrl.credit_bytes, budget)
                 batch = self.table.take(ctrl.model, ctrl.credit, ctrl.ident, nbytes)
@@ -460,6 +474,7 @@ class Broker:
                 if not send(self.back, [ctrl.ident, *encode(Kind.JOBS, body)]):
                     self.lost(ctrl.ident, "unreachable")
                     break
+                self.turns += 1
                 ctrl.credit -= len(batch)
                 ctrl.credit_bytes -= sum(j.size for j in batch)
                 ctrl.sent[ref] = [j.id for j in batch]
@@ -498,6 +513,7 @@ class Broker:
         """A controller's lease on its jobs ends: they go back to the queue (or fail, if that
         was their last attempt)."""
         ctrl = self.controllers.pop(ident, None)
+        self.arrivals.pop(ident, None)
         n, failed = self.table.requeue(ident, f"controller lost: {why}")
         log.warning(
             "controller %r lost (%s); %d jobs back in the queue, %d failed",

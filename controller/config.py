@@ -41,6 +41,10 @@ class Parallel:
     # layers per pipeline stage, first to last (their sum is the model's layers); empty = planned
     # from the model (workers.models.split_layers: even, the LM head's work counted on the last)
     stages: list = field(default_factory=list)
+    # data-parallel copies of the whole fleet (one controller and tensor x pipeline workers
+    # each) under the one broker, which hands each its share by credit; pooled weights are
+    # mapped by all of them
+    replicas: int = 1
 
 
 @dataclass(slots=True)
@@ -212,6 +216,7 @@ def check(cfg: Config) -> None:
     positive = {
         "parallel.tensor": cfg.parallel.tensor,
         "parallel.pipeline": cfg.parallel.pipeline,
+        "parallel.replicas": cfg.parallel.replicas,
         "batching.max_batch_tokens": cfg.batching.max_batch_tokens,
         "pipeline.max_inflight": cfg.pipeline.max_inflight,
         **{f"limits.{f.name}": getattr(cfg.limits, f.name) for f in config_fields()},

@@ -60,7 +60,7 @@ log = logging.getLogger("baton.controller")
 
 
 class Controller:
-    def __init__(self, cfg: Config, broker: str, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, broker: str, run_dir: Path, replica: int = 0) -> None:
         # sockets of our own: orphans of a dead predecessor must not reach our workers
         pool = path_for(run_dir)  # the fleet's, made by `baton up` (when anything is pooled)
         run_dir = run_dir / f"c{os.getpid()}"
@@ -79,7 +79,8 @@ class Controller:
         w = cfg.workers  # one heartbeat policy for the broker link and the workers' link
         self.heartbeat = Heartbeat(w.heartbeat_ms / 1000, w.dead_after_ms / 1000)
         results = f"ipc://{run_dir}/results"
-        self.sup = Supervisor(cfg, self.ctx, run_dir, results, pool)
+        self.replica = replica
+        self.sup = Supervisor(cfg, self.ctx, run_dir, results, pool, replica)
         self.sup.on_change = self.report
         self.sup.on_dead = self._on_dead
         self.sup.on_failed = self._on_refused
@@ -215,6 +216,7 @@ class Controller:
             "workers": self.sup.rows(),
             "pool_bytes": self.sup.pool_bytes(),
             "pid": os.getpid(),
+            "replica": self.replica,
             "state": self.state,
         }
         if (gen := generation_info(self.info)) is not None:
@@ -544,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--run-dir", default="", help="where ipc sockets live (default: a new temp dir)"
     )
+    ap.add_argument(
+        "--replica", type=int, default=0, help="which of parallel.replicas this one is (0 first)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s controller %(levelname)s %(message)s"
@@ -557,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.run_dir
             else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="baton-")))
         )
-        controller = Controller(cfg, args.broker, run_dir)
+        controller = Controller(cfg, args.broker, run_dir, args.replica)
         uvloop.run(controller.run())
     return 1 if controller.failed else 0
 

@@ -86,8 +86,9 @@ class Supervisor:
         run_dir: Path,
         results: str,
         pool: Path | None = None,
+        replica: int = 0,
     ) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
+        self.cfg, self.run_dir, self.replica = cfg, run_dir, replica
         self.limits = Limits(cfg.limits.max_message_bytes, cfg.limits.max_frames)
         self.ctl = ctx.socket(zmq.ROUTER)
         configure(self.ctl, self.limits, mandatory=True)
@@ -95,7 +96,9 @@ class Supervisor:
         w = cfg.workers
         self.heartbeat = Heartbeat(w.heartbeat_ms / 1000, w.dead_after_ms / 1000)
         tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-        threads = cfg.workers.threads or max(1, (os.cpu_count() or 1) // (tp * pp))
+        # every replica's workers share the host's cores
+        workers = tp * pp * cfg.parallel.replicas
+        threads = cfg.workers.threads or max(1, (os.cpu_count() or 1) // workers)
         self.slots: list[Slot] = []
         for stage in range(pp):
             for tp_rank in range(tp):
@@ -114,7 +117,7 @@ class Supervisor:
                             tp_rank=tp_rank,
                             tensor=tp,
                             pipeline=pp,
-                            device=device_of(cfg.device, rank),
+                            device=device_of(cfg.device, replica * tp * pp + rank),
                             model_path=cfg.model.path,
                             max_seq_length=cfg.model.max_seq_length,
                             dtype=cfg.model.dtype,
@@ -158,7 +161,7 @@ class Supervisor:
         return min(counts) if counts else None
 
     def rows(self) -> list[dict[str, Any]]:
-        return [s.row() for s in self.slots]
+        return [{"replica": self.replica, **s.row()} for s in self.slots]
 
     def pool_bytes(self) -> int:
         """The shared pool's size (once, however many workers map it), from their `ready`."""

@@ -21,7 +21,7 @@ from decoders import gpt2
 from workers import packing
 from workers.layers.parallel import TPGroup
 from workers.models import load_info
-from workers.pool import ALIGN, Pooled, PoolError, Region, layout
+from workers.pool import ALIGN, FLAGS, Pooled, PoolError, Region, layout
 from workers.runner import ModelRunner
 from workers.tokenizer import Tokenizer
 
@@ -53,6 +53,7 @@ def test_the_plan_keeps_each_rank_to_its_budget(info):
             places = sorted((e.offset, e.nbytes) for es in plan.entries.values() for e in es)
             for (a, n), (b, _) in zip(places, places[1:], strict=False):
                 assert a % ALIGN == 0 and a + n <= b  # page-aligned, no two overlap
+            assert all(a >= FLAGS for a, _ in places)  # clear of the shards' "filled" flags
             assert plan.size >= sum(n for _, n in places)
             if budget == 1.0:
                 assert plan.size == 0 and not any(plan.entries.values())
@@ -92,7 +93,7 @@ def test_encoder_outputs_are_bitwise_the_same_with_the_pool(info, shm, budget, p
     plan = layout(info, 1, 1, "float32", None, budget)
     region = Region.create(shm, plan.size)
     private = ModelRunner(info, 0, 1, SOLO)
-    pooled = ModelRunner(info, 0, 1, SOLO, pooled=Pooled(region, plan.of(0, 0)), prefetch=prefetch)
+    pooled = ModelRunner(info, 0, 1, SOLO, pooled=Pooled.of(region, plan, 0, 0), prefetch=prefetch)
     body = {"task": "embed", "seq_lens": seq_lens}
     want = private.run(body, [x]).tensors[0]
     for _ in range(2):  # the copies go around: the second forward's come from the first's turn
@@ -108,6 +109,59 @@ def test_encoder_outputs_are_bitwise_the_same_with_the_pool(info, shm, budget, p
         assert pooled.counters() == {"prefetches": p.prefetches, "stalls": p.stalls}
     else:
         assert pooled.prefetcher is None and pooled.counters() == {}
+
+
+def test_a_filled_shard_is_not_written_again(info, shm):
+    """A second worker of the same (stage, rank) (another replica's, or a restart's) reads only
+    its private weights: the pooled bytes another process computes with are never rewritten."""
+    x, seq_lens = packing.pack([e.ids for e in Tokenizer(info).encode(texts(4))])
+    body = {"task": "embed", "seq_lens": seq_lens}
+    plan = layout(info, 1, 1, "float32", None, 0.5)
+    region = Region.create(shm, plan.size)
+    first = ModelRunner(info, 0, 1, SOLO, pooled=Pooled.of(region, plan, 0, 0))
+    assert region.map[plan.flags[0, 0]] == 1
+    want = first.run(body, [x]).tensors[0]
+    entry = plan.of(0, 0)[0]
+    mark = bytes(region.map[entry.offset : entry.offset + 8])
+    region.map[entry.offset : entry.offset + 8] = b"\x7f" * 8  # a byte the loader would mend
+    second = ModelRunner(info, 0, 1, SOLO, pooled=Pooled.of(region, plan, 0, 0))
+    assert region.map[entry.offset : entry.offset + 8] == b"\x7f" * 8
+    region.map[entry.offset : entry.offset + 8] = mark
+    assert torch.equal(second.run(body, [x]).tensors[0], want)
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from workers.pool import Region
+region = Region.open(Path(sys.argv[1]), int(sys.argv[2]))
+with region.locked(int(sys.argv[3])):
+    print("locked", flush=True)
+    sys.stdin.read()  # killed here, mid-fill
+"""
+
+
+def test_a_worker_killed_while_filling_leaves_the_shard_to_its_successor(info, shm):
+    plan = layout(info, 1, 1, "float32", None, 0.5)
+    region = Region.create(shm, plan.size)
+    pooled = Pooled.of(region, plan, 0, 0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(shm), str(plan.size), str(pooled.flag)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.kill()
+        holder.wait(timeout=30)
+        with pooled.filling() as empty:  # the kernel dropped the dead holder's lock
+            assert empty
+        with pooled.filling() as empty:
+            assert not empty
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def generate(runners: list[ModelRunner], prompt: list[int], steps: int) -> list[int]:
@@ -150,7 +204,7 @@ def test_decoder_tokens_and_hidden_states_are_the_same_with_the_pool(
                 SOLO,
                 block_size=4,
                 kv_memory=1 << 20,
-                pooled=Pooled(region, plan.of(s, 0)) if pool and plan.of(s, 0) else None,
+                pooled=Pooled.of(region, plan, s, 0) if pool else None,
                 prefetch=prefetch,
             )
             for s in range(2)
@@ -176,7 +230,7 @@ from workers.pool import Pooled, Region, layout
 info = load_info(sys.argv[1])
 budget, path = float(sys.argv[2]), Path(sys.argv[3])
 plan = layout(info, 1, 1, "float32", None, budget)
-pooled = Pooled(Region.create(path, plan.size), plan.of(0, 0)) if plan.size else None
+pooled = Pooled.of(Region.create(path, plan.size), plan, 0, 0) if plan.size else None
 model = build(info, 0, 1, TPGroup(0, 1, None), pooled=pooled)
 release_freed_memory()
 fields = {}
@@ -277,3 +331,46 @@ def test_a_fleet_with_half_its_weights_pooled(tmp_path):
     pairs = list(zip(resident["auto"], resident["always"], strict=True))
     assert all(always >= auto for auto, always in pairs)
     assert any(always > auto for auto, always in pairs)
+
+
+def pool_map(pid: int) -> dict[str, int]:
+    """Rss and Pss of the process's mapping of the pool, in bytes, from its own smaps."""
+    out = {"Rss": 0, "Pss": 0}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:  # a mapping's first line: range perms ...
+            inside = line.endswith(".pool")
+        elif inside and head[0].rstrip(":") in out:
+            out[head[0].rstrip(":")] += int(head[1]) * 1024
+    return out
+
+
+def test_two_replicas_map_one_pool(tmp_path):
+    """parallel.replicas = 2 at a fifth of the budget: both replicas serve (the broker takes
+    turns), both workers map the one region, and their proportional shares of it add up to the
+    pool once, not twice."""
+    from conftest import start
+
+    chosen = [t for t in texts(12, seed=7) if t.strip()][:8]
+    fleet = start("parallel.replicas=2", "memory.weight_budget=0.2")
+    try:
+        got = one_by_one(fleet.endpoint, chosen)
+        s = status(fleet.endpoint)
+        assert sorted(c["replica"] for c in s["controllers"]) == [0, 1]
+        assert sorted(w["replica"] for w in s["workers"]) == [0, 1]
+        pool = s["pool_bytes"]
+        assert pool > 0 and all(w["pooled_weight_bytes"] > 0 for w in s["workers"])
+        figures = [pool_map(w["pid"]) for w in s["workers"]]
+        # each maps what it touched of the region (both computed: turns); shared pages are
+        # split between them, so the proportional sizes add up to the region's resident bytes
+        assert all(f["Rss"] > 0.25 * pool for f in figures), (figures, pool)
+        assert sum(f["Rss"] for f in figures) > 1.2 * pool, (figures, pool)
+        assert 0.9 * pool <= sum(f["Pss"] for f in figures) <= pool, (figures, pool)
+    finally:
+        fleet.stop()
+    reference = start()
+    try:
+        assert torch.equal(one_by_one(reference.endpoint, chosen), got)
+    finally:
+        reference.stop()

@@ -157,10 +157,13 @@ def tensors(directory: Path) -> Iterator[tuple[Any, str]]:
 
 
 @torch.no_grad()
-def load(model: nn.Module, directory: Path) -> None:
-    """Fill every parameter of `model` (one stage, one rank) from the checkpoint: the model's
-    `targets(name)` says where each checkpoint tensor goes (nothing, for another stage's)."""
+def load(model: nn.Module, directory: Path, only: set[str] | None = None) -> None:
+    """Fill every parameter of `model` (one stage, one rank), or those named in `only`, from
+    the checkpoint: the model's `targets(name)` says where each checkpoint tensor goes (nothing,
+    for another stage's)."""
     params = dict(model.named_parameters())
+    if only is not None:
+        params = {k: v for k, v in params.items() if k in only}
     wanted = set(params)
     loaded: set[str] = set()
     for handle, name in tensors(directory):

@@ -132,8 +132,8 @@ class Worker:
             info.max_seq_length = s.max_seq_length
         self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device)
         plan = layout(info, s.tensor, s.pipeline, s.dtype, s.stages, s.weight_budget)
-        mine = plan.of(s.stage, s.tp_rank)
-        self.pooled = Pooled(Region.open(Path(s.pool), plan.size), mine) if mine else None
+        region = Region.open(Path(s.pool), plan.size) if plan.of(s.stage, s.tp_rank) else None
+        self.pooled = Pooled.of(region, plan, s.stage, s.tp_rank) if region else None
         self.runner = ModelRunner(
             info,
             s.stage,
@@ -152,13 +152,12 @@ class Worker:
         )
         buffers = self.runner.prefetcher.buffer_bytes if self.runner.prefetcher else 0
         release_freed_memory()
-        key = (s.stage, s.tp_rank)
         self.tell(
             Kind.READY,
             kv_blocks=self.runner.num_blocks,
-            resident_weight_bytes=plan.private[key] + buffers,
-            pooled_weight_bytes=plan.pooled[key],
-            pool_bytes=plan.size if mine else 0,
+            resident_weight_bytes=plan.private[s.stage, s.tp_rank] + buffers,
+            pooled_weight_bytes=plan.pooled[s.stage, s.tp_rank],
+            pool_bytes=plan.size if self.pooled else 0,
         )
 
     def run(self) -> None:

@@ -8,17 +8,23 @@ embeddings, the LM head), the embedding tables first (only a few rows of them ar
 then alternate layers, so that a resident layer separates two pooled ones wherever it can.
 `baton up` creates the region (a file in /dev/shm, sized by the plan, removed when it stops);
 each worker maps it and points its pooled parameters at their places before the checkpoint is
-read, so the loader writes each shard straight into shared memory (a replica of the same rank
-would write the same bytes to the same place; a worker restarted after a crash finds it intact).
+read. The first worker of a (stage, tensor rank) to load, in any replica, writes that shard
+straight into shared memory under a lock on its flag, then sets the flag; a later one (another
+replica's, or a restart's) finds it set and reads only its private weights, so nothing rewrites
+bytes another process is computing with. A worker killed mid-load leaves its flag unset and its
+lock released (the kernel drops a dead process's locks): the next one loads the shard again.
 On CPU a pooled parameter is used in place from the mapping, or copied ahead of its use into
 private buffers with `memory.prefetch = "always"` (workers/prefetch.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from torch import nn
 from workers.loader import ModelInfo
 
 ALIGN = 4096  # each entry starts on a page: no two entries share a page
+FLAGS = ALIGN  # the region's first page: one "filled" byte per (stage, tensor rank)
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -110,6 +117,7 @@ class Plan:
     """Where every pooled parameter of every (stage, tensor rank) lies in the region."""
 
     entries: dict[tuple[int, int], list[Entry]]
+    flags: dict[tuple[int, int], int]  # where each shard's "filled" byte lies in the region
     size: int  # bytes of the region
     private: dict[tuple[int, int], int]  # weight bytes each rank keeps privately
     pooled: dict[tuple[int, int], int]  # weight bytes each rank has in the pool
@@ -121,8 +129,11 @@ class Plan:
 def plan(shards: dict[tuple[int, int], nn.Module], budget: float) -> Plan:
     """`shards`: each (stage, tensor rank)'s model, built on the meta device (shapes only)."""
     entries: dict[tuple[int, int], list[Entry]] = {}
+    flags = {key: i for i, key in enumerate(sorted(shards))}
+    if len(flags) > FLAGS:
+        raise PoolError(f"{len(flags)} shards: the pool has flags for {FLAGS}")
     private, pooled = {}, {}
-    offset = 0
+    offset = FLAGS
     for key in sorted(shards):
         shard = units(shards[key])
         chosen = choose(shard, budget)
@@ -133,7 +144,8 @@ def plan(shards: dict[tuple[int, int], nn.Module], budget: float) -> Plan:
                 offset += round_up(p.nbytes, ALIGN)
         pooled[key] = sum(u.nbytes for u in chosen)
         private[key] = sum(u.nbytes for u in shard) - pooled[key]
-    return Plan(entries, offset, private, pooled)
+    size = offset if any(entries.values()) else 0  # nothing pooled: no region at all
+    return Plan(entries, flags, size, private, pooled)
 
 
 def layout(
@@ -188,8 +200,20 @@ class Region:
             elif os.fstat(fd).st_size < size:
                 raise PoolError(f"the pool {path} holds {os.fstat(fd).st_size} bytes, not {size}")
             self.map = mmap.mmap(fd, size) if size else None
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self.fd = fd  # kept for the shards' locks (workers), closed with the mapping
+
+    @contextmanager
+    def locked(self, offset: int) -> Iterator[None]:
+        """Hold an exclusive lock on the byte at `offset` (released by the kernel, too, when
+        the holder dies)."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, offset)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
 
     @classmethod
     def create(cls, path: Path, size: int) -> Region:
@@ -214,6 +238,9 @@ class Region:
         if self.map is not None:
             self.map.close()
             self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(slots=True)
@@ -222,6 +249,17 @@ class Pooled:
 
     region: Region
     entries: list[Entry]
+    flag: int  # offset of the shard's "filled" byte
+
+    @classmethod
+    def of(cls, region: Region, plan: Plan, stage: int, tp_rank: int) -> Pooled | None:
+        """The share of (stage, tp_rank); None where that shard has nothing in the pool."""
+        entries = plan.of(stage, tp_rank)
+        return cls(region, entries, plan.flags[stage, tp_rank]) if entries else None
+
+    @property
+    def names(self) -> set[str]:
+        return {e.param for e in self.entries}
 
     def place(self, model: nn.Module) -> None:
         """Point each pooled parameter of `model` (built, not yet loaded) at its place in the
@@ -231,6 +269,16 @@ class Pooled:
             p = params[e.param]
             p.data = self.region.tensor(e, p.data)
             p.pooled = True
+
+    @contextmanager
+    def filling(self) -> Iterator[bool]:
+        """Under the shard's lock: yields whether its bytes are still to be written (by the
+        caller, inside the block); marks them written when the block ends without error."""
+        with self.region.locked(self.flag):
+            empty = self.region.map[self.flag] == 0
+            yield empty
+            if empty:
+                self.region.map[self.flag] = 1
 
 
 def pooled(p: torch.Tensor | None) -> bool:

@@ -46,9 +46,15 @@ class Stage(nn.Module):
 
     def load(self, pooled: Pooled | None = None) -> Stage:
         """Read this stage's weights; `pooled` parameters straight into the pool's region."""
-        if pooled is not None:
+        if pooled is None:
+            load(self, self.info.path)
+        else:
             pooled.place(self)
-        load(self, self.info.path)
+            names = pooled.names
+            load(self, self.info.path, {n for n, _ in self.named_parameters()} - names)
+            with pooled.filling() as empty:  # another replica's worker may have filled it
+                if empty:
+                    load(self, self.info.path, names)
         for m in self.modules():
             if isinstance(m, Packed):
                 m.pack()  # oneDNN's layout on CPU, for a private weight; a no-op elsewhere
