@@ -39,6 +39,26 @@ def native() -> PagedDecode:
     return kernel
 
 
+def test_a_build_lock_left_by_a_killed_builder_is_not_waited_on(native: PagedDecode) -> None:
+    """torch's build lock is a plain file that a builder killed mid-build leaves behind; the next
+    process must not wait on it for ever (it holds a lock that died with its holder instead)."""
+    import subprocess
+    import sys
+
+    from workers.layers.native import build_directory
+
+    leftover = build_directory() / "lock"
+    leftover.touch()
+    done = subprocess.run(
+        [sys.executable, "-c", "from workers.layers.native import kernels; print(kernels())"],
+        capture_output=True,
+        text=True,
+        timeout=240,  # a build, on a busy machine, at most; loading takes seconds
+    )
+    assert "baton_kernels_" in done.stdout, done.stderr[-2000:]
+    assert not leftover.exists()
+
+
 @pytest.fixture(scope="module")
 def compiled() -> PagedDecode:
     return PagedDecode(build=False)  # compiled once for the module (sizes are dynamic)

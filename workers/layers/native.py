@@ -10,9 +10,11 @@ portable path (torch.compile, torch's flash attention).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -37,18 +39,36 @@ def _isa() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def build_directory() -> Path:
+    """Where the extension is built and cached: named after the CPU's instruction set."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"baton_kernels_{_isa()}"
+
+
 @functools.cache
 def kernels() -> ModuleType | None:
     """The module, built or loaded once per process; None, logged, where it cannot be built."""
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            f"baton_kernels_{_isa()}",
-            [str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "baton.lock", "a") as held:
+            # torch's own build lock is a file that a builder killed mid-build (a worker
+            # stopped while starting) leaves behind, and every later load would wait on it for
+            # ever; ours is a lock the kernel drops with its holder, and under it nobody else
+            # builds, so a torch lock file found here is such a leftover
+            fcntl.lockf(held, fcntl.LOCK_EX)
+            (directory / "lock").unlink(missing_ok=True)
+            return load(
+                directory.name,
+                [str(s) for s in SOURCES],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+            )
     except Exception as e:  # no compiler, no ninja, a read-only cache: the portable paths work
         log.warning("the C++ kernels could not be built (%s); using the portable paths", e)
         return None
