@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import uvloop
 import zmq
 import zmq.asyncio
@@ -29,8 +30,8 @@ import zmq.auth
 from broker.broker import Broker, Keys
 from broker.journal import Journal, JournalError
 from broker.journal_repair import JournalDamaged
-from controller.config import Config, ConfigError, check_model, load
-from controller.controller import identity
+from controller.config import Config, ConfigError, check_model, check_placement, load
+from controller.controller import UNSTARTABLE, identity
 from wire.transport import Heartbeat
 from workers.models import load_info
 from workers.pool import PoolError, Region, layout, path_for
@@ -54,6 +55,7 @@ def up(config: str, sets: list[str]) -> int:
         return 2
     try:
         check_model(cfg, load_info(cfg.model.path))
+        check_placement(cfg, torch.cuda.device_count() if cfg.device != "cpu" else 0)
         check_keys(cfg)
     except (ConfigError, ValueError, OSError) as e:
         print(f"baton up: {e}{missing_model(cfg.model.path, config)}", file=sys.stderr)
@@ -118,7 +120,7 @@ async def serve(cfg: Config) -> int:
         raise
     serving = asyncio.create_task(broker.run())
     try:
-        await supervise(cfg, broker, run_dir, stop)
+        unstartable = await supervise(cfg, broker, run_dir, stop)
     finally:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
@@ -126,6 +128,13 @@ async def serve(cfg: Config) -> int:
         await journal.close()  # whatever is still held stays journaled for the next start
         ctx.term()
         remove_run(run_dir)
+    if unstartable:
+        print(
+            f"baton up: the workers of replica {unstartable[0]} could not start "
+            "(their error is above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -227,14 +236,16 @@ def check_private(run_dir: Path) -> None:
             )
 
 
-async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Event) -> None:
+async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Event) -> list[int]:
     """Keep parallel.replicas controllers running until asked to stop; then drain and stop them.
-    `ready` is printed once every replica has registered."""
+    `ready` is printed once every replica has registered. Returns the replicas whose workers
+    could not start (which stops the rest: a fleet that cannot start is not waited on)."""
     n = cfg.parallel.replicas
     arrived = [asyncio.Event() for _ in range(n)]
     procs: list[asyncio.subprocess.Process | None] = [None] * n
+    unstartable: list[int] = []
     replicas = [
-        asyncio.create_task(replica(i, cfg, broker, run_dir, stop, procs, arrived[i]))
+        asyncio.create_task(replica(i, cfg, broker, run_dir, stop, procs, arrived[i], unstartable))
         for i in range(n)
     ]
     everyone = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in arrived)))
@@ -251,6 +262,7 @@ async def supervise(cfg: Config, broker: Broker, run_dir: Path, stop: asyncio.Ev
     if not drained:
         log.warning("drain timed out with jobs still held")
     await asyncio.gather(*(end(p, broker) for p in procs if p is not None))
+    return unstartable
 
 
 async def replica(
@@ -261,9 +273,11 @@ async def replica(
     stop: asyncio.Event,
     procs: list[asyncio.subprocess.Process | None],
     arrived: asyncio.Event,
+    unstartable: list[int],
 ) -> None:
     """Replica `index`'s controller, started again whenever it dies, until `stop`; its last
-    process is left in procs[index] for the drain and stop."""
+    process is left in procs[index] for the drain and stop. If its workers cannot start before it
+    has ever registered, it is added to `unstartable` and everything stops."""
     failures = 0
     stopping = asyncio.create_task(stop.wait())
     while True:
@@ -292,6 +306,10 @@ async def replica(
         await asyncio.wait({exited, stopping, adrift}, return_when=asyncio.FIRST_COMPLETED)
         adrift.cancel()
         if stop.is_set():
+            break
+        if proc.returncode == UNSTARTABLE and not arrived.is_set():
+            unstartable.append(index)
+            stop.set()
             break
         if adrift.done() and not adrift.cancelled() and proc.returncode is None:
             # alive, but it has not managed to register again: a fresh one will

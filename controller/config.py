@@ -76,6 +76,13 @@ class KV:
 
 
 @dataclass(slots=True)
+class Placement:
+    # device = "cuda" with more ranks (tensor x pipeline x replicas) than GPUs: let pipeline
+    # stages share GPUs (each stage still its own process) instead of refusing the layout
+    share_gpus: bool = False
+
+
+@dataclass(slots=True)
 class Memory:
     """The peer memory pool (workers/pool.py)."""
 
@@ -125,6 +132,7 @@ class Config:
     pipeline: Pipeline = field(default_factory=Pipeline)
     kv: KV = field(default_factory=KV)
     memory: Memory = field(default_factory=Memory)
+    placement: Placement = field(default_factory=Placement)
     endpoints: Endpoints = field(default_factory=Endpoints)
     limits: Limits = field(default_factory=Limits)
     journal: Journal = field(default_factory=Journal)
@@ -274,6 +282,42 @@ def check(cfg: Config) -> None:
             raise ConfigError(
                 f"config key {key!r} must be a ZeroMQ endpoint (tcp://host:port), got {ep!r}"
             )
+
+
+def check_placement(cfg: Config, gpus: int) -> None:
+    """A CUDA layout must fit the `gpus` visible (refused before any process starts): a rank per
+    GPU, or with placement.share_gpus whole stages sharing them (a stage's tensor-parallel ranks
+    always need GPUs of their own: one NCCL group cannot hold one GPU twice)."""
+    if cfg.device == "cpu":
+        return
+    first = int(cfg.device.partition(":")[2] or 0)
+    have = gpus - first
+    ranks = cfg.world * cfg.parallel.replicas
+    if have <= 0:
+        raise ConfigError(f"device = {cfg.device!r}: no such GPU here ({gpus} visible)")
+    if ranks <= have:
+        return
+    tp = cfg.parallel.tensor
+    if not cfg.placement.share_gpus:
+        raise ConfigError(
+            f"device = {cfg.device!r}: the layout has {ranks} ranks (tensor x pipeline x "
+            f"replicas) and {have} GPUs are visible from {cfg.device}; set "
+            "placement.share_gpus = true to let pipeline stages share them, or use fewer ranks"
+        )
+    if tp > have:
+        raise ConfigError(
+            f"device = {cfg.device!r}: parallel.tensor = {tp} ranks of one stage need a GPU each, "
+            f"and {have} are visible from {cfg.device}"
+        )
+
+
+def gpu_slots(cfg: Config, gpus: int) -> int:
+    """How many GPUs ranks go round when stages share them (a multiple of parallel.tensor, so a
+    stage's ranks stay on distinct GPUs); 0 when each rank has its own."""
+    if cfg.device == "cpu" or not cfg.placement.share_gpus:
+        return 0
+    have = gpus - int(cfg.device.partition(":")[2] or 0)
+    return have // cfg.parallel.tensor * cfg.parallel.tensor
 
 
 def check_model(cfg: Config, info: Any) -> None:

