@@ -409,7 +409,7 @@ def plot(report: Report, out: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")  # files only; no display
     import matplotlib.pyplot as plt
 
-    names = list(out["alternatives"])
+    names = [n for n, figs in out["alternatives"].items() if report.headline in figs]
     figs = [out["alternatives"][n][report.headline] for n in names]
     med = [f["median"] for f in figs]
     lo = [f["median"] - f["min"] for f in figs]

@@ -4,7 +4,12 @@ against all of them private, side by side: embeddings (MiniLM, `paragraphs`) and
 GPT-2 8 x 512 layout, 128 mixed prompts), plus where each fleet's worker memory is (their own
 /proc/PID/smaps_rollup: anonymous, private memory, against the shared memory they map).
 
-Not yet measured here: memory per added replica (replicas under one broker are not built yet).
+Then memory per added replica: GPT-2 fleets of one and of two replicas (`parallel.replicas`),
+all private and half pooled, each after a generation run has touched every weight; a fleet's
+cost is its workers' anonymous memory plus their proportional share of shared memory (Pss_Shmem:
+a page mapped by two processes counts half in each). What an added replica costs beyond its
+runtime (the all-private replica's added cost less its weights) is held against its private
+weight share plus prefetch buffers.
 """
 
 from __future__ import annotations
@@ -39,6 +44,41 @@ def memory(endpoint: str) -> Figures:
                 out[key] += int(value.split()[0]) / 1024
         out["pooled_weight_mb"] += (w.get("pooled_weight_bytes") or 0) / 2**20
     return out
+
+
+def replica_memory(make: common.Workload, quick: bool) -> tuple[dict[str, list[Figures]], dict]:
+    """Added cost of a second replica, private and pooled (MB), and the ratio of the pooled
+    one's (less the runtime's) to its private weight share plus buffers."""
+    gpt2 = [f"model.path={common.gpt2()}", "workers.threads=1"]
+    fleets = {
+        f"{n} x{r}": gpt2 + LAYOUTS[n] + [f"parallel.replicas={r}"]
+        for n in ("private", "pooled")
+        for r in (1, 2)
+    }
+    jobs = make(0)[0][: 8 if quick else 64]
+    cost: dict[str, Figures] = {}
+    weights: dict[str, list[dict]] = {}
+    with common.fleets(fleets, common.GPT2_CONFIG) as f:
+        for name, fleet in f.items():
+            baton_generate(fleet.endpoint, jobs, jobs[:2])  # every replica's weights in use
+            figures = memory(fleet.endpoint)
+            cost[name] = {"worker_mb": figures["anonymous_mb"] + figures["shmem_pss_mb"]}
+            with BlockingClient(fleet.endpoint, timeout_s=30) as c:
+                weights[name] = [w for w in c.status()["workers"] if w["replica"] == 0]
+    added = {n: cost[f"{n} x2"]["worker_mb"] - cost[f"{n} x1"]["worker_mb"] for n in LAYOUTS}
+    total = sum(w["resident_weight_bytes"] for w in weights["private x1"]) / 2**20
+    share = sum(w["resident_weight_bytes"] for w in weights["pooled x1"]) / 2**20
+    runtime = added["private"] - total
+    runs = {f"replicas: {k}": [v] for k, v in cost.items()}
+    figures = {
+        "added_private_mb": added["private"],
+        "added_pooled_mb": added["pooled"],
+        "weights_mb": total,
+        "private_share_mb": share,
+        "runtime_mb": runtime,
+        "ratio": (added["pooled"] - runtime) / share,
+    }
+    return runs, figures
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -81,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for w in ("embeddings", "generation")
         for n in ("pooled", "copied")
     }
+    replicas, setup["replica_memory"] = replica_memory(make, a.quick)
+    runs |= replicas
+    ratios["added_replica_vs_private_share"] = [setup["replica_memory"]["ratio"]]
     report = Report(
         "pool",
         "half the weights pooled, in place, vs all private (per_s: texts/s, output tokens/s)",
@@ -91,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             Target(f"{w}_{n}_vs_private", ">=", bound)
             for w in ("embeddings", "generation")
             for n, bound in (("pooled", 0.95), ("copied", 0.8))
-        ],
+        ]
+        # an added replica's weights cost at most its private share (5 %: allocator slack)
+        + [Target("added_replica_vs_private_share", "<=", 1.05)],
         setup,
         disturbance=dist,
     )
