@@ -150,8 +150,11 @@ def make_pool(cfg: Config, run_dir: Path) -> None:
 
 
 def remove_run(run_dir: Path) -> None:
-    """The run's files: its private directory and its pool, if it had one."""
+    """The run's files: its private directory, its pool if it had one, and the shared-memory
+    regions of tensor-parallel groups (each removed once joined, unless a crash came first)."""
     path_for(run_dir).unlink(missing_ok=True)
+    for region in Path("/dev/shm").glob(f"{run_dir.name}-*.reduce"):
+        region.unlink(missing_ok=True)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 

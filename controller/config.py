@@ -45,6 +45,9 @@ class Parallel:
     # each) under the one broker, which hands each its share by credit; pooled weights are
     # mapped by all of them
     replicas: int = 1
+    # CPU tensor-parallel all-reduces through shared memory (one copy, one summing pass);
+    # false: through gloo (loopback TCP), for comparison
+    shared_reduce: bool = True
 
 
 @dataclass(slots=True)

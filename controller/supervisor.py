@@ -138,6 +138,7 @@ class Supervisor:
                             max_message_bytes=cfg.limits.max_message_bytes,
                             max_frames=cfg.limits.max_frames,
                             stages=list(cfg.parallel.stages),
+                            shared_reduce=cfg.parallel.shared_reduce,
                             **kv_fields(cfg),
                         ),
                         self.heartbeat.pulse(time.monotonic()),

@@ -28,6 +28,7 @@ import zmq
 from wire.protocol import Code, Kind, Limits, Message, ProtocolError, encode
 from wire.transport import Heartbeat, Peer, configure, drain
 from workers.layers.parallel import close, init_tp_group
+from workers.layers.shared_reduce import paths
 from workers.models import load_info
 from workers.pool import Pooled, Region, layout
 from workers.runner import ModelRunner
@@ -78,6 +79,7 @@ class Spec:
     prefetch: str = "auto"  # memory.prefetch
     prefetch_distance: int = 2  # memory.prefetch_distance
     stages: list[int] = field(default_factory=list)  # layers per stage; empty = planned
+    shared_reduce: bool = False  # parallel.shared_reduce: CPU all-reduces in shared memory
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -131,7 +133,9 @@ class Worker:
         info = load_info(s.model_path)
         if s.max_seq_length:
             info.max_seq_length = s.max_seq_length
-        self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device)
+        store = Path(s.dist_init.removeprefix("file://"))
+        shared = paths(store) if s.shared_reduce and s.tensor > 1 else None
+        self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device, shared=shared)
         plan = layout(info, s.tensor, s.pipeline, s.dtype, s.stages, s.weight_budget)
         region = Region.open(Path(s.pool), plan.size) if plan.of(s.stage, s.tp_rank) else None
         self.pooled = Pooled.of(region, plan, s.stage, s.tp_rank) if region else None

@@ -40,11 +40,14 @@ def _isa() -> str:
 
 
 def build_directory() -> Path:
-    """Where the extension is built and cached: named after the CPU's instruction set."""
+    """Where the extension is built and cached: named after the CPU's instruction set and the
+    sources' place (ninja's build file names them by path, so two checkouts sharing one cache
+    would rebuild each time they took turns)."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return Path(root) / f"baton_kernels_{_isa()}"
+    where = hashlib.sha1(str(HERE.resolve()).encode()).hexdigest()[:8]
+    return Path(root) / f"baton_kernels_{_isa()}_{where}"
 
 
 @functools.cache

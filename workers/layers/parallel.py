@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from workers.layers.shared_reduce import SharedReduce
 
 LOOPBACK = "lo"
 
@@ -17,10 +20,11 @@ class TPGroup:
     rank: int
     size: int
     group: object | None
+    shared: SharedReduce | None = None  # CPU ranks: all-reduce through shared memory
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` across the group in place."""
-        if self.size > 1:
+        if self.size > 1 and not (self.shared is not None and self.shared.reduce(t)):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
@@ -34,9 +38,16 @@ class TPGroup:
 
 
 def init_tp_group(
-    tp_rank: int, tensor: int, init_method: str, device: str, timeout_s: float = 60
+    tp_rank: int,
+    tensor: int,
+    init_method: str,
+    device: str,
+    timeout_s: float = 60,
+    shared: tuple[Path, Path] | None = None,
 ) -> TPGroup:
-    """Join the stage's TP group; blocks until all `tensor` ranks arrive or `timeout_s` passes."""
+    """Join the stage's TP group; blocks until all `tensor` ranks arrive or `timeout_s` passes.
+    On CPU, `shared` (a region's path in shared memory, a private FIFO path prefix) makes its
+    all-reduces go through shared memory (workers/layers/shared_reduce.py)."""
     if tensor == 1:
         return TPGroup(0, 1, None)
     if not 0 <= tp_rank < tensor:
@@ -57,10 +68,16 @@ def init_tp_group(
         world_size=tensor,
         timeout=timedelta(seconds=timeout_s),
     )
-    return TPGroup(tp_rank, tensor, dist.group.WORLD)
+    group = TPGroup(tp_rank, tensor, dist.group.WORLD)
+    if shared is not None and not cuda:
+        group.shared = SharedReduce(*shared, tp_rank, tensor, timeout_s)
+    return group
 
 
 def close(group: TPGroup) -> None:
+    if group.shared is not None:
+        group.shared.close()
+        group.shared = None
     if group.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
     group.group = None
