@@ -1,6 +1,7 @@
 """tensor: latency of one large batch (docstrings up to the 4096-token budget, sent at once to an
 idle fleet) at tensor 1 against tensor 2, one torch thread per worker: tensor 2 splits every
-layer's heads and MLP width over two cores and all-reduces twice a layer over gloo.
+layer's heads and MLP width over two cores and all-reduces twice a layer, through shared memory
+(`tp2`) or gloo (`tp2_gloo`, `parallel.shared_reduce = false`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = common.args(__doc__, argv)
     repeats = a.repeats or (5 if a.quick else 15)
     jobs = batch(bench.workload("docstrings", 400), BUDGET)
-    layouts = {"tp1": ["workers.threads=1"], "tp2": ["workers.threads=1", "parallel.tensor=2"]}
+    tp2 = ["workers.threads=1", "parallel.tensor=2"]
+    layouts = {
+        "tp1": ["workers.threads=1"],
+        "tp2": tp2,  # all-reduces through shared memory
+        "tp2_gloo": [*tp2, "parallel.shared_reduce=false"],
+    }
     with common.fleets(layouts) as f:
         for fleet in f.values():  # warm-up: one batch of the same shape
             bench.run(fleet.endpoint, jobs, bench.Load(), progress=False)
@@ -48,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "latency of one large batch, tensor 1 vs tensor 2 (1 thread/worker)",
         "latency_ms",
         runs,
-        {"tp2_vs_tp1_latency": common.paired(runs, "tp2", "tp1", "latency_ms")},
+        {
+            "tp2_vs_tp1_latency": common.paired(runs, "tp2", "tp1", "latency_ms"),
+            "tp2_gloo_vs_tp1_latency": common.paired(runs, "tp2_gloo", "tp1", "latency_ms"),
+        },
         [Target("tp2_vs_tp1_latency", "<=", 0.65)],
         {"workload": "docstrings", "texts": len(jobs), "threads_per_worker": 1},
         disturbance=dist,
