@@ -43,7 +43,12 @@ def serve(stack: str, port: int) -> None:
         app = web.Application()
         app.router.add_post("/echo", echo)
         web.run_app(
-            app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop()
+            app,
+            host="127.0.0.1",
+            port=port,
+            access_log=None,
+            print=None,
+            loop=uvloop.new_event_loop(),
         )
         return
     import uvicorn
