@@ -19,6 +19,7 @@ from conftest import CONFIG
 
 from baton.client import Client
 from baton.launch import REPO, Fleet, free_port
+from broker.openai_api import job_error
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = [
@@ -180,3 +181,26 @@ def test_open_non_loopback_address_is_refused() -> None:
     assert done.returncode == 2, done.stderr
     assert "gateway.listen" in done.stderr and "gateway.api_keys" in done.stderr
     assert "ready" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    "code, status, retry",
+    [
+        ("busy", 429, 0.25),
+        ("shutting_down", 503, 1.0),
+        ("journal_unavailable", 503, 2.0),
+        ("deadline_exceeded", 504, None),
+        ("worker_failed", 500, None),
+        ("retries_exhausted", 500, None),
+        ("duplicate_id", 400, None),
+        ("too_many_items", 413, None),
+    ],
+)
+def test_job_errors_map_to_http(code: str, status: int, retry: float | None) -> None:
+    hints = {"busy": 250, "journal_unavailable": 2000}
+    error = {"code": code, "message": "why"}
+    if code in hints:
+        error["retry_after_ms"] = hints[code]
+    e = job_error(error)
+    assert (e.status, e.retry_after_s) == (status, retry)
+    assert e.body()["error"]["message"] == "why"
