@@ -41,7 +41,7 @@ from controller.config import Config, from_dict
 log = logging.getLogger("baton.gateway")
 
 SHUTDOWN_S = 30.0  # in-flight HTTP requests get this long to finish at stop
-HEALTH_TIMEOUT_S = 5.0  # a broker silent this long is not healthy
+STATUS_TIMEOUT_S = 5.0  # a broker silent this long is not healthy
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -125,6 +125,30 @@ class Texts:
             token = token.get("content") if isinstance(token, dict) else token
             if isinstance(token, str):
                 self.specials[key] = token
+
+
+class Incremental:
+    """One choice's text as its tokens arrive, decoded a few tokens at a time rather than whole
+    at every step (linear, not quadratic, in the output): vLLM's way, the last tokens decoded
+    with and without the new ones and the difference taken, so that byte-level BPE pieces and
+    SentencePiece's leading spaces come out as the whole decode has them. An incomplete UTF-8
+    sequence decodes to U+FFFD: it is held back until its last byte comes."""
+
+    def __init__(self, texts: Texts) -> None:
+        self.texts = texts
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = 0  # ids[prefix:read] decoded to the end of self.text
+        self.read = 0
+
+    def add(self, ids: list[int]) -> str:
+        self.ids += ids
+        before = self.texts.decode(self.ids[self.prefix : self.read])
+        after = self.texts.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.text
 
 
 class Gateway:
@@ -236,8 +260,8 @@ class Gateway:
     async def health(self, request: web.Request) -> web.StreamResponse:
         """200 only when the broker admits jobs and a controller and all its workers are ready."""
         try:
-            status = await asyncio.wait_for(self.client.status(), HEALTH_TIMEOUT_S)
-        except (TimeoutError, OSError) as e:
+            status = await self._status()
+        except TimeoutError as e:
             return web.json_response({"status": "unavailable", "reason": str(e)}, status=503)
         why = unready(status)
         if why:
@@ -245,7 +269,7 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def scrape(self, request: web.Request) -> web.StreamResponse:
-        status = await self.client.status()
+        status = await self._status()
         body, content_type = self.metrics.render(status)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -334,7 +358,7 @@ class Gateway:
         job_id = uuid.uuid4().hex
         stops = req.stop
         hold = max((len(s) for s in stops), default=1) - 1  # a stop may be forming at the end
-        ids: list[int] = []
+        text = Incremental(self.texts)
         sent = 0  # characters of the text already put out
         ended = False
         try:
@@ -349,29 +373,30 @@ class Gateway:
                     self.metrics.failed(result.error)
                     out.put_nowait(Event(index, error=api.job_error(result.error)))
                     return
-                ids += delta.token_ids
-                text = result.text if result is not None and result.text is not None else None
-                text = text if text is not None else self.texts.decode(ids)
-                cut = first_stop(text, stops, max(0, sent - hold))
+                so_far = text.add(delta.token_ids)
+                if result is not None and result.text is not None:
+                    so_far = result.text  # what the controller decoded is the answer
+                cut = first_stop(so_far, stops, max(0, sent - hold))
                 if cut is not None or result is not None:
                     ended = result is not None
                     reason = "stop" if cut is not None else (result.finish_reason or "stop")
-                    end = cut if cut is not None else len(text)
+                    end = cut if cut is not None else len(so_far)
                     prompt_tokens = result.prompt_tokens if result else self.texts.count(prompt)
-                    self.metrics.finished(reason, prompt_tokens, len(ids), time.monotonic() - t0)
-                    out.put_nowait(Event(index, text[sent:end], reason, prompt_tokens, len(ids)))
+                    made = len(text.ids)
+                    self.metrics.finished(reason, prompt_tokens, made, time.monotonic() - t0)
+                    out.put_nowait(Event(index, so_far[sent:end], reason, prompt_tokens, made))
                     return
-                # an incomplete UTF-8 sequence decodes to U+FFFD until its last byte comes
-                safe = len(text.rstrip("\ufffd")) - (hold if stops else 0)
+                safe = len(so_far) - (hold if stops else 0)
                 if safe > sent:
-                    out.put_nowait(Event(index, text[sent:safe]))
+                    out.put_nowait(Event(index, so_far[sent:safe]))
                     sent = safe
-        except ApiError as e:
-            out.put_nowait(Event(index, error=e))
         except TimeoutError as e:
             out.put_nowait(
                 Event(index, error=ApiError(504, str(e), "server_error", code="timeout"))
             )
+        except Exception:  # the handler waits on this choice: it must hear of any end
+            log.exception("completion choice %d failed", index)
+            out.put_nowait(Event(index, error=ApiError(500, "internal error", "server_error")))
         finally:
             started.set()
             if not ended:
@@ -394,8 +419,12 @@ class Gateway:
         except (TimeoutError, RuntimeError) as e:  # the broker is gone or the client closed
             log.warning("could not cancel %d abandoned jobs: %s", len(ids), e)
 
+    async def _status(self) -> dict[str, Any]:
+        """The broker's status, or TimeoutError (a 504) when it is silent for STATUS_TIMEOUT_S."""
+        return await asyncio.wait_for(self.client.status(), STATUS_TIMEOUT_S)
+
     async def _served(self) -> list[dict[str, Any]]:
-        status = await self.client.status()
+        status = await self._status()
         return [
             {"id": name, "object": "model", "created": STARTED, "owned_by": "baton"}
             for name in status.get("models") or []

@@ -11,6 +11,7 @@ import http.client
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
@@ -20,6 +21,7 @@ from test_gateway import WAIT_S, assert_openai_error, call
 from baton.client import Client, Result
 from baton.launch import REPO, Fleet
 from baton.random_gpt2 import Shape, ensure
+from broker.gateway import Incremental, Texts
 
 GPT2_CONFIG = REPO / "configs" / "gpt2.toml"
 # many positions: a long generation outlasts a test's disconnect by far
@@ -34,9 +36,15 @@ GREEDY = {"max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = ensure(tmp_path_factory.mktemp("gpt2"), SHAPE)
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    return model
+
+
+@pytest.fixture(scope="module")
+def fleet(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    model = checkpoint
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# one key a line\n{FILE_KEY}\n")
     sets = [
@@ -201,3 +209,18 @@ def status(fleet: Fleet) -> dict:
             return await c.status()
 
     return asyncio.run(go())
+
+
+def test_incremental_text_is_the_whole_decode(checkpoint: Path) -> None:
+    texts = Texts(checkpoint, checkpoint / "tokenizer.json")
+    assert texts.tok is not None
+    original = "naïve café: 東京 — ünïcödé, tokens split mid-character 🙂 and back"
+    ids = texts.tok.encode(original).ids
+    for step in (1, 2, 3):
+        inc = Incremental(texts)
+        seen = []
+        for i in range(0, len(ids), step):
+            seen.append(inc.add(ids[i : i + step]))
+            assert "\ufffd" not in seen[-1]  # half a character is held back, never sent
+            assert texts.decode(ids[: i + step]).startswith(seen[-1])
+        assert seen[-1] == texts.decode(ids) == original
