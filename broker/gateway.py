@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import signal
 import socket
 import sys
@@ -187,7 +188,7 @@ class Gateway:
             if e.status < 400:
                 raise
             kind = "invalid_request_error" if e.status < 500 else "server_error"
-            return answer(ApiError(e.status, e.reason or str(e), kind, code=str(e.status)))
+            return answer(ApiError(e.status, e.text or e.reason, kind, code=str(e.status)))
         except TimeoutError as e:
             return answer(ApiError(504, str(e), "server_error", code="timeout"))
         except (ConnectionResetError, asyncio.CancelledError):
@@ -222,15 +223,25 @@ class Gateway:
             {"id": i, "task": "embed", "text": t, "model": req.model}
             for i, t in zip(ids, req.texts, strict=True)
         )
-        try:
-            results = await self.client.results(futures)
+        pending = set(futures)
+        try:  # a request is answered whole: its first failure ends it
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=self.cfg.gateway.timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    raise TimeoutError(f"no embedding within {self.cfg.gateway.timeout_s:g} s")
+                if any(not f.result().ok for f in done):
+                    break
         finally:
+            # the rest would run for no one (and, after a busy, hold the queue a retry needs)
             self._abandon([i for i, f in zip(ids, futures, strict=True) if not f.done()])
-        for k, r in enumerate(results):
-            if not r.ok:
-                where = f"input[{k}]: " if len(results) > 1 else ""
-                self.metrics.failed(r.error)
-                raise api.job_error(r.error, where)
+        for k, f in enumerate(futures):
+            if f.done() and not f.result().ok:
+                error = f.result().error
+                self.metrics.failed(error)
+                raise api.job_error(error, f"input[{k}]: " if len(futures) > 1 else "")
+        results = [f.result() for f in futures]
         tokens = sum(r.tokens for r in results)
         self.metrics.embedded(len(results), tokens, time.monotonic() - t0)
         rows = [r.embedding or [] for r in results]
@@ -441,7 +452,7 @@ def dumps(obj: Any) -> str:
 def answer(e: ApiError) -> web.Response:
     headers = {}
     if e.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(e.retry_after_s + 0.499)))  # whole seconds
+        headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))  # whole seconds
     return web.json_response(e.body(), status=e.status, headers=headers, dumps=dumps)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -160,8 +161,8 @@ def test_models_health_and_metrics(small_fleet: Fleet) -> None:
     assert "baton:num_requests_waiting" in samples and "baton:num_requests_running" in samples
 
 
-def test_open_non_loopback_address_is_refused() -> None:
-    listen = f"0.0.0.0:{free_port()}"
+def up_refuses(listen: str) -> str:
+    """`baton up` with this gateway.listen must exit 2 before anything starts; its stderr."""
     done = subprocess.run(
         [
             sys.executable,
@@ -179,8 +180,21 @@ def test_open_non_loopback_address_is_refused() -> None:
         timeout=WAIT_S,
     )
     assert done.returncode == 2, done.stderr
-    assert "gateway.listen" in done.stderr and "gateway.api_keys" in done.stderr
     assert "ready" not in done.stdout
+    return done.stderr
+
+
+def test_open_non_loopback_address_is_refused() -> None:
+    stderr = up_refuses(f"0.0.0.0:{free_port()}")
+    assert "gateway.listen" in stderr and "gateway.api_keys" in stderr
+
+
+def test_a_taken_port_is_refused() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        assert f"cannot listen on gateway.listen = '{listen}'" in up_refuses(listen)
 
 
 @pytest.mark.parametrize(
