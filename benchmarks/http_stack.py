@@ -8,7 +8,8 @@ HTTP/1.1 loop (the lightest client there is, so that the servers' differences sh
 
 Reported per stack, median [min-max] over interleaved repeats: requests/s, and the server
 process's CPU microseconds per request (/proc user + system time), the figure that survives a
-busy machine best. `python -m benchmarks.http_stack [--requests N] [--repeats R]`.
+busy machine best. `pip install -e '.[http-stacks]'`, then
+`python -m benchmarks.http_stack [--requests N] [--repeats R]`; results in docs/gateway.md.
 """
 
 from __future__ import annotations
