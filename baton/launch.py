@@ -36,10 +36,13 @@ class Fleet:
         *,
         log: str | Path | None = None,
         ready_timeout_s: float = 180.0,
+        gateway: bool = False,
     ) -> None:
         self.config = str(config)
         self.sets = list(sets)
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        # the HTTP gateway costs a process: only fleets that speak HTTP get one, on a free port
+        self.http = f"http://127.0.0.1:{free_port()}" if gateway else ""
         if log is None:
             fd, name = tempfile.mkstemp(prefix="baton-up-", suffix=".log")
             os.close(fd)
@@ -67,6 +70,8 @@ class Fleet:
             self.config,
             "--set",
             f"endpoints.client={self.endpoint}",
+            "--set",
+            f'gateway.listen="{self.http.removeprefix("http://")}"',
             *(arg for s in self.sets for arg in ("--set", s)),
         ]
 

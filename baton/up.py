@@ -28,6 +28,7 @@ import zmq.asyncio
 import zmq.auth
 
 from broker.broker import Broker, Keys
+from broker.gateway_process import Door, Gateway, admit, bind
 from broker.journal import Journal, JournalError
 from broker.journal_repair import JournalDamaged
 from controller.config import Config, ConfigError, check_model, check_placement, load
@@ -54,14 +55,20 @@ def up(config: str, sets: list[str]) -> int:
         print(f"baton up: {e}", file=sys.stderr)
         return 2
     try:
-        check_model(cfg, load_info(cfg.model.path))
+        info = load_info(cfg.model.path)
+        check_model(cfg, info)
         check_placement(cfg, torch.cuda.device_count() if cfg.device != "cpu" else 0)
         check_keys(cfg)
     except (ConfigError, ValueError, OSError) as e:
         print(f"baton up: {e}{missing_model(cfg.model.path, config)}", file=sys.stderr)
         return 2
     try:
-        return uvloop.run(serve(cfg))
+        door = bind(cfg, info)  # the HTTP gateway's socket, or None
+    except (ConfigError, OSError) as e:
+        print(f"baton up: {e}", file=sys.stderr)
+        return 2
+    try:
+        return uvloop.run(serve(cfg, door))
     except zmq.ZMQError as e:
         print(f"baton up: cannot bind {cfg.endpoints.client}: {e}", file=sys.stderr)
         return 2
@@ -80,9 +87,12 @@ def up(config: str, sets: list[str]) -> int:
     except sqlite3.Error as e:
         print(f"baton up: cannot open the journal {cfg.journal.path!r}: {e}", file=sys.stderr)
         return 2
+    finally:
+        if door is not None:
+            door.sock.close()
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, door: Door | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -93,6 +103,7 @@ async def serve(cfg: Config) -> int:
     check_private(run_dir)
     try:  # owned, checked and opened before anything starts: a refusal costs nothing
         make_pool(cfg, run_dir)
+        gateway_key = admit(door, cfg, run_dir)
         journal = Journal(
             cfg.journal.path or str(run_dir / "journal.sqlite3"),
             cfg.journal.durability,
@@ -111,7 +122,7 @@ async def serve(cfg: Config) -> int:
             max_attempts=cfg.jobs.max_attempts,
             heartbeat=Heartbeat(cfg.workers.heartbeat_ms / 1000, cfg.workers.dead_after_ms / 1000),
             backend_endpoint=f"ipc://{run_dir}/broker",
-            keys=keys(cfg),
+            keys=keys(cfg, gateway_key),
         )
     except BaseException:
         await journal.close()
@@ -119,9 +130,14 @@ async def serve(cfg: Config) -> int:
         remove_run(run_dir)
         raise
     serving = asyncio.create_task(broker.run())
+    gateway = Gateway(cfg, door, broker.endpoint) if door is not None else None
+    keeping = asyncio.create_task(gateway.keep()) if gateway is not None else None
     try:
         unstartable = await supervise(cfg, broker, run_dir, stop)
     finally:
+        if gateway is not None and keeping is not None:
+            await gateway.close()  # after the drain: its in-flight requests have their answers
+            keeping.cancel()
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
         broker.close()
@@ -194,9 +210,9 @@ def missing_model(path: str, config: str) -> str:
     )
 
 
-def keys(cfg: Config) -> Keys | None:
+def keys(cfg: Config, also: tuple[bytes, ...] = ()) -> Keys | None:
     e = cfg.endpoints
-    return Keys(e.server_key, e.client_keys) if e.client_keys else None
+    return Keys(e.server_key, e.client_keys, also) if e.client_keys else None
 
 
 def check_keys(cfg: Config) -> None:

@@ -66,10 +66,12 @@ SIZE_REFUSALS = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES, Code.TOO_MANY_I
 @dataclass(frozen=True, slots=True)
 class Keys:
     """CURVE on the client endpoint: the server's secret certificate and the allow-list
-    directory of client public certificates (both made by `baton keys`)."""
+    directory of client public certificates (both made by `baton keys`), and public keys let
+    in besides them (the HTTP gateway's, made by `baton up` for its run)."""
 
     server_cert: str
     client_dir: str
+    also: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)
@@ -118,7 +120,7 @@ class Broker:
         self.auth = None
         if keys is not None:
             curve_server(self.front, keys.server_cert)
-            self.auth = authenticator(ctx, keys.client_dir)
+            self.auth = authenticator(ctx, keys.client_dir, keys.also)
         self.front.bind(client_endpoint)
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.back = ctx.socket(zmq.ROUTER)

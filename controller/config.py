@@ -106,6 +106,18 @@ class Endpoints:
 
 
 @dataclass(slots=True)
+class Gateway:
+    """The HTTP front door (broker/gateway.py): OpenAI-shaped routes over the client endpoint."""
+
+    listen: str = "127.0.0.1:8000"  # HOST:PORT; "" = no gateway
+    # bearer keys every route but /health requires; none = open (only on a loopback address)
+    api_keys: list = field(default_factory=list)
+    api_key_file: str = ""  # more keys, one a line ("#" comments), read at start
+    max_body_bytes: int = 16_777_216  # a larger request body is refused with 413
+    timeout_s: float = 600.0  # no result nor token for this long: 504
+
+
+@dataclass(slots=True)
 class Journal:
     path: str = ""  # SQLite file; "" = a file in the run's temporary directory, gone at exit
     durability: str = "batch"  # sync | batch | off
@@ -137,6 +149,7 @@ class Config:
     memory: Memory = field(default_factory=Memory)
     placement: Placement = field(default_factory=Placement)
     endpoints: Endpoints = field(default_factory=Endpoints)
+    gateway: Gateway = field(default_factory=Gateway)
     limits: Limits = field(default_factory=Limits)
     journal: Journal = field(default_factory=Journal)
     jobs: Jobs = field(default_factory=Jobs)
@@ -150,6 +163,9 @@ class Config:
         """Every config key and its value (what from_dict reads back)."""
         out = dataclasses.asdict(self)
         out["limits"] = {f.name: getattr(self.limits, f.name) for f in config_fields()}
+        # this goes on the controller's command line, which any user can read in /proc; the
+        # gateway, the one process that needs the keys, gets them on its stdin
+        out["gateway"]["api_keys"] = []
         return out
 
 
@@ -240,6 +256,8 @@ def check(cfg: Config) -> None:
         "kv.memory": cfg.kv.memory,
         "memory.weight_budget": cfg.memory.weight_budget,
         "memory.prefetch_distance": cfg.memory.prefetch_distance,
+        "gateway.max_body_bytes": cfg.gateway.max_body_bytes,
+        "gateway.timeout_s": cfg.gateway.timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -279,6 +297,11 @@ def check(cfg: Config) -> None:
     if cfg.journal.durability not in ("sync", "batch", "off"):
         raise ConfigError(
             f"config key 'journal.durability' must be sync, batch or off, got {cfg.journal.durability!r}"
+        )
+    if not all(isinstance(k, str) and k.strip() == k and k for k in cfg.gateway.api_keys):
+        raise ConfigError(
+            "config key 'gateway.api_keys' must be a list of non-empty strings without spaces "
+            "around them"
         )
     for key, ep in (("endpoints.client", cfg.endpoints.client),):
         if not ep.startswith(("tcp://", "ipc://", "inproc://")):

@@ -28,20 +28,23 @@ def dealer(endpoint: str) -> Iterator[zmq.Socket]:
         ctx.term()
 
 
-def start(*sets: str) -> Fleet:
+def start(*sets: str, gateway: bool = False) -> Fleet:
     # one torch thread per worker: 2 busy cores must not be oversubscribed by 4 workers
-    return Fleet(CONFIG, ["workers.threads=1", *sets], ready_timeout_s=240).start()
+    return Fleet(CONFIG, ["workers.threads=1", *sets], ready_timeout_s=240, gateway=gateway).start()
 
 
 @pytest.fixture(scope="session")
 def small_fleet() -> Iterator[Fleet]:
     """tensor 1 x pipeline 1, with limits low enough to hit from a test. The batch budget is one
-    whose largest output (128 two-token texts: [128, 384] float32) fits the message limit."""
+    whose largest output (128 two-token texts: [128, 384] float32) fits the message limit. With
+    the HTTP gateway (tests/test_gateway.py), whose body limit is low enough to hit too."""
     fleet = start(
         "limits.max_text_chars=20000",
         "limits.max_message_bytes=200000",
         "batching.max_batch_tokens=256",
         "limits.max_queued=64",
+        "gateway.max_body_bytes=100000",
+        gateway=True,
     )
     try:
         yield fleet

@@ -111,7 +111,9 @@ def baton(*args: str, timeout: float = WAIT_S) -> tuple[int, str]:
 
 def up_once(*sets: str) -> tuple[int, str]:
     endpoint = f"endpoints.client=tcp://127.0.0.1:{free_port()}"
+    # no HTTP gateway: it is not under test, and two of these may run at once
     args = ["up", "--config", str(CONFIG), "--set", endpoint, "--set", "workers.threads=1"]
+    args += ["--set", 'gateway.listen=""']
     return baton(*args, *(a for s in sets for a in ("--set", s)), timeout=60)
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
+import openai
 import pytest
 import torch
 import zmq
@@ -282,11 +283,23 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         keys[name] = sec
         if name != "mallory":
             shutil.copy(pub, allowed / pub.name)
-    fleet = start(f'endpoints.client_keys="{allowed}"', f'endpoints.server_key="{server_sec}"')
+    fleet = start(
+        f'endpoints.client_keys="{allowed}"', f'endpoints.server_key="{server_sec}"', gateway=True
+    )
     try:
         yield {"fleet": fleet, **keys}
     finally:
         fleet.stop()
+
+
+def test_gateway_gets_a_key_of_its_own(keyed: dict) -> None:
+    """With client keys required, `baton up` makes the HTTP gateway a key pair the broker lets
+    in: HTTP embeddings work (a key not on the list still gets nothing: below)."""
+    http = openai.OpenAI(base_url=f"{keyed['fleet'].http}/v1", api_key="x", max_retries=0)
+    got = http.embeddings.create(model="all-MiniLM-L6-v2", input="through the gateway")
+    with as_(keyed, "alice") as alice:
+        [want] = alice.embed(["through the gateway"])
+    assert got.data[0].embedding == want.embedding
 
 
 def as_(keyed: dict, who: str, timeout_s: float = 120) -> BlockingClient:

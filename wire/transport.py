@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -270,13 +270,18 @@ def curve_server(sock: zmq.Socket, secret_cert: str) -> None:
     sock.curve_server = True
 
 
-def authenticator(ctx: zmq.asyncio.Context, client_keys: str) -> AsyncioAuthenticator:
+def authenticator(
+    ctx: zmq.asyncio.Context, client_keys: str, also: Iterable[bytes] = ()
+) -> AsyncioAuthenticator:
     """A ZAP handler on `ctx` that lets in only CURVE clients whose public certificate is in
-    the directory `client_keys` (read now: restart to change the set). Needs a running loop."""
+    the directory `client_keys` (read now: restart to change the set), or whose z85 public key
+    is in `also`. Needs a running loop."""
     keys = zmq.auth.load_certificates(client_keys)  # raises here, where configure_curve logs
     auth = AsyncioAuthenticator(ctx, log=logging.getLogger("baton.auth"))
     auth.start()
     auth.configure_curve(domain="*", location=client_keys)
+    for key in also:  # pyzmq's own table of allowed keys, as configure_curve fills it
+        auth.certs["*"][key] = True
     if not keys:
         logging.getLogger("baton.auth").warning(
             "%s holds no client keys: nobody gets in", client_keys

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from baton.client.inflight import CHUNK, Inflight
+from baton.client.inflight import BUSY_ATTEMPTS, CHUNK, Inflight
 from baton.client.link import Link
 from baton.client.result import Delta, Result
 from wire.protocol import Kind, Limits, Message
@@ -22,7 +22,9 @@ Prompt = str | Sequence[int]  # a text, or token ids
 class Client:
     """`curve_key` (our secret certificate file) and `server_key` (the broker's public
     certificate file, or its z85 public key) are for a broker that requires keys
-    (`endpoints.client_keys`); made by `baton keys`. Without them the connection is plain."""
+    (`endpoints.client_keys`); made by `baton keys`. Without them the connection is plain.
+    A job refused as "not now" (busy) is sent again up to `busy_attempts` times after the
+    broker's hinted delay; with 0 the refusal is its result (what an HTTP gateway passes on)."""
 
     def __init__(
         self,
@@ -32,6 +34,7 @@ class Client:
         timeout_s: float = 60,
         curve_key: str | Path | None = None,
         server_key: str | Path | bytes | None = None,
+        busy_attempts: int = BUSY_ATTEMPTS,
     ) -> None:
         self.endpoint = endpoint
         self.limits = limits or Limits()
@@ -44,7 +47,7 @@ class Client:
             curve_key=curve_key,
             server_key=server_key,
         )
-        self._inflight = Inflight(self._link)
+        self._inflight = Inflight(self._link, busy_attempts)
 
     async def __aenter__(self) -> Client:
         self.open()

@@ -38,8 +38,9 @@ class _Job:
 
 
 class Inflight:
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, busy_attempts: int = BUSY_ATTEMPTS) -> None:
         self.link = link
+        self.busy_attempts = busy_attempts  # 0: a "not now" refusal is the job's result
         self.jobs: dict[str, _Job] = {}
         # job id -> the queues of the streams watching it (generate_stream), fed by `tokens`
         self.streams: dict[str, list[asyncio.Queue]] = {}
@@ -94,10 +95,11 @@ class Inflight:
             err = e.get("error") if isinstance(e.get("error"), dict) else {}
             code = str(err.get("code", Code.INTERNAL))
             job = self.jobs.get(job_id)
-            if code in RETRY_ON and job is not None and job.attempts < BUSY_ATTEMPTS:
-                busy.append((job_id, err.get("retry_after_ms", e.get("retry_after_ms"))))
+            hint = err.get("retry_after_ms", e.get("retry_after_ms"))
+            if code in RETRY_ON and job is not None and job.attempts < self.busy_attempts:
+                busy.append((job_id, hint))
                 continue
-            self.settle(failure(job_id, code, str(err.get("message", ""))))
+            self.settle(failure(job_id, code, str(err.get("message", "")), hint))
         if busy:
             self._retry(busy)
 

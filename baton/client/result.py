@@ -76,8 +76,12 @@ class Delta:
         return self.result.finish_reason if self.result is not None else None
 
 
-def failure(job_id: str, code: str, message: str) -> Result:
-    return Result(job_id, "error", error={"code": str(code), "message": message})
+def failure(job_id: str, code: str, message: str, retry_after_ms: Any = None) -> Result:
+    """An error Result; a "not now" refusal keeps the broker's `retry_after_ms` hint."""
+    error: dict[str, Any] = {"code": str(code), "message": message}
+    if isinstance(retry_after_ms, int | float) and not isinstance(retry_after_ms, bool):
+        error["retry_after_ms"] = retry_after_ms
+    return Result(job_id, "error", error=error)
 
 
 def ok_result(entry: dict[str, Any], rows: torch.Tensor | None) -> Result:
