@@ -220,7 +220,7 @@ class Gateway:
         ids = [uuid.uuid4().hex for _ in req.texts]
         t0 = time.monotonic()
         futures = await self.client.submit(
-            {"id": i, "task": "embed", "text": t, "model": req.model}
+            {"id": i, "task": "embed", "text": t, "model": req.model, "priority": req.priority}
             for i, t in zip(ids, req.texts, strict=True)
         )
         pending = set(futures)

@@ -15,6 +15,8 @@ import torch
 from broker.journal import Journal, Row
 from wire.protocol import Code, job_size
 
+# while more urgent jobs wait, one job in this many is still taken from the next priority
+STARVE = 8
 DIGEST_PAST = 256  # finished jobs keep prompts up to this long; a digest of longer ones
 
 
@@ -39,6 +41,7 @@ class Job:
     waiters: list[bytes] = field(default_factory=list)  # client identities owed the result
     deadline: float | None = None  # wall-clock seconds
     attempts: int = 0  # runs lost to a dead worker or controller so far
+    priority: int = 0  # 0 first; higher numbers wait for lower ones (validation.MAX_PRIORITY)
     controller: bytes | None = None
     entry: dict[str, Any] | None = None  # the final `results` entry
     embedding: torch.Tensor | None = None
@@ -63,6 +66,8 @@ class Job:
             out["text"] = self.text
         if self.params is not None:
             out["params"] = self.params
+        if self.priority:
+            out["priority"] = self.priority
         return out
 
     def measure(self) -> int:
@@ -114,16 +119,18 @@ class Table:
 
     The journal sees every change that must survive a restart: acceptance, the end, and lost
     attempts. Finished jobs stay in memory up to `keep_finished`; older ones are read back from
-    the journal when their id is submitted again. Each model's queue is kept per client and
-    served round-robin, so one client's backlog does not hold back another client's jobs.
+    the journal when their id is submitted again. Each model's queue is kept per priority (0
+    first), and within one per client, served round-robin, so one client's backlog does not hold
+    back another client's jobs.
     """
 
     def __init__(self, journal: Journal, max_attempts: int, keep_finished: int = 10_000) -> None:
         self.journal = journal
         self.max_attempts, self.keep_finished = max_attempts, keep_finished
         self.jobs: dict[str, Job] = {}
-        # model -> client -> that client's queued ids, clients in round-robin order
-        self.queues: dict[str, OrderedDict[bytes, deque[str]]] = {}
+        # model -> priority -> client -> that client's queued ids, clients in round-robin order
+        self.queues: dict[str, dict[int, OrderedDict[bytes, deque[str]]]] = {}
+        self.served: dict[str, int] = {}  # jobs taken per model (for `_level`'s turns)
         self.waiting: dict[str, int] = {}  # queued jobs per model
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.deadlines: list[tuple[float, str]] = []  # heap of queued jobs' deadlines
@@ -138,7 +145,13 @@ class Table:
         n = 0
         for row in self.journal.unfinished():
             job = Job(
-                row.id, row.task, row.text, row.model, deadline=row.deadline, attempts=row.attempts
+                row.id,
+                row.task,
+                row.text,
+                row.model,
+                deadline=row.deadline,
+                attempts=row.attempts,
+                priority=row.priority,
             )
             job.owner, job.token_ids, job.params = row.owner, row.token_ids, row.params
             self._enqueue(job)
@@ -164,7 +177,17 @@ class Table:
     def add(self, jobs: list[Job]) -> None:
         self.journal.add(
             [
-                (j.id, j.model, j.task, j.text, j.deadline, j.owner, j.token_ids, j.params)
+                (
+                    j.id,
+                    j.model,
+                    j.task,
+                    j.text,
+                    j.deadline,
+                    j.owner,
+                    j.token_ids,
+                    j.params,
+                    j.priority,
+                )
                 for j in jobs
             ]
         )
@@ -176,7 +199,10 @@ class Table:
         self.jobs[job.id] = job
         if not job.size:
             job.size = job.measure()
-        clients = self.queues.setdefault(job.model, OrderedDict())
+        levels = self.queues.setdefault(job.model, {})
+        clients = levels.get(job.priority)
+        if clients is None:
+            clients = levels[job.priority] = OrderedDict()
         queue = clients.get(job.client)
         if queue is None:
             queue = clients[job.client] = deque()
@@ -196,17 +222,21 @@ class Table:
         return self.waiting.get(model, 0)
 
     def take(self, model: str, n: int, controller: bytes, nbytes: int | None = None) -> list[Job]:
-        """Up to n queued jobs of `model`, now running on `controller`: one from each client in
-        turn, ended ones skipped. Given `nbytes`, the jobs after the first fit within it (the
-        first is always taken, so that any positive credit moves the queue)."""
-        clients = self.queues.get(model)
+        """Up to n queued jobs of `model`, now running on `controller`: the most urgent priority
+        first (see `_level`), one from each client in turn, ended ones skipped. Given `nbytes`,
+        the jobs after the first fit within it (the first is always taken, so that any positive
+        credit moves the queue)."""
+        levels = self.queues.get(model)
         out: list[Job] = []
         left = nbytes
         full = False
-        while clients and len(out) < n and not full:
+        while levels and len(out) < n and not full:
+            level = self._level(model, levels)
+            clients = levels[level]
             client, queue = next(iter(clients.items()))
-            # a client's turn is one job while others wait, and the rest when it is alone
-            turn = 1 if len(clients) > 1 else n - len(out)
+            # a client's turn is one job while others wait (clients, or other priorities), and
+            # the rest when it is alone
+            turn = 1 if len(clients) > 1 or len(levels) > 1 else n - len(out)
             while queue and turn:
                 job = self.jobs.get(queue[0])
                 if job is None or job.state is not State.QUEUED:
@@ -221,14 +251,25 @@ class Table:
                 job.controller = controller
                 out.append(job)
                 turn -= 1
+                self.served[model] = self.served.get(model, 0) + 1
                 if left is not None:
                     left -= job.size
             if not queue:
                 del clients[client]
+                if not clients:
+                    del levels[level]
             elif len(clients) > 1 and not full:
                 clients.move_to_end(client)
         self.running += len(out)
         return out
+
+    def _level(self, model: str, levels: dict[int, OrderedDict[bytes, deque[str]]]) -> int:
+        """The most urgent priority waiting, but every STARVE-th job from the next one: later
+        work is slowed while more urgent work waits, never stopped."""
+        if len(levels) == 1:
+            return next(iter(levels))
+        first, second = heapq.nsmallest(2, levels)
+        return second if self.served.get(model, 0) % STARVE == STARVE - 1 else first
 
     def finish(
         self,

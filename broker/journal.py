@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     entry BLOB,                 -- msgpack of the final `results` entry
     embedding BLOB,             -- raw float32 row, for ok jobs with a vector
     owner TEXT,                 -- the submitter's CURVE key (z85); NULL on an open endpoint
-    params TEXT                 -- JSON {"params", "token_ids"} of a generate job; NULL otherwise
+    params TEXT                 -- JSON {"params", "token_ids"} of a generate job, and
+                                -- "priority" where not 0; NULL for neither
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
@@ -116,6 +117,7 @@ class Row:
     owner: str | None = None
     token_ids: list[int] | None = None  # a generate job's prompt, when given as tokens
     params: dict[str, Any] | None = None  # a generate job's sampling fields
+    priority: int = 0
 
 
 class Journal:
@@ -165,15 +167,15 @@ class Journal:
     def add(
         self,
         rows: list[
-            tuple[str, str, str, str, float | None, str | None, list[int] | None, dict | None]
+            tuple[str, str, str, str, float | None, str | None, list[int] | None, dict | None, int]
         ],
     ) -> None:
-        """(id, model, task, text, deadline, owner, token_ids, params) of newly accepted jobs;
-        token_ids and params are None but for generate jobs."""
+        """(id, model, task, text, deadline, owner, token_ids, params, priority) of newly
+        accepted jobs; token_ids and params are None but for generate jobs."""
         self._write(
             "INSERT OR IGNORE INTO jobs(id, model, task, text, deadline, owner, params, state) "
             "VALUES (?,?,?,?,?,?,?,'queued')",
-            [(*r[:6], _params_json(r[6], r[7])) for r in rows],
+            [(*r[:6], _params_json(r[6], r[7], r[8])) for r in rows],
         )
 
     def finish(
@@ -360,14 +362,17 @@ def _row(r: tuple) -> Row:
     gen = json.loads(r[10]) if r[10] is not None else {}
     return Row(
         r[0], r[1], r[2], r[3], r[4], r[5], r[6], entry, emb, r[9],
-        gen.get("token_ids"), gen.get("params"),
+        gen.get("token_ids"), gen.get("params"), gen.get("priority", 0),
     )  # fmt: skip
 
 
-def _params_json(token_ids: list[int] | None, params: dict | None) -> str | None:
-    if token_ids is None and params is None:
+def _params_json(token_ids: list[int] | None, params: dict | None, priority: int) -> str | None:
+    if token_ids is None and params is None and not priority:
         return None
-    return json.dumps({"token_ids": token_ids, "params": params}, separators=(",", ":"))
+    extra: dict[str, Any] = {"token_ids": token_ids, "params": params}
+    if priority:
+        extra["priority"] = priority
+    return json.dumps(extra, separators=(",", ":"))
 
 
 def _migrate(db: sqlite3.Connection) -> None:

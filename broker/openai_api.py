@@ -12,6 +12,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from wire.limits import MAX_PRIORITY
 from wire.protocol import Code
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -149,6 +150,15 @@ class EmbeddingRequest:
     model: str
     texts: list[str]
     base64: bool
+    priority: int = 0
+
+
+def priority(body: dict[str, Any]) -> int:
+    """vLLM's `priority` extension: 0 (the default) first, higher later (Baton's job field)."""
+    p = body.get("priority", 0)
+    if not _is_int(p) or not 0 <= p <= MAX_PRIORITY:
+        raise bad(f"'priority' must be an integer from 0 to {MAX_PRIORITY}", "priority")
+    return p
 
 
 def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
@@ -170,7 +180,7 @@ def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
     if fmt not in ("float", "base64"):
         raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
     _refuse_unsupported(body, {"dimensions": None})
-    return EmbeddingRequest(model, texts, fmt == "base64")
+    return EmbeddingRequest(model, texts, fmt == "base64", priority(body))
 
 
 def embedding_response(
@@ -239,7 +249,7 @@ def sampling(body: dict[str, Any], max_key: str = "max_tokens") -> dict[str, Any
             "logit_bias": {},
         },
     )
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"priority": priority(body)}
     limit = body.get(max_key)
     if limit is None and max_key != "max_tokens":
         limit = body.get("max_tokens")

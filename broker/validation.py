@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.jobs import Job, new_id
-from wire.limits import MAX_STOP_TOKENS, Limits
+from wire.limits import MAX_PRIORITY, MAX_STOP_TOKENS, Limits
 from wire.protocol import Code, ProtocolError
 
 MAX_ID_CHARS = 256
 MAX_SEED = 2**63
-FIELDS = frozenset({"id", "task", "text", "model", "deadline_ms"})
+FIELDS = frozenset({"id", "task", "text", "model", "deadline_ms", "priority"})
 # a generate job's sampling fields, with their defaults (docs/protocol.md)
 PARAMS: dict[str, Any] = {
     "max_new_tokens": 16,
@@ -73,8 +73,19 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, limits: Li
         raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
     served = _served(models, model, task)
     deadline = _deadline(raw)
+    priority = raw.get("priority", 0)
+    if (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or not 0 <= priority <= MAX_PRIORITY
+    ):
+        raise ProtocolError(
+            Code.BAD_FIELD, f"field 'priority' must be an integer from 0 to {MAX_PRIORITY}"
+        )
     if generate:
-        return _generate(raw, jid, model, served, limits, deadline)
+        job = _generate(raw, jid, model, served, limits, deadline)
+        job.priority = priority
+        return job
     assert isinstance(text, str)
     if not text.strip():
         raise ProtocolError(Code.EMPTY_TEXT, "field 'text' is empty")
@@ -82,7 +93,7 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, limits: Li
         raise ProtocolError(
             Code.TEXT_TOO_LONG, f"text has {len(text)} characters; at most {limits.max_text_chars}"
         )
-    return Job(jid, task, text, model, deadline=deadline)
+    return Job(jid, task, text, model, deadline=deadline, priority=priority)
 
 
 def _served(models: dict[str, Served], model: str, task: str) -> Served:

@@ -14,6 +14,11 @@ cannot get its next block, the most recently admitted sequence not in flight is 
 blocks are freed and it goes back to the front of the queue, to be recomputed (prompt and the
 tokens made so far) when it is admitted again.
 
+Priorities: the queue is kept in priority order (0 first; arrival order within one). A waiting
+generate sequence that does not fit preempts running ones of a later priority, latest first, so
+interactive work gets in while batch work fills the fleet. A sequence that has waited AGE_S
+counts as priority 0 from then on: later work is slowed, never starved.
+
 A job whose earlier run was lost with a dying worker, or in a refused batch, is a suspect and
 runs alone, so a job that kills workers cannot take its neighbours' attempts with it. Jobs past
 their deadline are set aside (`late`); the controller fails them.
@@ -29,6 +34,8 @@ from dataclasses import dataclass, field
 
 from controller.block_manager import BlockManager
 from controller.sequence import SamplingParams, Sequence, Status
+
+AGE_S = 30.0  # a sequence waiting this long is served as priority 0
 
 
 @dataclass(slots=True)
@@ -119,18 +126,54 @@ class Scheduler:
 
     def add(self, seqs: Iterable[Sequence]) -> None:
         seqs = list(seqs)
-        self.waiting.extend(seqs)
+        for s in seqs:
+            self._insert(s, first=False)
         self.tokens += sum(s.cost for s in seqs)
         self.arrived.set()
 
     def requeue(self, seqs: list[Sequence]) -> None:
-        """Sequences that must run again go first: they have waited longest."""
-        for s in seqs:
+        """Sequences that must run again go first among their priority: they have waited
+        longest."""
+        for s in reversed(seqs):
             s.status = Status.WAITING
             s.inflight = False
-        self.waiting.extendleft(reversed(seqs))
+            self._insert(s, first=True)
         self.tokens += sum(s.cost for s in seqs)
         self.arrived.set()
+
+    def _insert(self, seq: Sequence, first: bool) -> None:
+        """Into the queue by priority: after the last of its own (or, `first`, before the first
+        of its own). Most jobs share one priority, so the common case is an append."""
+        w = self.waiting
+        if first:
+            at = next((i for i, s in enumerate(w) if s.priority >= seq.priority), len(w))
+        elif not w or w[-1].priority <= seq.priority:
+            at = len(w)
+        else:
+            at = next(i for i, s in enumerate(w) if s.priority > seq.priority)
+        if at == len(w):
+            w.append(seq)
+        elif at == 0:
+            w.appendleft(seq)
+        else:
+            w.insert(at, seq)
+
+    def _age(self) -> None:
+        """Sequences that have waited AGE_S behind more urgent ones count as priority 0 now."""
+        if not self.waiting or self.waiting[-1].priority == 0:
+            return
+        old = time.monotonic() - AGE_S
+        aged = [s for s in self.waiting if s.priority and s.arrived < old]
+        if aged:
+            w = self.waiting = deque(
+                s for s in self.waiting if not (s.priority and s.arrived < old)
+            )
+            for s in aged:  # among priority 0 by arrival: they came before the later ones
+                s.priority = 0
+                at = next(
+                    (i for i, q in enumerate(w) if q.priority or q.arrived > s.arrived), len(w)
+                )
+                w.insert(at, s)
 
     def drop(self, ids: set[str]) -> list[Sequence]:
         """Cancelled: out of the queue, and running ones end now, their blocks freed at once
@@ -223,6 +266,7 @@ class Scheduler:
 
     def schedule(self) -> MicroBatch | None:
         """A micro-batch now, or None when nothing can run (all in flight, no room)."""
+        self._age()
         while self.waiting and self.waiting[0].oneshot:
             batch = self.take()
             if batch.seqs:
@@ -266,6 +310,8 @@ class Scheduler:
         for s in self.late:
             if s.status is Status.RUNNING:
                 self.finish(s, "deadline")
+        self._make_room()
+        ready = [s for s in ready if s.status is Status.RUNNING]  # not preempted for the head
         suspects = [s for s in ready if s.suspect]
         alone = bool(suspects)
         if alone:
@@ -328,6 +374,19 @@ class Scheduler:
         # only when it fits: else the running ones must go on, to free blocks for it
         return head is not None and head.suspect and not head.oneshot and self.bm.can_allocate(head)
 
+    def _make_room(self) -> None:
+        """The head of the queue, a generate sequence more urgent than running ones, gets their
+        blocks if it needs them: the latest priority's, most recently admitted first, of those
+        not in flight (a step in flight still writes its blocks)."""
+        head = self.waiting[0] if self.waiting else None
+        if head is None or head.oneshot or head.suspect or self.static != "off":
+            return
+        while not self.bm.can_allocate(head):
+            victims = [s for s in self.running if s.priority > head.priority and not s.inflight]
+            if not victims:
+                return
+            self.preempt(max(reversed(victims), key=lambda s: s.priority))
+
     def _put(self, batch: MicroBatch, seq: Sequence, q: int, chosen: set[int]) -> int:
         if seq.num_cached_tokens + q == seq.num_tokens:
             batch.sample.append(len(batch.seqs))
@@ -337,11 +396,13 @@ class Scheduler:
         return q
 
     def _room(self, seq: Sequence, chosen: set[int]) -> bool:
-        """Blocks for every token of seq, preempting the most recently admitted sequences not
-        in flight (and not in this batch) until they fit; False if seq itself had to go."""
+        """Blocks for every token of seq, preempting sequences not in flight (and not in this
+        batch) until they fit, the latest priority's first, most recently admitted first among
+        them; False if seq itself had to go."""
         while not self.bm.can_append(seq):
-            victim = next(
-                s for s in reversed(self.running) if not s.inflight and id(s) not in chosen
+            victim = max(
+                (s for s in reversed(self.running) if not s.inflight and id(s) not in chosen),
+                key=lambda s: s.priority,
             )  # seq itself qualifies, so there is always one
             self.preempt(victim)
             if victim is seq:

@@ -102,6 +102,7 @@ class Sequence:
     params: SamplingParams | None = None  # generate only
     attempts: int = 0  # runs lost before this one
     deadline: float | None = None  # wall-clock seconds
+    priority: int = 0  # 0 first; higher waits, and may be preempted, for lower (scheduler.py)
     truncated: bool = False  # embed: the text was cut to max_seq_length
     oneshot: bool = True  # runs once, whole (embed, echo); False: generates step by step
     num_prompt_tokens: int = -1  # -1: all of token_ids at creation

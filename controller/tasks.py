@@ -81,7 +81,13 @@ class Task:
 
 def _seq(j: dict[str, Any], task: str, ids: list[int], **kw: Any) -> Sequence:
     return Sequence(
-        j["id"], task, ids, attempts=j.get("attempts") or 0, deadline=j.get("deadline"), **kw
+        j["id"],
+        task,
+        ids,
+        attempts=j.get("attempts") or 0,
+        deadline=j.get("deadline"),
+        priority=j.get("priority") or 0,
+        **kw,
     )
 
 

@@ -89,6 +89,9 @@ def test_embeddings_equal_the_zeromq_clients(small_fleet: Fleet) -> None:
     # as JSON floats: a float32 printed and read back as a double is the same number
     floats = client.embeddings.create(model=MODEL, input=TEXTS[0], encoding_format="float")
     assert [floats.data[0].embedding] == want[:1]
+    # vLLM's `priority` extension orders the wait, not the result
+    later = client.embeddings.create(model=MODEL, input=TEXTS[0], extra_body={"priority": 2})
+    assert [later.data[0].embedding] == want[:1]
 
 
 @pytest.mark.parametrize(
@@ -105,6 +108,8 @@ def test_embeddings_equal_the_zeromq_clients(small_fleet: Fleet) -> None:
         ({"model": MODEL, "input": "x", "encoding_format": "hex"}, "encoding_format"),
         ({"model": MODEL, "input": "x", "dimensions": 8}, "dimensions"),
         ({"model": 3, "input": "x"}, "model"),
+        ({"model": MODEL, "input": "x", "priority": 10}, "priority"),
+        ({"model": MODEL, "input": "x", "priority": "high"}, "priority"),
     ],
 )
 def test_bad_embedding_requests_are_400(small_fleet: Fleet, body: dict, param: str) -> None:

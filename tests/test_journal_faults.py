@@ -40,7 +40,7 @@ from broker.journal import Journal
 async def main(path, n, per):
     j = Journal(path, "batch")
     for b in range(0, n, per):
-        j.add([(f"q{i}", sys.argv[4], "echo", f"text number {i} " * 3, None, None, None, None)
+        j.add([(f"q{i}", sys.argv[4], "echo", f"text number {i} " * 3, None, None, None, None, 0)
                for i in range(b, min(n, b + per))])
         await j.commit()
     os._exit(0)

@@ -428,7 +428,7 @@ async def test_an_old_journal_gains_the_owner_column(tmp_path: Path) -> None:
         [row] = list(journal.unfinished())
         assert (row.id, row.owner) == ("old-1", None)
         assert journal.lookup(["done-1"])["done-1"].owner is None
-        journal.add([("new-1", "m", "embed", "v", None, "KEY", None, None)])
+        journal.add([("new-1", "m", "embed", "v", None, "KEY", None, None, 0)])
         await journal.commit()
         assert journal.lookup(["new-1"])["new-1"].owner == "KEY"
     finally:

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 MAX_STOP_TOKENS = 64  # stop_token_ids of one generate job
+# a job's `priority`: 0 (the default, interactive) first, higher numbers later (batch files: 1)
+MAX_PRIORITY = 9
 
 
 @dataclass(slots=True, frozen=True)

@@ -98,7 +98,8 @@ class ProtocolError(Exception):
         self.ref: Any = None  # the request's ref, when its header could be read
 
 
-# Bytes a job adds to a `jobs` message beyond its id and text: keys, task, deadline, attempts.
+# Bytes a job adds to a `jobs` message beyond its id and text: keys, task, deadline, attempts,
+# priority.
 JOB_OVERHEAD = 96
 # Bytes of a message that are not its items: kind, version, ref, map headers.
 ENVELOPE = 1024
