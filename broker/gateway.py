@@ -374,9 +374,14 @@ class Gateway:
         ended = False
         try:
             stream = self.client.generate_stream(prompt, id=job_id, model=req.model, **req.fields)
+            last = t0
             async for delta in stream:
+                now = time.monotonic()
                 if not started.is_set():
-                    self.metrics.first_token(time.monotonic() - t0)
+                    self.metrics.first_token(now - t0)
+                elif delta.token_ids:
+                    self.metrics.between_tokens(now - last, len(delta.token_ids))
+                last = now
                 started.set()
                 result = delta.result
                 if result is not None and not result.ok:

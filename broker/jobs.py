@@ -135,7 +135,9 @@ class Table:
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.deadlines: list[tuple[float, str]] = []  # heap of queued jobs' deadlines
         self.timed = 0  # queued jobs with a deadline: the heap is rebuilt when it holds far more
-        self.counts = {"accepted": 0, "done": 0, "failed": 0, "cancelled": 0}
+        # since the broker started; `retried`: runs lost to a dead worker or controller and queued
+        # again (each job may count more than once)
+        self.counts = {"accepted": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self.queued = 0
         self.queued_bytes = 0
         self.running = 0
@@ -343,6 +345,7 @@ class Table:
             else:
                 again.append(job)
         self.journal.attempt([j.id for j in again], [j.attempts for j in again])
+        self.counts["retried"] += len(again)
         for job in reversed(again):
             job.state, job.controller = State.QUEUED, None
             self._enqueue(job, front=True)

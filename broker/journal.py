@@ -159,6 +159,8 @@ class Journal:
         # one writer thread: SQLite serialises writers anyway, and the event loop must not block
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="journal")
         self.ops: list[tuple[str, list[tuple]]] = []
+        self.commits = 0  # group commits made, and the seconds they took (for /metrics)
+        self.commit_s = 0.0
         self.waiters: list[asyncio.Future[None]] = []
         self.flushing: asyncio.Task | None = None
 
@@ -217,6 +219,7 @@ class Journal:
         while self.ops or self.waiters:
             ops, waiters = self.ops, self.waiters
             self.ops, self.waiters = [], []
+            began = time.monotonic()
             try:
                 await loop.run_in_executor(self.pool, self._apply, ops)
             except sqlite3.Error as e:
@@ -230,6 +233,9 @@ class Journal:
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             delay = RETRY_FIRST_S
+            if ops:
+                self.commits += 1
+                self.commit_s += time.monotonic() - began
             if self.error is not None:
                 self._recovered()
             for w in waiters:
@@ -288,6 +294,8 @@ class Journal:
             "error": self.error,
             "since": self.since,
             "pending": sum(len(rows) for _, rows in self.ops),
+            "commits": self.commits,
+            "commit_seconds": self.commit_s,
         }
 
     async def close(self) -> None:

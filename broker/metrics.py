@@ -4,6 +4,7 @@ scrape time (queue and running counts, KV-cache use)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -14,6 +15,12 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
 )
 
 # each counter's `_created` twin is noise to a scraper that has its own clock
@@ -40,10 +47,71 @@ TTFT_BUCKETS = (
 )
 
 
+# Baton's job counters in the broker's status: (name, help)
+JOBS = (
+    ("accepted", "Jobs the broker accepted (journaled), all clients."),
+    ("done", "Jobs finished ok."),
+    ("failed", "Jobs finished with an error (refused at the door: not counted)."),
+    ("cancelled", "Jobs cancelled."),
+    ("retried", "Runs lost to a dead worker or controller and queued again."),
+)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class Fleet:
+    """Baton's own figures, from the broker's status of the scrape (so they count every
+    client's jobs, not only the gateway's): counters of jobs, worker restarts, batches and their
+    tokens; the journal's group commits as a summary of their latency."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = self.status.get("jobs") or {}
+        for key, what in JOBS:
+            yield CounterMetricFamily(f"baton:jobs_{key}", what, value=jobs.get(key, 0))
+        restarts = sum(w.get("restarts") or 0 for w in self.status.get("workers") or [])
+        yield CounterMetricFamily(
+            "baton:worker_restarts",
+            "Worker restarts (a dead worker restarts its replica).",
+            value=restarts,
+        )
+        stats = [c.get("stats") or {} for c in self.status.get("controllers") or []]
+        batches, tokens, padded = (
+            sum(s.get(k, 0) for s in stats) for k in ("batches", "tokens", "padded_tokens")
+        )
+        yield CounterMetricFamily(
+            "baton:batches", "Micro-batches sent into the pipelines.", value=batches
+        )
+        yield CounterMetricFamily(
+            "baton:batch_tokens", "Tokens those batches computed (no padding).", value=tokens
+        )
+        yield CounterMetricFamily(
+            "baton:batch_padded_tokens",
+            "Tokens those batches would hold padded to their longest sequence (over "
+            "baton:batch_tokens: the padding ratio padding-free execution saves).",
+            value=padded,
+        )
+        journal = self.status.get("journal") or {}
+        yield SummaryMetricFamily(
+            "baton:journal_commit_latency_seconds",
+            "The journal's group commits and the seconds they took.",
+            count_value=journal.get("commits", 0),
+            sum_value=journal.get("commit_seconds", 0.0),
+        )
+        yield GaugeMetricFamily(
+            "baton:journal_pending_writes",
+            "Journal writes waiting for their commit (grows while the disk fails).",
+            value=journal.get("pending", 0),
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         # a registry of its own: nothing of the process's default collectors leaks in twice
         self.registry = r = CollectorRegistry()
+        self.fleet = Fleet()
+        r.register(self.fleet)
         self.running = Gauge(
             "baton:num_requests_running",
             "Jobs running on a controller (broker status).",
@@ -86,6 +154,16 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
+        self.itl = Histogram(
+            "baton:inter_token_latency_seconds",
+            "Seconds between a streamed generation's tokens (a delta of n tokens: n of gap / n).",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+
+    def between_tokens(self, seconds: float, tokens: int) -> None:
+        for _ in range(tokens):
+            self.itl.observe(seconds / tokens)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -112,4 +190,5 @@ class Metrics:
         kvs = [(c.get("stats") or {}).get("kv") or {} for c in status.get("controllers") or []]
         total = sum(kv.get("blocks_total", 0) for kv in kvs)
         self.kv_usage.set(sum(kv.get("blocks_used", 0) for kv in kvs) / total if total else 0.0)
+        self.fleet.status = status
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

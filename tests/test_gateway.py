@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 from conftest import CONFIG
+from prometheus_client.parser import text_string_to_metric_families
 
 from baton.client import Client
 from baton.launch import REPO, Fleet, free_port
@@ -160,10 +161,29 @@ def test_models_health_and_metrics(small_fleet: Fleet) -> None:
     oai(small_fleet).embeddings.create(model=MODEL, input="counted")
     status, headers, text = call(small_fleet.http, "GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert float(samples['baton:request_success_total{finished_reason="embedded"}']) >= 1
-    assert float(samples["baton:prompt_tokens_total"]) >= 1
-    assert "baton:num_requests_waiting" in samples and "baton:num_requests_running" in samples
+    # read as Prometheus reads it
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples["baton:request_success_total", (("finished_reason", "embedded"),)] >= 1
+    assert samples["baton:prompt_tokens_total", ()] >= 1
+    assert ("baton:num_requests_waiting", ()) in samples
+    assert samples["baton:journal_commit_latency_seconds_count", ()] >= 1
+    # Baton's own counters are the broker's: what `baton status` says (nothing ran between)
+    fleet = asyncio.run(status_of(small_fleet))
+    for key in ("accepted", "done", "failed", "cancelled", "retried"):
+        assert samples[f"baton:jobs_{key}_total", ()] == fleet["jobs"][key], key
+    restarts = sum(w["restarts"] for w in fleet["workers"])
+    assert samples["baton:worker_restarts_total", ()] == restarts
+    batches = sum(c["stats"]["batches"] for c in fleet["controllers"])
+    assert 0 < samples["baton:batches_total", ()] <= batches  # reports trail by a heartbeat
+
+
+async def status_of(fleet: Fleet) -> dict[str, Any]:
+    async with Client(fleet.endpoint, timeout_s=WAIT_S) as c:
+        return await c.status()
 
 
 def up_refuses(listen: str) -> str:

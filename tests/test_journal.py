@@ -105,6 +105,7 @@ async def test_deadline_and_cancel(tmp_path: Path) -> None:
         "done": 0,
         "failed": 1,
         "cancelled": 1,
+        "retried": 0,
         "queued": 0,
         "queued_bytes": 0,
         "running": 1,
