@@ -148,11 +148,11 @@ def read(
         return Outcome(custom_id, response=_response(e.status, prefix, e.body()))
 
 
-async def run(client: Client, req: Request) -> Outcome:
-    """Submit the request's jobs, wait for every result (a busy refusal waits for the broker's
-    hint and is sent again: a batch line never fails for a full queue) and answer as the route
-    does. TimeoutError when the broker is silent for the client's timeout."""
-    results = await _results(client, req.jobs)
+async def answer(client: Client, req: Request, sent: list[asyncio.Future[Result]]) -> Outcome:
+    """Wait for the results of the request's jobs (`sent`: their futures; a busy refusal waits
+    for the broker's hint and is sent again: a batch line never fails for a full queue) and
+    answer as the route does. TimeoutError when the broker is silent for the client's timeout."""
+    results = await _results(client, req.jobs, sent)
     cancelled = any(r.error and r.error.get("code") == Code.CANCELLED for r in results)
     failed = next(((k, r) for k, r in enumerate(results) if not r.ok), None)
     if failed is not None:
@@ -206,23 +206,13 @@ class Window:
     async def run(
         self, reqs: Iterable[tuple[Line, Request | Outcome]]
     ) -> AsyncIterator[tuple[Line, Outcome]]:
-        loop = asyncio.get_running_loop()
         flights = self.flights
         source = iter(reqs)
+        refill = max(1, self.size // 4)  # jobs go in a few large submits, not one per line
         try:
             while True:
-                while len(flights) < self.size:
-                    got = next(source, None)
-                    if got is None:
-                        break
-                    line, req = got
-                    if isinstance(req, Outcome):
-                        done: asyncio.Future[Outcome] = loop.create_future()
-                        done.set_result(req)
-                        flights.append(Flight(line, done))
-                    else:
-                        task = asyncio.ensure_future(run(self.client, req))
-                        flights.append(Flight(line, task, [j["id"] for j in req.jobs]))
+                if self.size - len(flights) >= refill or not flights:
+                    await self._fill(source)
                 if not flights:
                     return
                 outcome = await flights[0].task
@@ -232,13 +222,35 @@ class Window:
                 f.task.cancel()
             flights.clear()
 
+    async def _fill(self, source: Iterator[tuple[Line, Request | Outcome]]) -> None:
+        loop = asyncio.get_running_loop()
+        new: list[tuple[Line, Request | Outcome]] = []
+        while len(self.flights) + len(new) < self.size:
+            got = next(source, None)
+            if got is None:
+                break
+            new.append(got)
+        jobs = [j for _, req in new if isinstance(req, Request) for j in req.jobs]
+        futures = iter(await self.client.submit(jobs)) if jobs else iter(())
+        for line, req in new:
+            if isinstance(req, Outcome):
+                done: asyncio.Future[Outcome] = loop.create_future()
+                done.set_result(req)
+                self.flights.append(Flight(line, done))
+                continue
+            sent = [next(futures) for _ in req.jobs]
+            task = asyncio.ensure_future(answer(self.client, req, sent))
+            self.flights.append(Flight(line, task, [j["id"] for j in req.jobs]))
 
-async def _results(client: Client, jobs: list[dict[str, Any]]) -> list[Result]:
+
+async def _results(
+    client: Client, jobs: list[dict[str, Any]], sent: list[asyncio.Future[Result]]
+) -> list[Result]:
     results: list[Result | None] = [None] * len(jobs)
     todo = list(range(len(jobs)))
     attempt = 0
     while todo:
-        got = await client.results(await client.submit(jobs[k] for k in todo))
+        got = await client.results(sent)
         again, hint = [], 0.0
         for k, r in zip(todo, got, strict=True):
             code = (r.error or {}).get("code")
@@ -254,6 +266,7 @@ async def _results(client: Client, jobs: list[dict[str, Any]]) -> list[Result]:
             backoff = min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt)
             await asyncio.sleep(max(hint, backoff) * random.uniform(1.0, 1.5))
             attempt += 1
+            sent = await client.submit(jobs[k] for k in todo)
     return [r for r in results if r is not None]
 
 
