@@ -37,6 +37,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60.0, help="seconds without any progress")
     _keys(s)
 
+    bt = sub.add_parser("batch", help="run an OpenAI batch file (resumable by custom_id)")
+    bt.add_argument("--endpoint", required=True, help="the broker's client endpoint")
+    bt.add_argument("--input", required=True, help="JSONL of {custom_id, method, url, body}")
+    bt.add_argument("--output", required=True, help="OpenAI batch output lines (appended)")
+    bt.add_argument("--errors", default=None, help="failed lines here (default: --output)")
+    bt.add_argument("--window", type=int, default=256, help="lines in flight at once")
+    bt.add_argument("--timeout", type=float, default=60.0, help="seconds without any progress")
+    bt.add_argument(
+        "--model-dir", default=None, help="the model's directory: its chat template, for chat lines"
+    )
+    _keys(bt)
+
     st = sub.add_parser("status", help="show the fleet's workers and job counts")
     st.add_argument("--endpoint", required=True)
     st.add_argument("--json", action="store_true", help="print the status as one JSON object")
@@ -170,6 +182,21 @@ def main(argv: list[str] | None = None) -> int:
 
         keys = Keys(args.key, args.server_key)
         return submit(args.endpoint, args.input, args.output, args.window, args.timeout, keys)
+    if args.command == "batch":
+        from baton.batch import batch
+        from baton.commands import Keys
+
+        keys = Keys(args.key, args.server_key)
+        return batch(
+            args.endpoint,
+            args.input,
+            args.output,
+            args.errors,
+            args.window,
+            args.timeout,
+            keys,
+            args.model_dir,
+        )
     if args.command == "status":
         from baton.commands import Keys, status
 

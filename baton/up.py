@@ -130,7 +130,7 @@ async def serve(cfg: Config, door: Door | None = None) -> int:
         remove_run(run_dir)
         raise
     serving = asyncio.create_task(broker.run())
-    gateway = Gateway(cfg, door, broker.endpoint) if door is not None else None
+    gateway = Gateway(cfg, door, broker.endpoint, run_dir) if door is not None else None
     keeping = asyncio.create_task(gateway.keep()) if gateway is not None else None
     try:
         unstartable = await supervise(cfg, broker, run_dir, stop)

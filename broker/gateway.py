@@ -3,12 +3,13 @@
 `baton up` binds the listening socket (so a refusal comes before anything starts), hands it to
 this process and passes the config on stdin (bearer keys never go on a command line). Here an
 aiohttp server on uvloop answers `/v1/embeddings`, `/v1/completions`, `/v1/chat/completions`
-(when the model ships a chat template), `/v1/models`, `/health` and `/metrics`, and talks to the
+(when the model ships a chat template), `/v1/models`, `/health`, `/metrics` and the Batch API
+(broker/batch_api.py, `--batch-dir`), and talks to the
 broker as one more client (baton.client, one DEALER for every HTTP request). Its own process
 means a slow HTTP client or a large JSON body never stalls the broker's ZeroMQ loop.
 
 Run by broker/gateway_process.py: `python -m broker.gateway --broker ENDPOINT --fd N
-[--model-dir DIR] [--tokenizer FILE]` with the config JSON on stdin.
+[--model-dir DIR] [--tokenizer FILE] [--batch-dir DIR]` with the config JSON on stdin.
 """
 
 from __future__ import annotations
@@ -549,6 +550,7 @@ async def serve(
     texts: Texts,
     keys: list[str],
     curve: tuple[str, str] | None = None,
+    batch_dir: Path | None = None,
 ) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -563,16 +565,31 @@ async def serve(
     )
     client.open()
     gateway = Gateway(cfg, client, texts, keys)
+    app = gateway.app()
+    batches = None
+    if batch_dir is not None:
+        # imported here: the batch modules build on this one's response writers
+        from broker.batch_api import BatchApi
+        from broker.batch_store import Store
+        from broker.batches import Batches
+
+        store = Store(batch_dir)
+        batches = Batches(store, client, texts, cfg.gateway.batch_window)
+        BatchApi(store, batches, cfg.gateway.max_file_bytes).add_routes(app)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its jobs
     runner = web.AppRunner(
-        gateway.app(), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_S
     )
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
+        if batches is not None:
+            batches.start()  # batches a previous run left unfinished go on
         await stop.wait()
     finally:
         await runner.cleanup()  # stops listening, lets in-flight requests finish (bounded)
+        if batches is not None:
+            await batches.close()  # each batch stays where its last commit left it
         await asyncio.gather(*gateway.chores, return_exceptions=True)
         client.close()
 
@@ -585,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", type=Path)
     p.add_argument("--curve-key", help="our secret certificate, for a broker requiring keys")
     p.add_argument("--server-key", help="the broker's certificate")
+    p.add_argument("--batch-dir", type=Path, help="the Batch API's files and state")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # a terminal's ^C reaches the whole group: `baton up` decides when this process stops
@@ -595,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     texts = Texts(args.model_dir, args.tokenizer)
     curve = (args.curve_key, args.server_key) if args.curve_key else None
-    uvloop.run(serve(cfg, args.broker, sock, texts, keys, curve))
+    uvloop.run(serve(cfg, args.broker, sock, texts, keys, curve, args.batch_dir))
     return 0
 
 

@@ -118,8 +118,12 @@ def admit(door: Door | None, cfg: Config, run_dir: Path) -> tuple[bytes, ...]:
 class Gateway:
     """The gateway process: `keep` runs it (again after a death) until stopped; `close` stops it."""
 
-    def __init__(self, cfg: Config, door: Door, broker: str) -> None:
+    def __init__(self, cfg: Config, door: Door, broker: str, run_dir: Path) -> None:
         self.cfg, self.door, self.broker = cfg, door, broker
+        # the Batch API's state lives beside the journal; with a temporary journal, in the run's
+        # temporary directory (it survives a gateway restart, not a restart of `baton up`)
+        journal = cfg.journal.path
+        self.batch_dir = Path(journal + ".batches") if journal else run_dir / "batches"
         self.proc: asyncio.subprocess.Process | None = None
         self.closing = False
 
@@ -152,6 +156,7 @@ class Gateway:
         d = self.door
         fd = d.sock.fileno()
         args = ["--broker", self.broker, "--fd", str(fd), "--model-dir", str(d.model_dir)]
+        args += ["--batch-dir", str(self.batch_dir)]
         if d.tokenizer is not None:
             args += ["--tokenizer", str(d.tokenizer)]
         if d.curve_key:

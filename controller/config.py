@@ -115,6 +115,8 @@ class Gateway:
     api_key_file: str = ""  # more keys, one a line ("#" comments), read at start
     max_body_bytes: int = 16_777_216  # a larger request body is refused with 413
     timeout_s: float = 600.0  # no result nor token for this long: 504
+    max_file_bytes: int = 209_715_200  # a larger Batch API upload is refused with 413
+    batch_window: int = 256  # lines of one batch in flight at once
 
 
 @dataclass(slots=True)
@@ -258,6 +260,8 @@ def check(cfg: Config) -> None:
         "memory.prefetch_distance": cfg.memory.prefetch_distance,
         "gateway.max_body_bytes": cfg.gateway.max_body_bytes,
         "gateway.timeout_s": cfg.gateway.timeout_s,
+        "gateway.max_file_bytes": cfg.gateway.max_file_bytes,
+        "gateway.batch_window": cfg.gateway.batch_window,
     }
     for key, value in positive.items():
         if value <= 0:

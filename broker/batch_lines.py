@@ -1,0 +1,305 @@
+"""One line of an OpenAI batch file, in and out: an input line read into the jobs of its route
+(by broker/openai_api.py's parsing, exactly as the HTTP route reads its body), run on a
+baton.client.Client, and the route's response written as a line of OpenAI's batch output
+(`id`, `custom_id`, `response: {status_code, request_id, body}`, `error`).
+
+Shared by the gateway's Batch API (broker/batches.py) and `baton batch` (baton/batch.py); both
+stream a file through a `Window`, a bounded number of lines in flight whose outcomes come back in
+input order (so what is written is always a prefix of the input: that is what makes resuming
+from a recorded position sound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from baton.client import RETRY_ON, Client, Result
+from broker import openai_api as api
+from broker.gateway import Event, Texts, completion, first_stop
+from broker.openai_api import ApiError, CompletionRequest, EmbeddingRequest
+from wire.protocol import Code
+
+URLS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions")
+BATCH_PRIORITY = 1  # interactive HTTP requests are 0: batch lines wait behind them
+RETRY_BASE_S, RETRY_CAP_S = 0.05, 5.0  # a busy broker: batch lines wait, they never fail for it
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one input line came to: the route's response, or `error` for a line that never
+    became a request (not JSON, no custom_id, ...). `cancelled`: its jobs were cancelled (a
+    cancelled batch leaves such lines out)."""
+
+    custom_id: str | None
+    response: dict[str, Any] | None = None  # {"status_code", "request_id", "body"}
+    error: dict[str, Any] | None = None  # {"code", "message"}
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.response is not None and self.response["status_code"] == 200
+
+    def line(self) -> bytes:
+        row = {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": self.custom_id,
+            "response": self.response,
+            "error": self.error,
+        }
+        return (json.dumps(row, separators=(",", ":")) + "\n").encode()
+
+
+@dataclass(slots=True)
+class Request:
+    """A line read into its route's request and the Baton jobs that answer it."""
+
+    custom_id: str
+    request_id: str  # the prefix of its job ids
+    jobs: list[dict[str, Any]]
+    embedding: EmbeddingRequest | None = None
+    completion: CompletionRequest | None = None
+    chat: bool = False
+
+
+@dataclass(slots=True)
+class Line:
+    """A line as read from the file: its number, the byte offset just past it, its bytes."""
+
+    number: int
+    end: int
+    raw: bytes
+
+
+def lines(src: IO[bytes], number: int = 0, offset: int = 0) -> Iterator[Line]:
+    """The non-blank lines of a binary file from `offset` (line `number` is the next one)."""
+    src.seek(offset)
+    for raw in src:
+        offset += len(raw)
+        if raw.strip():
+            yield Line(number, offset, raw)
+            number += 1
+
+
+def line_error(custom_id: str | None, code: str, message: str) -> Outcome:
+    return Outcome(custom_id, error={"code": code, "message": message})
+
+
+def custom_id_of(raw: bytes) -> tuple[dict[str, Any] | None, str | None, Outcome | None]:
+    """The line as a JSON object and its custom_id, or the outcome of a line that has none."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        return None, None, line_error(None, "invalid_json_line", f"the line is not JSON: {e}")
+    if not isinstance(obj, dict):
+        return None, None, line_error(None, "invalid_json_line", "the line must be a JSON object")
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id or not _utf8(custom_id):
+        why = "'custom_id' must be a non-empty string"
+        return obj, None, line_error(None, "invalid_custom_id", why)
+    return obj, custom_id, None
+
+
+def read(
+    obj: dict[str, Any], custom_id: str, endpoint: str | None, prefix: str, texts: Texts
+) -> Request | Outcome:
+    """A line (already known to have a custom_id) as the request of its url; its jobs' ids are
+    `prefix:k`. `endpoint`: the one url every line must name (a Batch API batch's), or None."""
+    if obj.get("method") != "POST":
+        return line_error(custom_id, "invalid_method", "'method' must be \"POST\"")
+    url = obj.get("url")
+    if url not in URLS:
+        return line_error(custom_id, "invalid_url", f"'url' must be one of {', '.join(URLS)}")
+    if endpoint is not None and url != endpoint:
+        why = f"'url' is {url!r} but the batch's endpoint is {endpoint!r}"
+        return line_error(custom_id, "mismatched_url", why)
+    body = obj.get("body")
+    try:
+        if not isinstance(body, dict):
+            raise api.bad("'body' must be a JSON object: the request of the url", "body")
+        if _strings_not_utf8(body):
+            raise api.bad("the body holds a string that is not valid Unicode", "body")
+        # the route's own parsing, with the batch's default priority
+        body = {"priority": BATCH_PRIORITY, **body}
+        if body.get("stream"):
+            raise api.bad("'stream' is not supported in a batch", "stream")
+        if url == "/v1/embeddings":
+            req = api.embedding_request(body)
+            jobs = [
+                {"task": "embed", "text": t, "model": req.model, "priority": req.priority}
+                for t in req.texts
+            ]
+            return Request(custom_id, prefix, _ids(jobs, prefix), embedding=req)
+        if url == "/v1/completions":
+            creq = api.completion_request(body)
+        else:
+            creq, messages = api.chat_request(body)
+            creq.prompts = [texts.chat(messages, creq.model)]
+        jobs = [_generate_job(p, creq) for p in creq.prompts]
+        chat = url == "/v1/chat/completions"
+        return Request(custom_id, prefix, _ids(jobs, prefix), completion=creq, chat=chat)
+    except ApiError as e:
+        return Outcome(custom_id, response=_response(e.status, prefix, e.body()))
+
+
+async def answer(client: Client, req: Request, sent: list[asyncio.Future[Result]]) -> Outcome:
+    """Wait for the results of the request's jobs (`sent`: their futures; a busy refusal waits
+    for the broker's hint and is sent again: a batch line never fails for a full queue) and
+    answer as the route does. TimeoutError when the broker is silent for the client's timeout."""
+    results = await _results(client, req.jobs, sent)
+    cancelled = any(r.error and r.error.get("code") == Code.CANCELLED for r in results)
+    failed = next(((k, r) for k, r in enumerate(results) if not r.ok), None)
+    if failed is not None:
+        k, r = failed
+        where = f"input[{k}]: " if req.embedding is not None and len(results) > 1 else ""
+        e = api.job_error(r.error, where)
+        return Outcome(
+            req.custom_id, _response(e.status, req.request_id, e.body()), None, cancelled
+        )
+    if req.embedding is not None:
+        tokens = sum(r.tokens for r in results)
+        rows = [r.embedding or [] for r in results]
+        body = api.embedding_response(req.embedding, rows, tokens)
+        return Outcome(req.custom_id, _response(200, req.request_id, body))
+    assert req.completion is not None
+    texts, ends = [], {}
+    for i, r in enumerate(results):
+        # the whole text at once: cut at the first stop string, as the stream would have been
+        text = r.text or ""
+        cut = first_stop(text, req.completion.stop, 0)
+        reason = "stop" if cut is not None else (r.finish_reason or "stop")
+        texts.append(text if cut is None else text[:cut])
+        ends[i] = Event(i, "", reason, r.prompt_tokens, len(r.token_ids or []))
+    body = completion(req.completion, req.chat, texts, ends)
+    return Outcome(req.custom_id, _response(200, req.request_id, body))
+
+
+@dataclass(slots=True)
+class Flight:
+    """A line in the window: its task (or its outcome, for a line that needed no job)."""
+
+    line: Line
+    task: asyncio.Future[Outcome]
+    job_ids: list[str] = field(default_factory=list)
+
+
+class Window:
+    """Runs requests with at most `size` lines in flight and gives each line's outcome back in
+    input order. Leaving early cancels the lines still waiting (their jobs go on at the broker:
+    a resumed run gets their results without running them again)."""
+
+    def __init__(self, client: Client, size: int) -> None:
+        self.client = client
+        self.size = size
+        self.flights: deque[Flight] = deque()
+
+    def job_ids(self) -> list[str]:
+        """The jobs of the lines in flight (what a cancelled batch cancels)."""
+        return [i for f in self.flights for i in f.job_ids]
+
+    async def run(
+        self, reqs: Iterable[tuple[Line, Request | Outcome]]
+    ) -> AsyncIterator[tuple[Line, Outcome]]:
+        flights = self.flights
+        source = iter(reqs)
+        refill = max(1, self.size // 4)  # jobs go in a few large submits, not one per line
+        try:
+            while True:
+                if self.size - len(flights) >= refill or not flights:
+                    await self._fill(source)
+                if not flights:
+                    return
+                outcome = await flights[0].task
+                yield flights.popleft().line, outcome
+        finally:
+            for f in flights:
+                f.task.cancel()
+            flights.clear()
+
+    async def _fill(self, source: Iterator[tuple[Line, Request | Outcome]]) -> None:
+        loop = asyncio.get_running_loop()
+        new: list[tuple[Line, Request | Outcome]] = []
+        while len(self.flights) + len(new) < self.size:
+            got = next(source, None)
+            if got is None:
+                break
+            new.append(got)
+        jobs = [j for _, req in new if isinstance(req, Request) for j in req.jobs]
+        futures = iter(await self.client.submit(jobs)) if jobs else iter(())
+        for line, req in new:
+            if isinstance(req, Outcome):
+                done: asyncio.Future[Outcome] = loop.create_future()
+                done.set_result(req)
+                self.flights.append(Flight(line, done))
+                continue
+            sent = [next(futures) for _ in req.jobs]
+            task = asyncio.ensure_future(answer(self.client, req, sent))
+            self.flights.append(Flight(line, task, [j["id"] for j in req.jobs]))
+
+
+async def _results(
+    client: Client, jobs: list[dict[str, Any]], sent: list[asyncio.Future[Result]]
+) -> list[Result]:
+    results: list[Result | None] = [None] * len(jobs)
+    todo = list(range(len(jobs)))
+    attempt = 0
+    while todo:
+        got = await client.results(sent)
+        again, hint = [], 0.0
+        for k, r in zip(todo, got, strict=True):
+            code = (r.error or {}).get("code")
+            if not r.ok and code in RETRY_ON:
+                again.append(k)
+                ms = (r.error or {}).get("retry_after_ms")
+                hint = max(hint, ms / 1000 if isinstance(ms, int | float) else 0.0)
+            else:
+                results[k] = r
+        todo = again
+        if todo:
+            # the broker's hint, or a growing backoff; jittered so a window does not stampede
+            backoff = min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt)
+            await asyncio.sleep(max(hint, backoff) * random.uniform(1.0, 1.5))
+            attempt += 1
+            sent = await client.submit(jobs[k] for k in todo)
+    return [r for r in results if r is not None]
+
+
+def _ids(jobs: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    for k, job in enumerate(jobs):
+        job["id"] = f"{prefix}:{k}"
+    return jobs
+
+
+def _generate_job(prompt: str | list[int], req: CompletionRequest) -> dict[str, Any]:
+    job: dict[str, Any] = {"task": "generate", "model": req.model, **req.fields}
+    job["text" if isinstance(prompt, str) else "token_ids"] = prompt
+    return job
+
+
+def _response(status: int, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"status_code": status, "request_id": request_id, "body": body}
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _strings_not_utf8(value: Any) -> bool:
+    """JSON escapes can spell what UTF-8 cannot ("\\ud800"): such a job could not be sent."""
+    if isinstance(value, str):
+        return not _utf8(value)
+    if isinstance(value, dict):
+        return any(_strings_not_utf8(k) or _strings_not_utf8(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_strings_not_utf8(v) for v in value)
+    return False
