@@ -49,7 +49,8 @@ def memory(endpoint: str) -> Figures:
 def replica_memory(make: common.Workload, quick: bool) -> tuple[dict[str, list[Figures]], dict]:
     """Added cost of a second replica, private and pooled (MB), and the ratio of the pooled
     one's (less the runtime's) to its private weight share plus buffers."""
-    gpt2 = [f"model.path={common.gpt2()}", "workers.threads=1"]
+    # a fixed KV cache: sized from free memory (the default), it would differ between fleets
+    gpt2 = [f"model.path={common.gpt2()}", "workers.threads=1", "kv.memory=268435456"]
     fleets = {
         f"{n} x{r}": gpt2 + LAYOUTS[n] + [f"parallel.replicas={r}"]
         for n in ("private", "pooled")
@@ -65,7 +66,10 @@ def replica_memory(make: common.Workload, quick: bool) -> tuple[dict[str, list[F
             cost[name] = {"worker_mb": figures["anonymous_mb"] + figures["shmem_pss_mb"]}
             with BlockingClient(fleet.endpoint, timeout_s=30) as c:
                 weights[name] = [w for w in c.status()["workers"] if w["replica"] == 0]
-    added = {n: cost[f"{n} x2"]["worker_mb"] - cost[f"{n} x1"]["worker_mb"] for n in LAYOUTS}
+    added = {
+        n: cost[f"{n} x2"]["worker_mb"] - cost[f"{n} x1"]["worker_mb"]
+        for n in ("private", "pooled")
+    }
     total = sum(w["resident_weight_bytes"] for w in weights["private x1"]) / 2**20
     share = sum(w["resident_weight_bytes"] for w in weights["pooled x1"]) / 2**20
     runtime = added["private"] - total
