@@ -19,7 +19,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from baton.client import Client, failure
-from wire.protocol import Code, ProtocolError
+from wire.protocol import Code, ProtocolError, encodable
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,9 @@ def _jobs(src: IO[bytes], sent: set[str], reject: Callable[[dict], None]) -> Ite
         problem = _problem(job, n)
         if problem is not None:
             job_id = job.get("id") if isinstance(job, dict) else None
-            row_id = job_id if isinstance(job_id, str) and job_id and _utf8(job_id) else f"line-{n}"
+            row_id = (
+                job_id if isinstance(job_id, str) and job_id and encodable(job_id) else f"line-{n}"
+            )
             reject(failure(row_id, Code.BAD_FIELD, problem).to_json())
             continue
         if job["id"] in sent:
@@ -116,7 +118,7 @@ def _problem(job: object, n: int) -> str | None:
     if not isinstance(job, dict):
         return f"line {n}: a job must be a JSON object"
     # JSON escapes can spell what UTF-8 cannot ("\ud800"): such a string cannot be sent
-    bad = next((k for k, v in _strings(job) if not _utf8(v)), None)
+    bad = next((k for k, v in _strings(job) if not encodable(v)), None)
     if bad is not None:
         return f"line {n}: field {bad!r} is not valid Unicode (a lone surrogate)"
     if not isinstance(job.get("id"), str) or not job["id"]:
@@ -140,18 +142,10 @@ def _strings(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
     elif isinstance(value, dict):
         for k, v in value.items():
             yield from _strings(k, str(k))
-            yield from _strings(v, k if isinstance(k, str) and _utf8(k) else key)
+            yield from _strings(v, k if isinstance(k, str) and encodable(k) else key)
     elif isinstance(value, list):
         for v in value:
             yield from _strings(v, key)
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def status(endpoint: str, as_json: bool = False, timeout: float = 5, keys: Keys = Keys()) -> int:

@@ -24,7 +24,7 @@ from baton.client import RETRY_ON, Client, Result
 from broker import openai_api as api
 from broker.gateway import Event, Texts, completion, first_stop
 from broker.openai_api import ApiError, CompletionRequest, EmbeddingRequest
-from wire.protocol import Code
+from wire.protocol import Code, encodable
 
 URLS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions")
 BATCH_PRIORITY = 1  # interactive HTTP requests are 0: batch lines wait behind them
@@ -100,7 +100,7 @@ def custom_id_of(raw: bytes) -> tuple[dict[str, Any] | None, str | None, Outcome
     if not isinstance(obj, dict):
         return None, None, line_error(None, "invalid_json_line", "the line must be a JSON object")
     custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or not _utf8(custom_id):
+    if not isinstance(custom_id, str) or not custom_id or not encodable(custom_id):
         why = "'custom_id' must be a non-empty string"
         return obj, None, line_error(None, "invalid_custom_id", why)
     return obj, custom_id, None
@@ -286,18 +286,10 @@ def _response(status: int, request_id: str, body: dict[str, Any]) -> dict[str, A
     return {"status_code": status, "request_id": request_id, "body": body}
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _strings_not_utf8(value: Any) -> bool:
     """JSON escapes can spell what UTF-8 cannot ("\\ud800"): such a job could not be sent."""
     if isinstance(value, str):
-        return not _utf8(value)
+        return not encodable(value)
     if isinstance(value, dict):
         return any(_strings_not_utf8(k) or _strings_not_utf8(v) for k, v in value.items())
     if isinstance(value, list):

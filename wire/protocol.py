@@ -133,6 +133,15 @@ def job_size(
     return n
 
 
+def encodable(text: str) -> bool:
+    """Whether msgpack can send `text` (valid UTF-8: no lone surrogates, which JSON allows)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _utf8_len(s: str) -> int:
     # ASCII (the common case) is one byte a character: no need to encode to count
     return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
