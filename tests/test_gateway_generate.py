@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,7 +194,11 @@ def test_leaving_a_stream_cancels_its_job(fleet: Fleet, model: str) -> None:
     resp = conn.getresponse()
     assert resp.status == 200
     assert resp.readline().startswith(b"data: {")  # it is generating
-    conn.close()  # gone mid-stream: the job must be cancelled, not run to 4,000 tokens
+    # gone mid-stream: the job must be cancelled, not run to 4,000 tokens. shutdown sends the
+    # FIN whatever else holds the socket (the response's file object keeps it open past close)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    resp.close()
+    conn.close()
     deadline = time.monotonic() + WAIT_S
     while True:
         jobs = status(fleet)["jobs"]
