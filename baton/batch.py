@@ -32,7 +32,7 @@ from tqdm import tqdm
 from baton.client import Client
 from baton.commands import Keys, _fail
 from broker.batch_lines import Line, Outcome, Request, Window, custom_id_of, line_error, lines, read
-from broker.gateway import Texts
+from broker.texts import Texts
 
 
 class Answered:

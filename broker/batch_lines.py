@@ -22,8 +22,9 @@ from typing import IO, Any
 
 from baton.client import RETRY_ON, Client, Result
 from broker import openai_api as api
-from broker.gateway import Event, Texts, completion, first_stop
+from broker.gateway import Event, completion, first_stop
 from broker.openai_api import ApiError, CompletionRequest, EmbeddingRequest
+from broker.texts import Texts
 from wire.protocol import Code, encodable
 
 URLS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions")

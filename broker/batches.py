@@ -25,7 +25,7 @@ from typing import IO
 from baton.client import Client
 from broker.batch_lines import Line, Outcome, Request, Window, custom_id_of, line_error, lines, read
 from broker.batch_store import Batch, Store, fsync_dir
-from broker.gateway import Texts
+from broker.texts import Texts
 
 log = logging.getLogger("baton.batches")
 

@@ -22,7 +22,7 @@ from test_gateway import WAIT_S, assert_openai_error, call
 from baton.client import Client, Result
 from baton.launch import REPO, Fleet
 from baton.random_gpt2 import Shape, ensure
-from broker.gateway import Incremental, Texts
+from broker.texts import Incremental, Texts
 
 GPT2_CONFIG = REPO / "configs" / "gpt2.toml"
 # many positions: a long generation outlasts a test's disconnect by far
