@@ -59,6 +59,7 @@ log = logging.getLogger("baton.broker")
 FRONT_HWM = 64
 FRONT_RCVHWM = 16
 RESULTS_TO_CLIENT_BYTES = 1 << 20  # one `results` message to a client, at most
+MAX_URGENT = 8  # a controller's urgent lane (priority-0 jobs past its credit) at most
 SENT_KEPT = 64  # recent `jobs` messages per controller, by ref, for a refusal that names one
 SIZE_REFUSALS = frozenset({Code.TOO_LARGE, Code.TOO_MANY_FRAMES, Code.TOO_MANY_ITEMS})
 
@@ -90,6 +91,9 @@ class Controller:
     epoch: int = 0  # which registration of this controller process this is
     credit: int = 0  # jobs it asked for and has not been sent yet
     credit_bytes: int = 0  # bytes (protocol.job_size) likewise
+    # priority-0 jobs it may be sent beyond its credit: an interactive job must not wait at the
+    # broker while the controller's queue is full of batch work (it would go ahead of it there)
+    urgent: int = 0
     pulse: Pulse = field(default_factory=lambda: Heartbeat().pulse(time.monotonic()))
     sent: OrderedDict[int, list[str]] = field(default_factory=OrderedDict)
 
@@ -366,8 +370,13 @@ class Broker:
             self.lost(peer.ident, f"sent a message refused as {e.code}: {e.message}")
 
     def _credit(self, ctrl: Controller, msg: Message) -> None:
-        ctrl.credit += get(msg.body, "n", int)
-        ctrl.credit_bytes += get(msg.body, "bytes", int)
+        n, nbytes = get(msg.body, "n", int), get(msg.body, "bytes", int)
+        urgent = get(msg.body, "urgent", int, ctrl.urgent)
+        if not 0 <= urgent <= MAX_URGENT:
+            raise ProtocolError(Code.BAD_FIELD, f"urgent must be in [0, {MAX_URGENT}]")
+        ctrl.credit += n
+        ctrl.credit_bytes += nbytes
+        ctrl.urgent = urgent
         self._dispatch()
 
     def _report(self, ctrl: Controller, msg: Message) -> None:
@@ -482,6 +491,18 @@ class Broker:
                 ctrl.sent[ref] = [j.id for j in batch]
                 while len(ctrl.sent) > SENT_KEPT:
                     ctrl.sent.popitem(last=False)
+        for ctrl in ctrls:  # the urgent lane: priority-0 jobs past the credit, one a message
+            while ctrl.urgent > 0 and self.table.pending(ctrl.model, 0):
+                batch = self.table.take(ctrl.model, 1, ctrl.ident, None, priority=0)
+                if not batch:
+                    break
+                ref = next(self.refs)
+                body = {"jobs": [j.wire() for j in batch], "ref": ref, "urgent": True}
+                if not send(self.back, [ctrl.ident, *encode(Kind.JOBS, body)]):
+                    self.lost(ctrl.ident, "unreachable")
+                    break
+                ctrl.urgent -= 1
+                ctrl.sent[ref] = [j.id for j in batch]
 
     def _owe(self, ended: list[J.Job]) -> None:
         """Results go out only once their ends are committed (a delivered job must never run

@@ -220,20 +220,35 @@ class Table:
             self.timed += 1
             heapq.heappush(self.deadlines, (job.deadline, job.id))
 
-    def pending(self, model: str) -> int:
-        return self.waiting.get(model, 0)
+    def pending(self, model: str, priority: int | None = None) -> int:
+        """Jobs of `model` queued (of one `priority`: whether any may be)."""
+        if priority is None:
+            return self.waiting.get(model, 0)
+        return int(priority in self.queues.get(model, ()))
 
-    def take(self, model: str, n: int, controller: bytes, nbytes: int | None = None) -> list[Job]:
+    def take(
+        self,
+        model: str,
+        n: int,
+        controller: bytes,
+        nbytes: int | None = None,
+        priority: int | None = None,
+    ) -> list[Job]:
         """Up to n queued jobs of `model`, now running on `controller`: the most urgent priority
-        first (see `_level`), one from each client in turn, ended ones skipped. Given `nbytes`,
-        the jobs after the first fit within it (the first is always taken, so that any positive
-        credit moves the queue)."""
+        first (see `_level`), or only of `priority` when given, one from each client in turn,
+        ended ones skipped. Given `nbytes`, the jobs after the first fit within it (the first is
+        always taken, so that any positive credit moves the queue)."""
         levels = self.queues.get(model)
         out: list[Job] = []
         left = nbytes
         full = False
         while levels and len(out) < n and not full:
-            level = self._level(model, levels)
+            if priority is None:
+                level = self._level(model, levels)
+            elif priority in levels:
+                level = priority
+            else:
+                break
             clients = levels[level]
             client, queue = next(iter(clients.items()))
             # a client's turn is one job while others wait (clients, or other priorities), and

@@ -59,6 +59,9 @@ class Batching:
     # joins a batch until it has ended: "padded" (every member computes every step until the
     # longest ends, as transformers' generate) or "shrinking" (finished members drop out)
     static: str = "off"
+    # tokens a step may give work of priority > 0 while priority-0 (interactive) work runs or
+    # waits, and for a while after (controller/scheduler.py): about 30 ms of work; 0 = no cap
+    yield_tokens: int = 512
 
 
 @dataclass(slots=True)
@@ -268,6 +271,7 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")
     for key, value in {
         "batching.max_wait_ms": cfg.batching.max_wait_ms,
+        "batching.yield_tokens": cfg.batching.yield_tokens,
         "model.max_seq_length": cfg.model.max_seq_length,
         "workers.threads": cfg.workers.threads,
     }.items():

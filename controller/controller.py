@@ -61,6 +61,9 @@ log = logging.getLogger("baton.controller")
 # our exit code when the workers died before the replica was first ready: `baton up` gives up
 # (and exits non-zero) instead of starting us again
 UNSTARTABLE = 3
+# priority-0 jobs the broker may send us past our credit, one at a time (the urgent lane): an
+# interactive job then reaches our queue, where it goes first, even while batch work fills it
+URGENT = 1
 
 
 class Controller:
@@ -107,6 +110,7 @@ class Controller:
             eos_token_id=self.info.extra.get("eos_token_ids") or self.info.eos_token_id,
             groups=cfg.parallel.pipeline,
             static=cfg.batching.static,
+            yield_tokens=cfg.batching.yield_tokens,
         )
         # jobs held here (queued or in flight) at most; enough to keep every in-flight slot full
         self.capacity = cfg.pipeline.max_inflight * max(64, cfg.batching.max_batch_tokens // 8)
@@ -241,6 +245,7 @@ class Controller:
             body["generation"] = gen
         self.tell(Kind.READY, body)
         self._top_up()
+        self.tell(Kind.CREDIT, {"n": 0, "bytes": 0, "urgent": URGENT})
 
     def _rejoin(self) -> None:
         """The broker dropped us (we were stalled past its timeout, or it was): it has put our
@@ -282,7 +287,9 @@ class Controller:
             self.link,
             self.limits,
             {
-                Kind.JOBS: lambda _peer, msg: self._accept(msg.body["jobs"]),
+                Kind.JOBS: lambda _peer, msg: self._accept(
+                    msg.body["jobs"], msg.body.get("urgent") is True
+                ),
                 Kind.CANCEL: self._cancel,
                 Kind.STOP: lambda _peer, _msg: self.stopping.set(),
                 Kind.ERROR: self._broker_error,
@@ -425,11 +432,16 @@ class Controller:
         else:
             self.sched.release(again)
 
-    def _accept(self, jobs: list[dict[str, Any]]) -> None:
+    def _accept(self, jobs: list[dict[str, Any]], urgent: bool = False) -> None:
+        """Jobs from the broker: under our credit, or (`urgent`) a priority-0 job through the
+        urgent lane, which is opened again at once for the next one."""
         sizes = [job_bytes(j) for j in jobs]
         self.held += len(jobs)
-        self.asked_jobs -= len(jobs)
-        self.asked_bytes -= sum(sizes)
+        if urgent:
+            self.tell(Kind.CREDIT, {"n": 0, "bytes": 0, "urgent": URGENT})
+        else:
+            self.asked_jobs -= len(jobs)
+            self.asked_bytes -= sum(sizes)
         # each task admits its jobs in one call (one batched tokenizer call per task)
         by_task: dict[str, list[int]] = {}
         for k, j in enumerate(jobs):

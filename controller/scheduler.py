@@ -14,10 +14,15 @@ cannot get its next block, the most recently admitted sequence not in flight is 
 blocks are freed and it goes back to the front of the queue, to be recomputed (prompt and the
 tokens made so far) when it is admitted again.
 
-Priorities: the queue is kept in priority order (0 first; arrival order within one). A waiting
-generate sequence that does not fit preempts running ones of a later priority, latest first, so
-interactive work gets in while batch work fills the fleet. A sequence that has waited AGE_S
-counts as priority 0 from then on: later work is slowed, never starved.
+Priorities: the queue is kept in priority order (0 first; arrival order within one), and a step
+takes the more urgent sequences first: a waiting priority-0 prompt joins before the running batch
+work's tokens. A waiting generate sequence that does not fit preempts running ones of a later
+priority, latest first, so interactive work gets in while batch work fills the fleet. A step
+cannot be cut short once it is inside, so what interactive work waits for is the step ahead of
+it: while priority-0 work runs or waits, and for YIELD_S after, work of later priorities takes
+at most `yield_tokens` tokens a step (least recently stepped first), keeping those steps short. A
+sequence that has waited AGE_S counts as priority 0 from then on: later work is slowed, never
+starved.
 
 A job whose earlier run was lost with a dying worker, or in a refused batch, is a suspect and
 runs alone, so a job that kills workers cannot take its neighbours' attempts with it. Jobs past
@@ -36,6 +41,10 @@ from controller.block_manager import BlockManager
 from controller.sequence import SamplingParams, Sequence, Status
 
 AGE_S = 30.0  # a sequence waiting this long is served as priority 0
+# Later-priority work keeps to `yield_tokens` a step this long after the last interactive work:
+# interactive requests arrive one after another, and the first of each would otherwise wait
+# behind a full-size step formed in the gap.
+YIELD_S = 10.0
 
 
 @dataclass(slots=True)
@@ -78,6 +87,38 @@ class MicroBatch:
         )
 
 
+def _order(seq: Sequence) -> tuple[int, bool, int]:
+    prefill = seq.num_tokens - seq.num_cached_tokens > 1
+    return seq.priority, prefill, 0 if prefill else seq.turn
+
+
+@dataclass(slots=True)
+class _Step:
+    """A generate micro-batch being formed: the token budget, and the part of it that work of
+    later priorities than 0 may take (`later`, None = all of it)."""
+
+    batch: MicroBatch
+    budget: int
+    later: int | None
+    used: int = 0
+    chosen: set[int] = field(default_factory=set)
+
+    def left(self, priority: int) -> int:
+        room = self.budget - self.used
+        return room if priority == 0 or self.later is None else min(room, self.later)
+
+    def put(self, seq: Sequence, q: int) -> None:
+        b = self.batch
+        if seq.num_cached_tokens + q == seq.num_tokens:
+            b.sample.append(len(b.seqs))
+        b.seqs.append(seq)
+        b.seq_lens.append(q)
+        self.chosen.add(id(seq))
+        self.used += q
+        if seq.priority and self.later is not None:
+            self.later -= q
+
+
 class Scheduler:
     def __init__(
         self,
@@ -87,8 +128,12 @@ class Scheduler:
         eos_token_id: int | Iterable[int] | None = None,
         groups: int = 1,
         static: str = "off",
+        yield_tokens: int = 0,
     ) -> None:
         self.budget = max_batch_tokens
+        # tokens a step for work of later priorities while interactive work is about; 0 = no cap
+        self.yield_tokens = yield_tokens
+        self.interactive_at = -YIELD_S  # monotonic time interactive work was last seen
         # With P pipeline stages, the running sequences split into P micro-batches in flight at
         # once, so every stage works on one while the others work on the rest.
         self.groups = groups
@@ -117,6 +162,7 @@ class Scheduler:
         # of setting off a micro-batch of its own (which would split the running set into ever
         # smaller steps, each paying a whole forward's fixed cost)
         self.steps = 0
+        self.formed = 0  # generate steps formed, ever: the clock of Sequence.turn
         self.preemptions = 0
 
     def __len__(self) -> int:
@@ -128,6 +174,8 @@ class Scheduler:
         seqs = list(seqs)
         for s in seqs:
             self._insert(s, first=False)
+        if any(s.interactive for s in seqs):
+            self.interactive_at = time.monotonic()
         self.tokens += sum(s.cost for s in seqs)
         self.arrived.set()
 
@@ -169,7 +217,7 @@ class Scheduler:
                 s for s in self.waiting if not (s.priority and s.arrived < old)
             )
             for s in aged:  # among priority 0 by arrival: they came before the later ones
-                s.priority = 0
+                s.priority, s.aged = 0, True
                 at = next(
                     (i for i, q in enumerate(w) if q.priority or q.arrived > s.arrived), len(w)
                 )
@@ -274,14 +322,19 @@ class Scheduler:
         return self._step()
 
     def take(self) -> MicroBatch:
-        """A one-shot batch from the head: one task, within the budget, a suspect alone."""
+        """A one-shot batch from the head: one task, within the budget (later priorities within
+        `yield_tokens` while interactive work is about), a suspect alone."""
         out: list[Sequence] = []
         used = 0
         now = time.time()
         task = self.waiting[0].task if self.waiting else ""
+        later = self._later_cap()
         while self.waiting and self.waiting[0].task == task:
             seq = self.waiting[0]
-            if out and (seq.suspect or out[0].suspect or used + seq.cost > self.budget):
+            over = used + seq.cost > self.budget
+            if seq.priority and later is not None:
+                over = over or later < seq.cost
+            if out and (seq.suspect or out[0].suspect or over):
                 break
             self.waiting.popleft()
             self.tokens -= seq.cost
@@ -292,6 +345,8 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 out.append(seq)
                 used += seq.cost
+                if seq.priority and later is not None:
+                    later -= seq.cost
         return MicroBatch(task, out)
 
     def _step(self) -> MicroBatch | None:
@@ -318,34 +373,65 @@ class Scheduler:
             ready = suspects[:1]
         elif self._suspect_first():
             ready = []  # a suspect at the head goes now, alone: running ones would starve it
-        # decodes first (their latency is what users see), then the prefills under way
-        ready.sort(key=lambda s: s.num_tokens - s.num_cached_tokens > 1)
+        # the most urgent first; within a priority decodes (their latency is what users see),
+        # the least recently stepped first, then the prefills under way in admission order
+        ready.sort(key=_order)
         share = -(-len(self.running) // self.groups)  # this group's part of the running set
         del ready[share:]
         batch = MicroBatch("generate", [], epoch=self.epoch)
-        chosen: set[int] = set()
-        used = 0
+        step = _Step(batch, self.budget, self._later_cap())
+        admit = not alone and not (self.static != "off" and self.running)
         for seq in ready:
+            if admit and not self._admit(step, now, below=seq.priority):
+                admit = False
             if seq.status is not Status.RUNNING:
                 continue  # preempted for another earlier in this pass
-            q = min(seq.num_tokens - seq.num_cached_tokens, self.budget - used)
+            q = min(seq.num_tokens - seq.num_cached_tokens, step.left(seq.priority))
             if q <= 0:
-                break
-            if not self._room(seq, chosen):
+                break  # the rest are of this priority or later: no room for them either
+            if not self._room(seq, step.chosen):
                 continue  # it was preempted itself
             self.bm.may_append(seq)
-            used += self._put(batch, seq, q, chosen)
-        admit = not alone and not (self.static != "off" and self.running)
-        while admit and self.waiting and not self.waiting[0].oneshot and used < self.budget:
+            step.put(seq, q)
+        if admit:
+            self._admit(step, now, below=None)
+        if not batch.seqs:
+            return None
+        self.formed += 1
+        for s in batch.seqs:
+            s.inflight = True
+            s.turn = self.formed
+        self.steps += 1
+        return batch
+
+    def _later_cap(self) -> int | None:
+        """Tokens this step may give work of a later priority than 0: `yield_tokens` while
+        interactive work is about (or was, YIELD_S ago), else no cap (None)."""
+        if not self.yield_tokens:
+            return None
+        now = time.monotonic()
+        head = self.waiting[0] if self.waiting else None
+        if (head is not None and head.interactive) or any(s.interactive for s in self.running):
+            self.interactive_at = now
+        return self.yield_tokens if now - self.interactive_at < YIELD_S else None
+
+    def _admit(self, step: _Step, now: float, below: int | None) -> bool:
+        """Waiting generate sequences into the step while it has room (only those more urgent
+        than `below`, when given). False once no more may join it (a suspect joined, or the head
+        does not fit), True when it stopped at `below`."""
+        while self.waiting and not self.waiting[0].oneshot:
             seq = self.waiting[0]
+            if below is not None and seq.priority >= below:
+                return True
             if seq.deadline is not None and seq.deadline <= now:
                 self.waiting.popleft()
                 self.tokens -= seq.cost
                 seq.status = Status.FINISHED
                 self.late.append(seq)
                 continue
-            if seq.suspect and batch.seqs:
-                break
+            q = min(seq.num_tokens - seq.num_cached_tokens, step.left(seq.priority))
+            if q <= 0 or (seq.suspect and step.batch.seqs):
+                return False
             if not self.bm.can_allocate(seq):
                 if not self.running:  # nothing holds a block: it can never fit
                     self.waiting.popleft()
@@ -353,21 +439,17 @@ class Scheduler:
                     seq.status = Status.FINISHED
                     self.unfit.append(seq)
                     continue
-                break
+                return False
             self.waiting.popleft()
             self.tokens -= seq.cost
             self.bm.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            q = min(seq.num_tokens - seq.num_cached_tokens, self.budget - used)
-            used += self._put(batch, seq, q, chosen)
-            alone = seq.suspect
-        if not batch.seqs:
-            return None
-        for s in batch.seqs:
-            s.inflight = True
-        self.steps += 1
-        return batch
+            # its prefix may have come from the cache: what is left to compute
+            step.put(seq, min(seq.num_tokens - seq.num_cached_tokens, step.left(seq.priority)))
+            if seq.suspect:
+                return False
+        return True
 
     def _suspect_first(self) -> bool:
         head = self.waiting[0] if self.waiting else None
@@ -386,14 +468,6 @@ class Scheduler:
             if not victims:
                 return
             self.preempt(max(reversed(victims), key=lambda s: s.priority))
-
-    def _put(self, batch: MicroBatch, seq: Sequence, q: int, chosen: set[int]) -> int:
-        if seq.num_cached_tokens + q == seq.num_tokens:
-            batch.sample.append(len(batch.seqs))
-        batch.seqs.append(seq)
-        batch.seq_lens.append(q)
-        chosen.add(id(seq))
-        return q
 
     def _room(self, seq: Sequence, chosen: set[int]) -> bool:
         """Blocks for every token of seq, preempting sequences not in flight (and not in this

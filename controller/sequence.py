@@ -103,6 +103,7 @@ class Sequence:
     attempts: int = 0  # runs lost before this one
     deadline: float | None = None  # wall-clock seconds
     priority: int = 0  # 0 first; higher waits, and may be preempted, for lower (scheduler.py)
+    aged: bool = False  # served as priority 0 for having waited (scheduler.AGE_S), not sent so
     truncated: bool = False  # embed: the text was cut to max_seq_length
     oneshot: bool = True  # runs once, whole (embed, echo); False: generates step by step
     num_prompt_tokens: int = -1  # -1: all of token_ids at creation
@@ -115,6 +116,7 @@ class Sequence:
     suspect: bool = False  # lost with a dying worker or a refused batch: its next step runs alone
     num_streamed: int = 0  # generated tokens already sent to the broker as `tokens` deltas
     filler: bool = False  # padded static batching: computes on after its job ended, unread
+    turn: int = 0  # the scheduler's step count when it last joined a step: least recent first
     arrived: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -157,6 +159,11 @@ class Sequence:
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    @property
+    def interactive(self) -> bool:
+        """Sent at priority 0, the interactive level (not aged into it)."""
+        return self.priority == 0 and not self.aged
 
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED

@@ -139,3 +139,23 @@ async def test_a_controller_message_past_the_limit_ends_its_lease(fleet) -> None
 
 def test_controller_kinds_include_its_refusals() -> None:
     assert Kind.ERROR in CONTROLLER_KINDS
+
+
+async def test_the_urgent_lane_sends_priority_0_jobs_past_the_credit_one_at_a_time(fleet) -> None:
+    broker, ctx = fleet
+    ctl = Ctl(ctx, broker.backend)
+    await ctl.ready()
+    broker.table.add([Job(f"b{i}", "echo", "t", "m", priority=1) for i in range(3)])
+    await ctl.say(Kind.CREDIT, n=0, bytes=0, urgent=1, epoch=1)  # no credit: nothing is sent
+    broker.table.add([Job(f"i{i}", "echo", "t", "m") for i in range(2)])
+    broker._dispatch()  # what a submit does after queueing
+    first = await ctl.hear(Kind.JOBS)
+    assert first.body["urgent"] is True and [j["id"] for j in first.body["jobs"]] == ["i0"]
+    await ctl.say(Kind.CREDIT, n=0, bytes=0, urgent=1, epoch=1)  # open again: the next one
+    second = await ctl.hear(Kind.JOBS)
+    assert [j["id"] for j in second.body["jobs"]] == ["i1"]
+    assert broker.table.queued == 3  # the batch jobs wait for credit
+    await ctl.say(Kind.CREDIT, n=0, bytes=0, urgent=99, epoch=1)  # past the bound: refused
+    await ctl.say(Kind.CREDIT, n=1, bytes=1000, epoch=1)
+    assert [j["id"] for j in (await ctl.hear(Kind.JOBS)).body["jobs"]] == ["b0"]
+    assert [c.urgent for c in broker.controllers.values()] == [0]

@@ -15,6 +15,7 @@ from broker.jobs import STARVE, Job, Table
 from broker.journal import Journal
 from broker.validation import Served, validate
 from controller import scheduler as sched
+from controller.block_manager import BlockManager
 from controller.sequence import Status
 from wire.limits import MAX_PRIORITY, Limits
 from wire.protocol import ProtocolError
@@ -82,8 +83,8 @@ def test_an_interactive_sequence_takes_a_batch_sequences_blocks():
     urgent = gen("i", 3, max_new=2, first=20)
     s.add([urgent])
     batch = s.schedule()
-    # b2 (the later admitted of the batch ones) gave its blocks; b1 decodes beside the newcomer
-    assert ids(batch) == ["b1", "i"] and s.preemptions == 1
+    # b2 (the later admitted of the batch ones) gave its blocks; b1 decodes after the newcomer
+    assert ids(batch) == ["i", "b1"] and s.preemptions == 1
     assert b2.status is Status.WAITING and list(s.waiting) == [b2]
     back(s, batch)
     # an interactive sequence is never preempted for a batch one at the head of the queue
@@ -126,3 +127,48 @@ async def test_an_interactive_job_overtakes_a_queued_batch_through_the_fleet():
             assert all(r.ok for r in rest)
     finally:
         fleet.stop()
+
+
+def test_an_interactive_prompt_joins_before_batch_prefills_under_way():
+    s = scheduler(budget=8, blocks=32, block_size=4)
+    long = gen("b", 20, max_new=2)
+    long.priority = 1
+    s.add([long])
+    back(s, s.schedule())  # 8 of its 20 prompt tokens: its prefill is under way
+    s.add([gen("i", 5, max_new=2, first=50)])
+    batch = s.schedule()
+    # the newcomer's whole prompt first, then what the budget leaves of the batch prefill
+    assert ids(batch) == ["i", "b"] and batch.seq_lens == [5, 3] and batch.sample == [0]
+
+
+def test_batch_work_keeps_to_yield_tokens_while_interactive_work_is_about():
+    s = sched.Scheduler(100, 0, BlockManager(64, 4), yield_tokens=2)
+    batch_seqs = [gen(f"b{k}", 3, max_new=50, first=10 * k) for k in range(4)]
+    for q in batch_seqs:
+        q.priority = 1
+    s.add(batch_seqs)
+    step = s.schedule()
+    assert ids(step) == ["b0", "b1", "b2", "b3"]  # no interactive work: no cap
+    back(s, step)
+    s.add([gen("i", 3, max_new=50, first=90)])
+    step = s.schedule()
+    assert ids(step) == ["i", "b0", "b1"] and step.seq_lens == [3, 1, 1]
+    back(s, step)
+    step = s.schedule()  # the batch ones that waited go next: none starves
+    assert ids(step) == ["i", "b2", "b3"]
+    back(s, step)
+    s.drop({"i"})  # interactive work gone, but recently: the cap holds a while
+    step = s.schedule()
+    assert ids(step) == ["b0", "b1"]
+    back(s, step)
+    s.interactive_at -= sched.YIELD_S
+    assert ids(s.schedule()) == ["b2", "b3", "b0", "b1"]
+
+
+def test_a_one_shot_batch_of_later_priority_keeps_to_yield_tokens():
+    s = sched.Scheduler(100, 0, yield_tokens=4)
+    s.add([item(f"b{k}", 2, priority=1) for k in range(6)])
+    assert ids(s.take()) == [f"b{k}" for k in range(6)]  # nothing interactive seen: whole budget
+    s.add([item("i", 2)] + [item(f"c{k}", 2, priority=1) for k in range(6)])
+    assert ids(s.take()) == ["i", "c0", "c1"]  # interactive first, then 4 later tokens
+    assert ids(s.take()) == ["c2", "c3"]
