@@ -38,7 +38,7 @@ from controller.tasks import (
     Codec,
     Generate,
     Task,
-    generation_info,
+    bounds,
     model_info,
     tasks_of,
 )
@@ -236,9 +236,8 @@ class Controller:
             "pid": os.getpid(),
             "replica": self.replica,
             "state": self.state,
+            **bounds(self.info),
         }
-        if (gen := generation_info(self.info)) is not None:
-            body["generation"] = gen
         self.tell(Kind.READY, body)
         self._top_up()
 

@@ -105,7 +105,7 @@ def test_embeddings_equal_the_zeromq_clients(small_fleet: Fleet) -> None:
         ({"model": MODEL, "input": []}, "input"),
         ({"model": MODEL, "input": ""}, "input"),  # empty string: the broker's empty_text
         ({"model": MODEL, "input": ["a", "  "]}, "input"),
-        ({"model": MODEL, "input": [[1, 2, 3]]}, "input"),  # token ids: embeddings take text
+        ({"model": MODEL, "input": [[1, 2, 3], "x"]}, "input"),  # token ids and a text
         ({"model": MODEL, "input": "x", "encoding_format": "hex"}, "encoding_format"),
         ({"model": MODEL, "input": "x", "dimensions": 8}, "dimensions"),
         ({"model": 3, "input": "x"}, "model"),
