@@ -315,6 +315,7 @@ class Broker:
             # one region per host, however many workers and replicas map it
             "pool_bytes": max((c.pool_bytes for c in ctrls), default=0),
             "jobs": self.table.summary(),
+            "queue_time": self.table.queue_time.state(),
             "unread_bytes": self.outbox.bytes(),
             "admitting": self.admission.admitting,
             "journal": self.journal.health(),

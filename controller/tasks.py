@@ -203,6 +203,14 @@ class Generate(Task):
         return entry
 
 
+def timed(entry: dict[str, Any], seq: Sequence) -> dict[str, Any]:
+    """A result entry with `queued_s`, the seconds the job waited here before its first batch
+    (absent if it never had one); the broker adds its own wait and keeps the figure."""
+    if (waited := seq.queued_s) is not None:
+        entry["queued_s"] = waited
+    return entry
+
+
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Embed, Echo, Generate)}
 
 
