@@ -6,15 +6,19 @@ text's, and sentence-transformers'."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import openai
 import pytest
 import torch
+import zmq.asyncio
 from conftest import dealer
 from corpus import reference
 from test_gateway import MODEL, TEXTS, assert_openai_error, call, oai
+from test_generation_wire import WAIT_S, Ctl, RawClient, start, stop
 
 from baton.client import BlockingClient, Result
 from baton.launch import Fleet
@@ -81,6 +85,52 @@ def test_without_the_encoders_bounds_the_controller_checks_the_vocabulary() -> N
     bare = {"enc": V.Served(frozenset({"embed"}))}
     raw = {"task": "embed", "token_ids": [10**6]}
     assert V.validate(raw, bare, "enc", LIMITS).token_ids == [10**6]
+
+
+async def encoder_ready(ctl: Ctl) -> None:
+    await ctl.say(
+        Kind.READY,
+        model="enc",
+        tasks=["embed", "echo"],
+        layout={},
+        workers=[],
+        pid=1,
+        embedding={"vocab_size": 100},
+    )
+
+
+async def test_the_broker_checks_an_encoders_ready_bounds_and_journals_the_ids(
+    tmp_path: Path,
+) -> None:
+    ctx = zmq.asyncio.Context()
+    try:
+        broker, journal, running = await start(tmp_path, ctx)
+        ctl, client = Ctl(ctx, broker.backend), RawClient(ctx, broker.endpoint)
+        try:
+            await encoder_ready(ctl)
+            await asyncio.wait_for(broker.registered.wait(), WAIT_S)
+            good = {"id": "e1", "task": "embed", "token_ids": [1, 2, 99]}
+            bad = {"id": "e2", "task": "embed", "token_ids": [1, 100]}
+            assert await client.submit(good, bad) == ["e1"]
+            [refused] = (await client.hear(Kind.RESULTS)).body["results"]
+            assert refused["error"]["code"] == Code.TOKEN_OUT_OF_RANGE
+            [sent] = await ctl.take(1)
+            assert sent["token_ids"] == [1, 2, 99] and "text" not in sent
+        finally:
+            ctl.close()
+            client.sock.close(0)
+            await stop(broker, journal, running)
+        broker, journal, running = await start(tmp_path, ctx)  # the same journal: e1 again
+        ctl = Ctl(ctx, broker.backend)
+        try:
+            await encoder_ready(ctl)
+            [again] = await ctl.take(1)
+            assert again["id"] == "e1" and again["token_ids"] == [1, 2, 99]
+        finally:
+            ctl.close()
+            await stop(broker, journal, running)
+    finally:
+        ctx.destroy(0)
 
 
 # --- through a fleet ---
