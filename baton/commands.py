@@ -123,8 +123,8 @@ def _problem(job: object, n: int) -> str | None:
         return f"line {n}: field {bad!r} is not valid Unicode (a lone surrogate)"
     if not isinstance(job.get("id"), str) or not job["id"]:
         return f"line {n}: field 'id' must be a non-empty string"
-    if job.get("task") == "generate" and "token_ids" in job:
-        # a prompt of token ids; the broker checks them (and that there is no text too)
+    if job.get("task") in ("generate", "embed") and "token_ids" in job:
+        # an input of token ids; the broker checks them (and that there is no text too)
         if not isinstance(job["token_ids"], list):
             return f"line {n}: field 'token_ids' must be a list of integers"
     elif not isinstance(job.get("text"), str):

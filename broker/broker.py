@@ -82,6 +82,7 @@ class Controller:
     tasks: frozenset[str]
     layout: dict[str, int]
     generation: V.Generation | None = None  # a decoder's bounds, from its `ready`
+    embedding: V.Embedding | None = None  # an encoder's bounds, likewise
     workers: list[dict[str, Any]] = field(default_factory=list)
     pid: int | None = None
     replica: int = 0  # which of the fleet's data-parallel copies (parallel.replicas)
@@ -203,7 +204,9 @@ class Broker:
 
     def _submit(self, peer: Peer, msg: Message) -> None:
         ident, owner, ref = peer.ident, peer.user, msg.body.get("ref")
-        served = {c.model: V.Served(c.tasks, c.generation) for c in self.controllers.values()}
+        served = {
+            c.model: V.Served(c.tasks, c.generation, c.embedding) for c in self.controllers.values()
+        }
         admitted = self.admission.submit(msg.body, served, ident, owner)
         if admitted.fresh:
             self.table.add(admitted.fresh)
@@ -316,6 +319,7 @@ class Broker:
             # one region per host, however many workers and replicas map it
             "pool_bytes": max((c.pool_bytes for c in ctrls), default=0),
             "jobs": self.table.summary(),
+            "queue_time": self.table.queue_time.state(),
             "unread_bytes": self.outbox.bytes(),
             "admitting": self.admission.admitting,
             "journal": self.journal.health(),
@@ -394,6 +398,7 @@ class Broker:
             frozenset(get(b, "tasks", list)),
             get(b, "layout", dict),
             _generation(get(b, "generation", dict, None)),
+            _embedding(get(b, "embedding", dict, None)),
             get(b, "workers", list, []),
             get(b, "pid", int, None),
             replica=get(b, "replica", int, 0),
@@ -580,6 +585,11 @@ def _generation(info: dict[str, Any] | None) -> V.Generation | None:
         return None
     eos = get(info, "eos_token_id", int, None)
     return V.Generation(get(info, "vocab_size", int), get(info, "max_positions", int), eos)
+
+
+def _embedding(info: dict[str, Any] | None) -> V.Embedding | None:
+    """An encoder controller's `ready` "embedding" (absent for decoders)."""
+    return None if info is None else V.Embedding(get(info, "vocab_size", int))
 
 
 def _is_delta(d: Any) -> bool:

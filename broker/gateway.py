@@ -33,7 +33,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from baton.client import Client
+from baton.client import Client, prompt_job
 from broker import openai_api as api
 from broker.metrics import Metrics
 from broker.openai_api import ApiError, CompletionRequest
@@ -131,7 +131,7 @@ class Gateway:
         ids = [uuid.uuid4().hex for _ in req.texts]
         t0 = time.monotonic()
         futures = await self.client.submit(
-            {"id": i, "task": "embed", "text": t, "model": req.model, "priority": req.priority}
+            prompt_job("embed", t, id=i, model=req.model, priority=req.priority)
             for i, t in zip(ids, req.texts, strict=True)
         )
         pending = set(futures)
@@ -151,7 +151,8 @@ class Gateway:
             if f.done() and not f.result().ok:
                 error = f.result().error
                 self.metrics.failed(error)
-                raise api.job_error(error, f"input[{k}]: " if len(futures) > 1 else "")
+                where = f"input[{k}]: " if len(futures) > 1 else ""
+                raise api.job_error(error, where, "input")
         results = [f.result() for f in futures]
         tokens = sum(r.tokens for r in results)
         self.metrics.embedded(len(results), tokens, time.monotonic() - t0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import secrets
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from broker.buckets import LATENCY_BUCKETS, Buckets, seconds
 from broker.journal import Journal, Row
 from wire.protocol import Code, job_size
 
@@ -52,6 +54,10 @@ class Job:
     owner: str | None = None  # the CURVE key (z85) that submitted it; None on an open endpoint
     token_ids: list[int] | None = None  # a generate job's prompt, when given as tokens
     params: dict[str, Any] | None = None  # a generate job's sampling fields, defaults filled in
+    # monotonic seconds: accepted here (or read back from the journal at start), last handed
+    # to a controller; with the controller's wait, its queue time
+    accepted_at: float = field(default_factory=time.monotonic)
+    taken_at: float = 0.0
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -138,6 +144,8 @@ class Table:
         # since the broker started; `retried`: runs lost to a dead worker or controller and queued
         # again (each job may count more than once)
         self.counts = {"accepted": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
+        # seconds from acceptance to the controller first scheduling the run that answered
+        self.queue_time = Buckets(LATENCY_BUCKETS)
         self.queued = 0
         self.queued_bytes = 0
         self.running = 0
@@ -241,6 +249,7 @@ class Table:
         levels = self.queues.get(model)
         out: list[Job] = []
         left = nbytes
+        now = time.monotonic()
         full = False
         while levels and len(out) < n and not full:
             if priority is None:
@@ -266,6 +275,7 @@ class Table:
                 self._unqueue(job)
                 job.state = State.RUNNING
                 job.controller = controller
+                job.taken_at = now
                 out.append(job)
                 turn -= 1
                 self.served[model] = self.served.get(model, 0) + 1
@@ -295,7 +305,10 @@ class Table:
         embedding: torch.Tensor | None,
         controller: bytes | None,
     ) -> Job | None:
-        """Record a job's end; None for a late or duplicate completion, which is dropped."""
+        """Record a job's end; None for a late or duplicate completion, which is dropped. The
+        controller's `queued_s` (its wait before it first scheduled the job) leaves the entry
+        here, counted into `queue_time` once per job, never sent on or journaled."""
+        waited = seconds(entry.pop("queued_s", None))
         job = self.jobs.get(jid)
         if (
             job is None
@@ -304,6 +317,9 @@ class Table:
         ):
             return None
         self.running -= 1
+        if waited is not None:
+            # the broker's part is in its own clock, the controller's in its: durations only
+            self.queue_time.observe(job.taken_at - job.accepted_at + waited)
         self._end(job, entry, embedding)
         return job
 

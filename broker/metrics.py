@@ -19,15 +19,18 @@ from prometheus_client import (
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
+from prometheus_client.utils import floatToGoString
+
+from broker.buckets import LATENCY_BUCKETS
 
 # each counter's `_created` twin is noise to a scraper that has its own clock
 disable_created_metrics()
 
-# vLLM's buckets for the same histograms
-LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+# vLLM's buckets for the same histograms (LATENCY_BUCKETS: broker/buckets.py)
 TTFT_BUCKETS = (
     0.001,
     0.005,
@@ -92,6 +95,7 @@ class Fleet:
             "baton:batch_tokens: the padding ratio padding-free execution saves).",
             value=padded,
         )
+        yield queue_time(self.status.get("queue_time") or {})
         journal = self.status.get("journal") or {}
         yield SummaryMetricFamily(
             "baton:journal_commit_latency_seconds",
@@ -104,6 +108,21 @@ class Fleet:
             "Journal writes waiting for their commit (grows while the disk fails).",
             value=journal.get("pending", 0),
         )
+
+
+def queue_time(state: dict[str, Any]) -> HistogramMetricFamily:
+    """The broker's queue-time histogram (broker/buckets.py's `state`) as Prometheus'."""
+    le, counts = state.get("le") or [], state.get("buckets") or []
+    return HistogramMetricFamily(
+        "baton:request_queue_time_seconds",
+        "Seconds from the broker's acceptance of a job to the controller first scheduling the "
+        "run that answered it (every client's jobs, each once).",
+        buckets=[
+            *((floatToGoString(b), c) for b, c in zip(le, counts, strict=True)),
+            ("+Inf", state.get("count", 0)),
+        ],
+        sum_value=state.get("sum", 0.0),
+    )
 
 
 class Metrics:

@@ -75,6 +75,16 @@ PARAMS = {  # the field a job error is about, in the request's terms
     Code.UNKNOWN_MODEL: "model",
     Code.UNKNOWN_TASK: "model",
 }
+# codes about a job's input, whatever the request calls it (`prompt`, `input`)
+INPUT_CODES = frozenset(
+    {
+        Code.EMPTY_TEXT,
+        Code.TEXT_TOO_LONG,
+        Code.EMPTY_PROMPT,
+        Code.PROMPT_TOO_LONG,
+        Code.TOKEN_OUT_OF_RANGE,
+    }
+)
 RENAMED = {  # Baton's code -> OpenAI's, where OpenAI has one for the same thing
     Code.UNKNOWN_MODEL: "model_not_found",
     Code.TEXT_TOO_LONG: "context_length_exceeded",
@@ -83,8 +93,11 @@ RENAMED = {  # Baton's code -> OpenAI's, where OpenAI has one for the same thing
 }
 
 
-def job_error(error: dict[str, Any] | None, where: str = "") -> ApiError:
-    """A job's `{"code", "message", "retry_after_ms"?}` as the HTTP error it stands for."""
+def job_error(
+    error: dict[str, Any] | None, where: str = "", input_param: str | None = None
+) -> ApiError:
+    """A job's `{"code", "message", "retry_after_ms"?}` as the HTTP error it stands for;
+    `input_param` names the request's input field for the codes about it (else PARAMS)."""
     error = error or {}
     code = str(error.get("code", Code.INTERNAL))
     status, kind = STATUS.get(code, (500, "server_error"))
@@ -96,7 +109,7 @@ def job_error(error: dict[str, Any] | None, where: str = "") -> ApiError:
         status,
         f"{where}{error.get('message') or code}",
         kind,
-        PARAMS.get(code),
+        input_param if input_param is not None and code in INPUT_CODES else PARAMS.get(code),
         RENAMED.get(code, code),
         retry,
     )
@@ -117,6 +130,10 @@ def read_json(raw: bytes) -> dict[str, Any]:
 
 def _is_int(v: Any) -> bool:
     return type(v) is int
+
+
+def _token_ids(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(t) for t in v)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float:
@@ -148,7 +165,8 @@ def _refuse_unsupported(body: dict, fields: dict[str, Any]) -> None:
 @dataclass(slots=True)
 class EmbeddingRequest:
     model: str
-    texts: list[str]
+    # each input: a text, or token ids of the model's own tokenizer taken as the whole input
+    texts: list[str | list[int]]
     base64: bool
     priority: int = 0
 
@@ -166,16 +184,22 @@ def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
     raw = body.get("input")
     if raw is None:
         raise bad("'input' is required: a string or a list of strings", "input")
+    texts: list[str | list[int]]
     if isinstance(raw, str):
         texts = [raw]
     elif isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
-        texts = raw
-    elif isinstance(raw, list) and raw and all(_is_int(t) or isinstance(t, list) for t in raw):
-        # an embedding job carries text: the encoder's tokenizer adds its own special tokens and
-        # truncation, which token ids of some other tokenizer would bypass
-        raise bad("'input' as token ids is not supported for embeddings: send text", "input")
+        texts = list(raw)
+    elif isinstance(raw, list) and raw and all(_is_int(t) for t in raw):
+        texts = [raw]
+    elif isinstance(raw, list) and raw and all(_token_ids(t) for t in raw):
+        # an empty list among them is the broker's empty_text, as an empty string is
+        texts = list(raw)
     else:
-        raise bad("'input' must be a non-empty string or a non-empty list of strings", "input")
+        raise bad(
+            "'input' must be a non-empty string, a list of strings, a list of token ids or a "
+            "list of lists of token ids",
+            "input",
+        )
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")

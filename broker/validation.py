@@ -15,6 +15,7 @@ from wire.protocol import Code, ProtocolError
 MAX_ID_CHARS = 256
 MAX_SEED = 2**63
 FIELDS = frozenset({"id", "task", "text", "model", "deadline_ms", "priority"})
+EMBED_FIELDS = FIELDS | {"token_ids"}
 # a generate job's sampling fields, with their defaults (docs/protocol.md)
 PARAMS: dict[str, Any] = {
     "max_new_tokens": 16,
@@ -37,21 +38,30 @@ class Generation:
     eos_token_id: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    """An encoder's bounds, from its controller's `ready`."""
+
+    vocab_size: int
+
+
 @dataclass(slots=True)
 class Served:
-    """What one model offers: its tasks and, for a decoder, its generation bounds (from its
-    controller's `ready`; None for encoders, or a controller that does not say)."""
+    """What one model offers: its tasks and its bounds (from its controller's `ready`): a
+    decoder's generation bounds, an encoder's embedding bounds; None where the controller
+    does not say."""
 
     tasks: frozenset[str]
     generation: Generation | None = None
+    embedding: Embedding | None = None
 
 
 def validate(raw: Any, models: dict[str, Served], default_model: str, limits: Limits) -> Job:
     """One job of a `submit`, checked field by field; raises ProtocolError naming what is wrong."""
     if not isinstance(raw, dict):
         raise ProtocolError(Code.BAD_FIELD, f"a job must be a map, not {type(raw).__name__}")
-    generate = raw.get("task") == "generate"
-    unknown = set(raw) - (GENERATE_FIELDS if generate else FIELDS)
+    generate, embed = raw.get("task") == "generate", raw.get("task") == "embed"
+    unknown = set(raw) - (GENERATE_FIELDS if generate else EMBED_FIELDS if embed else FIELDS)
     if unknown:
         raise ProtocolError(
             Code.BAD_FIELD, f"unknown job field(s): {', '.join(sorted(map(str, unknown)))}"
@@ -69,7 +79,7 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, limits: Li
     task, text = raw.get("task"), raw.get("text")
     if not isinstance(task, str):
         raise ProtocolError(Code.BAD_FIELD, "field 'task' must be a string")
-    if not generate and not isinstance(text, str):
+    if not (generate or embed) and not isinstance(text, str):
         raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
     served = _served(models, model, task)
     deadline = _deadline(raw)
@@ -86,7 +96,14 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, limits: Li
         job = _generate(raw, jid, model, served, limits, deadline)
         job.priority = priority
         return job
-    assert isinstance(text, str)
+    if embed and (text is None) == (raw.get("token_ids") is None):
+        raise ProtocolError(
+            Code.BAD_FIELD, "an embed job takes exactly one of 'text' and 'token_ids'"
+        )
+    if text is None:
+        return _embed_ids(raw["token_ids"], jid, model, served, limits, deadline, priority)
+    if not isinstance(text, str):
+        raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
     if not text.strip():
         raise ProtocolError(Code.EMPTY_TEXT, "field 'text' is empty")
     if len(text) > limits.max_text_chars:
@@ -149,11 +166,11 @@ def _generate(
             )
         prompt = 1  # at least one token once tokenized
     else:
-        _token_list(token_ids, "token_ids", limits.max_text_chars, vocab)
+        _token_list(token_ids, "token_ids", limits.max_text_chars, vocab, Code.PROMPT_TOO_LONG)
         if not token_ids:
             raise ProtocolError(Code.EMPTY_PROMPT, "field 'token_ids' is empty")
         prompt = len(token_ids)
-    _token_list(params["stop_token_ids"], "stop_token_ids", MAX_STOP_TOKENS, vocab)
+    _token_list(params["stop_token_ids"], "stop_token_ids", MAX_STOP_TOKENS, vocab, Code.BAD_FIELD)
     if gen is not None and prompt + params["max_new_tokens"] > gen.max_positions:
         raise ProtocolError(
             Code.PROMPT_TOO_LONG,
@@ -162,6 +179,27 @@ def _generate(
         )
     job = Job(jid, "generate", text or "", model, deadline=deadline)
     job.token_ids, job.params = token_ids, params
+    return job
+
+
+def _embed_ids(
+    token_ids: Any,
+    jid: str,
+    model: str,
+    served: Served,
+    limits: Limits,
+    deadline: float | None,
+    priority: int,
+) -> Job:
+    """An embed job whose input came as token ids: the codes are the text path's (empty_text,
+    text_too_long), since it is the same input in another form. Longer than the model's
+    max_seq_length is not refused: the controller truncates it as it truncates a text."""
+    vocab = served.embedding.vocab_size if served.embedding is not None else None
+    _token_list(token_ids, "token_ids", limits.max_text_chars, vocab, Code.TEXT_TOO_LONG)
+    if not token_ids:
+        raise ProtocolError(Code.EMPTY_TEXT, "field 'token_ids' is empty")
+    job = Job(jid, "embed", "", model, deadline=deadline, priority=priority)
+    job.token_ids = token_ids
     return job
 
 
@@ -206,14 +244,13 @@ def _float(raw: dict[str, Any], name: str, ok: Any, what: str) -> float:
     return value
 
 
-def _token_list(value: Any, name: str, most: int, vocab: int | None) -> None:
-    """A list of token ids: at most `most` of them, each in [0, vocab) when the vocabulary is
-    known (and never negative)."""
+def _token_list(value: Any, name: str, most: int, vocab: int | None, too_many: Code) -> None:
+    """A list of token ids: at most `most` of them (else `too_many`), each in [0, vocab) when
+    the vocabulary is known (and never negative)."""
     if not isinstance(value, list):
         raise ProtocolError(Code.BAD_FIELD, f"field {name!r} must be a list of integers")
     if len(value) > most:
-        code = Code.PROMPT_TOO_LONG if name == "token_ids" else Code.BAD_FIELD
-        raise ProtocolError(code, f"field {name!r} has {len(value)} items; at most {most}")
+        raise ProtocolError(too_many, f"field {name!r} has {len(value)} items; at most {most}")
     if not all(type(t) is int for t in value):
         raise ProtocolError(Code.BAD_FIELD, f"field {name!r} must be a list of integers")
     if value and (min(value) < 0 or (vocab is not None and max(value) >= vocab)):

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ from controller.tasks import (
     Codec,
     Generate,
     Task,
-    generation_info,
+    bounds,
     model_info,
     tasks_of,
+    timed,
 )
 from wire.protocol import (
     Code,
@@ -240,9 +242,8 @@ class Controller:
             "pid": os.getpid(),
             "replica": self.replica,
             "state": self.state,
+            **bounds(self.info),
         }
-        if (gen := generation_info(self.info)) is not None:
-            body["generation"] = gen
         self.tell(Kind.READY, body)
         self._top_up()
         self.tell(Kind.CREDIT, {"n": 0, "bytes": 0, "urgent": URGENT})
@@ -435,6 +436,7 @@ class Controller:
     def _accept(self, jobs: list[dict[str, Any]], urgent: bool = False) -> None:
         """Jobs from the broker: under our credit, or (`urgent`) a priority-0 job through the
         urgent lane, which is opened again at once for the next one."""
+        arrived = time.monotonic()  # before tokenizing: that is waiting too
         sizes = [job_bytes(j) for j in jobs]
         self.held += len(jobs)
         if urgent:
@@ -456,6 +458,8 @@ class Controller:
             for k, got in zip(ks, task.admit([jobs[k] for k in ks]), strict=True):
                 admitted[k] = got
         seqs = [a for a in admitted if isinstance(a, Sequence)]
+        for s in seqs:
+            s.arrived = arrived
         refused = [(j, a) for j, a in zip(jobs, admitted, strict=True) if isinstance(a, Refusal)]
         if refused:
             self.results([failure(j["id"], r.code, r.message) for j, r in refused], None)
@@ -468,7 +472,7 @@ class Controller:
 
     def fail(self, seqs: list[Sequence], code: Code | str, message: str) -> None:
         if seqs:
-            self.results([failure(s.id, code, message) for s in seqs], None)
+            self.results([timed(failure(s.id, code, message), s) for s in seqs], None)
             self._done(len(seqs))
 
     def results(self, entries: list[dict[str, Any]], emb: Any) -> None:
@@ -527,6 +531,10 @@ class Controller:
                 if batch.oneshot or batch.epoch == self.sched.epoch:
                     break
                 # formed before a restart took the KV back: its sequences are queued again
+            now = time.monotonic()
+            for s in batch.seqs:  # a generate sequence: the step that starts its prefill
+                if s.scheduled is None:
+                    s.scheduled = now
             if await self.pipe.send(batch) is None:
                 self.sched.landed(batch)  # every sequence of it was cancelled meanwhile
             self._top_up()
@@ -541,7 +549,9 @@ class Controller:
     def _finish_oneshot(self, landed: Landed) -> None:
         mb, emb = landed.flight.batch, landed.emb
         task = self.tasks[mb.task]
-        entries = [task.result(s, k if emb is not None else None) for k, s in enumerate(mb.seqs)]
+        entries = [
+            timed(task.result(s, k if emb is not None else None), s) for k, s in enumerate(mb.seqs)
+        ]
         self._executed(mb.seqs)
         self.results(entries, emb.float() if emb is not None else None)
         self._done(len(entries))
@@ -554,7 +564,7 @@ class Controller:
         if finished:
             task = self.tasks["generate"]
             self._executed(finished)
-            self.results([task.result(s) for s in finished], None)
+            self.results([timed(task.result(s), s) for s in finished], None)
             self._done(len(finished))
 
     def _executed(self, seqs: list[Sequence]) -> None:

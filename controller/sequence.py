@@ -118,6 +118,7 @@ class Sequence:
     filler: bool = False  # padded static batching: computes on after its job ended, unread
     turn: int = 0  # the scheduler's step count when it last joined a step: least recent first
     arrived: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None  # monotonic: its first batch (or step) went into the pipeline
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -167,3 +168,8 @@ class Sequence:
 
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def queued_s(self) -> float | None:
+        """Seconds it waited here before its first batch; None while it has had none."""
+        return None if self.scheduled is None else self.scheduled - self.arrived

@@ -61,6 +61,15 @@ class Task:
     def result(self, seq: Sequence, row: int | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _inputs(self, jobs: list[dict[str, Any]]) -> list[Encoded | Refusal]:
+        """Each job's input as token ids: its `token_ids` as sent (for the task to check), or
+        its text tokenized (one batched call for all of them)."""
+        encoded = iter(self._texts([j for j in jobs if "token_ids" not in j]))
+        return [
+            Encoded(j["token_ids"], truncated=False) if "token_ids" in j else next(encoded)
+            for j in jobs
+        ]
+
     def _texts(self, jobs: list[dict[str, Any]]) -> list[Encoded | Refusal]:
         """Each job's text tokenized (one batched call), or why it cannot be."""
         out: list[Encoded | Refusal | None] = [None] * len(jobs)
@@ -79,6 +88,19 @@ class Task:
         return out  # type: ignore[return-value]
 
 
+def checked_ids(ids: Any, vocab: int, empty: Code) -> list[int]:
+    """Token ids as a job sent them, checked again here (the broker may not have known the
+    vocabulary): ints, at least one (else `empty`), each in [0, vocab)."""
+    if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+        raise Refusal(str(Code.BAD_FIELD), "token_ids must be a list of ints")
+    if not ids:
+        raise Refusal(str(empty), "token_ids is empty")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise Refusal(str(Code.TOKEN_OUT_OF_RANGE), f"token id {bad} is outside [0, {vocab})")
+    return list(ids)
+
+
 def _seq(j: dict[str, Any], task: str, ids: list[int], **kw: Any) -> Sequence:
     return Sequence(
         j["id"],
@@ -95,10 +117,24 @@ class Embed(Task):
     name = "embed"
 
     def admit(self, jobs: list[dict[str, Any]]) -> list[Sequence | Refusal]:
-        return [
-            e if isinstance(e, Refusal) else _seq(j, self.name, e.ids, truncated=e.truncated)
-            for j, e in zip(jobs, self._texts(jobs), strict=True)
-        ]
+        out: list[Sequence | Refusal] = []
+        for j, e in zip(jobs, self._inputs(jobs), strict=True):
+            if not isinstance(e, Refusal) and "token_ids" in j:
+                e = self._ids(e.ids)
+            out.append(
+                e if isinstance(e, Refusal) else _seq(j, self.name, e.ids, truncated=e.truncated)
+            )
+        return out
+
+    def _ids(self, ids: Any) -> Encoded | Refusal:
+        """Token ids taken as the whole input, special tokens as sent; past max_seq_length
+        they are cut and flagged, as a text is (its end, [SEP] included, is what goes)."""
+        try:
+            ids = checked_ids(ids, self.model.vocab_size, Code.EMPTY_TEXT)
+        except Refusal as r:
+            return r
+        keep = self.model.max_seq_length
+        return Encoded(ids[:keep], truncated=len(ids) > keep)
 
     def result(self, seq: Sequence, row: int | None = None) -> dict[str, Any]:
         entry = {"id": seq.id, "status": "ok", "tokens": seq.num_tokens, "truncated": seq.truncated}
@@ -128,35 +164,19 @@ class Generate(Task):
         self.kv_tokens = 0  # tokens the KV cache holds (0 = not known yet); set by the controller
 
     def admit(self, jobs: list[dict[str, Any]]) -> list[Sequence | Refusal]:
-        texts = [j for j in jobs if "token_ids" not in j]
-        encoded = iter(self._texts(texts))
         out: list[Sequence | Refusal] = []
-        for j in jobs:
+        for j, e in zip(jobs, self._inputs(jobs), strict=True):
             try:
-                if "token_ids" in j:
-                    ids = j["token_ids"]
-                else:
-                    e = next(encoded)
-                    if isinstance(e, Refusal):
-                        raise e
-                    ids = e.ids
-                out.append(self.check(j, ids))
+                if isinstance(e, Refusal):
+                    raise e
+                out.append(self.check(j, e.ids))
             except Refusal as r:
                 out.append(r)
         return out
 
     def check(self, j: dict[str, Any], ids: Any) -> Sequence:
         """The prompt and its parameters, checked against the model and the KV cache."""
-        if not isinstance(ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in ids
-        ):
-            raise Refusal(str(Code.BAD_FIELD), "token_ids must be a list of ints")
-        if not ids:
-            raise Refusal(str(Code.EMPTY_PROMPT), "the prompt has no tokens")
-        vocab = self.model.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise Refusal(str(Code.TOKEN_OUT_OF_RANGE), f"token id {bad} is outside [0, {vocab})")
+        ids = checked_ids(ids, self.model.vocab_size, Code.EMPTY_PROMPT)
         params = SamplingParams.parse(j.get("params"))
         need = len(ids) + params.max_new_tokens
         if need > self.model.max_position:
@@ -171,7 +191,7 @@ class Generate(Task):
                 f"{len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the "
                 f"KV cache's {self.kv_tokens} tokens (raise kv.memory)",
             )
-        return _seq(j, self.name, list(ids), params=params, oneshot=False)
+        return _seq(j, self.name, ids, params=params, oneshot=False)
 
     def result(self, seq: Sequence, row: int | None = None) -> dict[str, Any]:
         ids = seq.completion_token_ids
@@ -183,6 +203,14 @@ class Generate(Task):
         return entry
 
 
+def timed(entry: dict[str, Any], seq: Sequence) -> dict[str, Any]:
+    """A result entry with `queued_s`, the seconds the job waited here before its first batch
+    (absent if it never had one); the broker adds its own wait and keeps the figure."""
+    if (waited := seq.queued_s) is not None:
+        entry["queued_s"] = waited
+    return entry
+
+
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Embed, Echo, Generate)}
 
 
@@ -192,12 +220,15 @@ def tasks_of(model: ModelInfo, codec: Codec) -> dict[str, Task]:
     return {n: TASKS[n](model, codec) for n in names}
 
 
-def generation_info(model: ModelInfo) -> dict[str, Any] | None:
-    """The "generation" entry of the controller's `ready`; None for an encoder."""
+def bounds(model: ModelInfo) -> dict[str, Any]:
+    """What the controller's `ready` tells the broker to check jobs against: a decoder's
+    "generation", an encoder's "embedding"."""
     if not model.decoder:
-        return None
+        return {"embedding": {"vocab_size": model.vocab_size}}
     return {
-        "vocab_size": model.vocab_size,
-        "max_positions": model.max_position,
-        "eos_token_id": model.eos_token_id,
+        "generation": {
+            "vocab_size": model.vocab_size,
+            "max_positions": model.max_position,
+            "eos_token_id": model.eos_token_id,
+        }
     }

@@ -33,6 +33,7 @@ def test_submit_writes_one_row_per_id(small_fleet: Fleet, tmp_path: Path) -> Non
         {"id": "d", "task": "no-such-task", "text": "hello"},
         {"id": "e", "task": "embed", "text": "word "},
         {"id": "long", "task": "embed", "text": "token " * 600},
+        {"id": "ids", "task": "embed", "token_ids": [101, 2773, 102]},  # [CLS] word [SEP]
     ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(j) + "\n" for j in jobs) + "not json\n")
@@ -41,13 +42,14 @@ def test_submit_writes_one_row_per_id(small_fleet: Fleet, tmp_path: Path) -> Non
     )
     assert done.returncode == 0, done.stderr
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {"a", "b", "c", "d", "e", "long", "line-7"}
-    for i in ("a", "b", "e", "long"):
+    assert set(rows) == {"a", "b", "c", "d", "e", "long", "ids", "line-8"}
+    for i in ("a", "b", "e", "long", "ids"):
         assert rows[i]["status"] == "ok" and len(rows[i]["embedding"]) == 384
     assert rows["long"]["truncated"] is True
+    assert rows["ids"]["tokens"] == 3
     assert rows["c"]["error"]["code"] == "empty_text"
     assert rows["d"]["error"]["code"] == "unknown_task"
-    assert rows["line-7"]["status"] == "error"
+    assert rows["line-8"]["status"] == "error"
 
 
 def test_status_json(small_fleet: Fleet) -> None:

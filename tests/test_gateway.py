@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -105,7 +106,7 @@ def test_embeddings_equal_the_zeromq_clients(small_fleet: Fleet) -> None:
         ({"model": MODEL, "input": []}, "input"),
         ({"model": MODEL, "input": ""}, "input"),  # empty string: the broker's empty_text
         ({"model": MODEL, "input": ["a", "  "]}, "input"),
-        ({"model": MODEL, "input": [[1, 2, 3]]}, "input"),  # token ids: embeddings take text
+        ({"model": MODEL, "input": [[1, 2, 3], "x"]}, "input"),  # token ids and a text
         ({"model": MODEL, "input": "x", "encoding_format": "hex"}, "encoding_format"),
         ({"model": MODEL, "input": "x", "dimensions": 8}, "dimensions"),
         ({"model": 3, "input": "x"}, "model"),
@@ -179,6 +180,42 @@ def test_models_health_and_metrics(small_fleet: Fleet) -> None:
     assert samples["baton:worker_restarts_total", ()] == restarts
     batches = sum(c["stats"]["batches"] for c in fleet["controllers"])
     assert 0 < samples["baton:batches_total", ()] <= batches  # reports trail by a heartbeat
+
+
+QUEUE_TIME = "baton:request_queue_time_seconds"
+
+
+def queue_time(fleet: Fleet, key: str = "unused") -> tuple[float, float]:
+    """(count, sum) of the queue-time histogram on /metrics, read as Prometheus reads it, after
+    checking that it is a well-formed one."""
+    status, _, text = call(
+        fleet.http, "GET", "/metrics", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert status == 200, text
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == QUEUE_TIME]
+    assert family.type == "histogram"
+    by = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    counts = [v for (name, _), v in by.items() if name.endswith("_bucket")]
+    assert counts == sorted(counts) and counts[-1] == by[f"{QUEUE_TIME}_bucket", "+Inf"]
+    count, total = by[f"{QUEUE_TIME}_count", None], by[f"{QUEUE_TIME}_sum", None]
+    assert count == counts[-1] and total >= 0
+    return count, total
+
+
+def test_queue_time_counts_each_job_once(small_fleet: Fleet) -> None:
+    before, before_s = queue_time(small_fleet)
+    t0 = time.monotonic()
+    oai(small_fleet).embeddings.create(model=MODEL, input=TEXTS)  # one request, 3 jobs
+    oai(small_fleet).embeddings.create(model=MODEL, input=TEXTS[0])
+    baton_embeddings(small_fleet, TEXTS)  # ZeroMQ clients' jobs count too
+    elapsed = time.monotonic() - t0
+    after, after_s = queue_time(small_fleet)
+    n = 2 * len(TEXTS) + 1
+    assert after - before == n
+    # each job waited at least nothing and at most while the test waited for it
+    assert 0 <= after_s - before_s <= n * elapsed
+    fleet = asyncio.run(status_of(small_fleet))
+    assert fleet["queue_time"]["count"] == after  # nothing ran between
 
 
 async def status_of(fleet: Fleet) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
-from test_gateway import WAIT_S, assert_openai_error, call
+from test_gateway import WAIT_S, assert_openai_error, call, queue_time
 
 from baton.client import Client, Result
 from baton.launch import REPO, Fleet
@@ -96,6 +96,18 @@ def test_completion_equals_zeromq_generate(fleet: Fleet, model: str) -> None:
     [other] = generate(fleet, ["Another"])
     assert [c.text for c in both.choices] == [want_text.text, other.text]
     assert [c.index for c in both.choices] == [0, 1]
+
+
+def test_queue_time_counts_each_generate_job_once(fleet: Fleet, model: str) -> None:
+    before, before_s = queue_time(fleet, KEY)
+    t0 = time.monotonic()
+    oai(fleet).completions.create(model=model, prompt=[PROMPT, "Another"], **GREEDY)
+    list(oai(fleet).completions.create(model=model, prompt=PROMPT, stream=True, **GREEDY))
+    generate(fleet, [[5, 17, 200]])
+    elapsed = time.monotonic() - t0
+    after, after_s = queue_time(fleet, KEY)
+    assert after - before == 4  # jobs, streamed or not, each counted once
+    assert 0 <= after_s - before_s <= 4 * elapsed
 
 
 def test_streamed_completion_equals_zeromq_generate(fleet: Fleet, model: str) -> None:

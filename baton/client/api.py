@@ -77,8 +77,13 @@ class Client:
         await self._progress(set(futures))
         return [f.result() for f in futures]
 
-    async def embed(self, texts: list[str], task: str = "embed") -> list[Result]:
-        return await self.results(await self.submit({"task": task, "text": t} for t in texts))
+    async def embed(
+        self, inputs: Iterable[Prompt], task: str = "embed", **fields: Any
+    ) -> list[Result]:
+        """Embed each input (a text, or the model's token ids taken as the whole input, special
+        tokens as given); returns the results in order. `fields` go into every job: model,
+        deadline_ms, priority (docs/protocol.md)."""
+        return await self.results(await self.submit(prompt_job(task, p, **fields) for p in inputs))
 
     async def generate(self, prompts: Iterable[Prompt], **fields: Any) -> list[Result]:
         """Generate for each prompt (a text, or a list of token ids); returns the results in
@@ -197,7 +202,12 @@ class Client:
 
 def generate_job(prompt: Prompt, **fields: Any) -> dict[str, Any]:
     """A generate job for `submit`: the prompt as `text` (a str) or `token_ids`, plus fields."""
-    job: dict[str, Any] = {"task": "generate", **fields}
+    return prompt_job("generate", prompt, **fields)
+
+
+def prompt_job(task: str, prompt: Prompt, **fields: Any) -> dict[str, Any]:
+    """A job for `submit` whose input is `text` (a str) or `token_ids`, plus fields."""
+    job: dict[str, Any] = {"task": task, **fields}
     if isinstance(prompt, str):
         job["text"] = prompt
     else:

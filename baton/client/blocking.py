@@ -61,8 +61,11 @@ class BlockingClient:
 
         return self._loop.run_until_complete(go())
 
-    def embed(self, texts: list[str], task: str = "embed") -> list[Result]:
-        return self._loop.run_until_complete(self._client.embed(texts, task))
+    def embed(
+        self, inputs: Iterable[str | Sequence[int]], task: str = "embed", **fields: Any
+    ) -> list[Result]:
+        """Client.embed, blocking: one result per input (a text or token ids), in order."""
+        return self._loop.run_until_complete(self._client.embed(inputs, task, **fields))
 
     def generate(self, prompts: Iterable[str | Sequence[int]], **fields: Any) -> list[Result]:
         """Client.generate, blocking: one result per prompt, in order."""

@@ -61,6 +61,7 @@ class Inflight:
         futures: list[asyncio.Future[Result]] = []
         fresh: list[dict] = []
         loop = asyncio.get_running_loop()
+        max_items = self.link.limits.front().max_items
         for job in jobs:
             body = dict(job)
             # ids are ours to pick: a broker-made id could not be matched to a refusal
@@ -70,9 +71,9 @@ class Inflight:
             if job_id in self.jobs:  # still in flight: the broker would attach it to the first
                 self.jobs[job_id].futures.append(fut)
                 continue
-            size = _wire_size(body)
-            if isinstance(size, str):  # it cannot be sent: it fails alone, the rest go on
-                fut.set_result(failure(job_id, Code.BAD_FIELD, size))
+            size = _wire_size(body, max_items)
+            if isinstance(size, tuple):  # it cannot be sent: it fails alone, the rest go on
+                fut.set_result(failure(job_id, *size))
                 continue
             self.jobs[job_id] = _Job(body, size, [fut])
             fresh.append(body)
@@ -199,24 +200,30 @@ class Inflight:
                 fut.cancel()
 
 
-def _wire_size(body: dict[str, Any]) -> int | str:
-    """Bytes the job's strings take as UTF-8, or why it cannot go on the wire at all.
+def _wire_size(body: dict[str, Any], max_items: int) -> int | tuple[Code, str]:
+    """Bytes the job's strings take as UTF-8, or why it cannot go on the wire at all (a code
+    and a message).
 
     A str may hold what UTF-8 cannot (a lone surrogate, e.g. from json.loads of "\\ud800");
-    msgpack would raise on it and take the whole message down with it.
+    msgpack would raise on it and take the whole message down with it. A list longer than the
+    broker reads (a prompt's token ids past limits.max_text_chars) would have the whole submit
+    refused before its `ref` is read, an error no request could be matched to.
     """
     n = 0
     for key, value in body.items():
+        if isinstance(value, list) and len(value) > max_items:
+            return Code.TOO_MANY_ITEMS, f"field {key!r} has {len(value)} items; at most {max_items}"
         if isinstance(value, int) and not -(2**63) <= value < 2**64:
-            return f"field {key!r} is out of range for the wire: {value}"
+            return Code.BAD_FIELD, f"field {key!r} is out of range for the wire: {value}"
         if isinstance(value, str):
             try:
                 n += len(value.encode())
             except UnicodeEncodeError as e:
-                return f"field {key!r} is not valid Unicode: {e.reason} at position {e.start}"
+                why = f"field {key!r} is not valid Unicode: {e.reason} at position {e.start}"
+                return Code.BAD_FIELD, why
         elif not isinstance(value, int | float | bool | None):
             try:
                 n += len(msgpack.packb(value))
             except (TypeError, ValueError, OverflowError) as e:  # UnicodeEncodeError included
-                return f"field {key!r} cannot be sent: {e}"
+                return Code.BAD_FIELD, f"field {key!r} cannot be sent: {e}"
     return n
