@@ -31,7 +31,6 @@ log = logging.getLogger("baton.batches")
 
 COMMIT_LINES = 64  # progress is committed at least this often (and every COMMIT_S seconds)
 COMMIT_S = 1.0
-READY_POLL_S = 0.5  # how often a resumed batch asks whether the broker serves a model yet
 
 
 class Batches:
@@ -72,9 +71,8 @@ class Batches:
         batch.enter("cancelling")
         self.store.save(batch)
         window = self.windows.get(batch.id)
-        if window is not None and window.job_ids():
-            with contextlib.suppress(TimeoutError, RuntimeError):  # the broker may be gone
-                await self.client.cancel(window.job_ids())
+        if window is not None:
+            await window.stop()
 
     def _ended(self, batch_id: str) -> None:
         self.tasks.pop(batch_id, None)
@@ -86,7 +84,6 @@ class Batches:
             if batch.status == "validating":
                 self._validate(batch)
             while batch.status == "in_progress":
-                await self._ready(batch)
                 try:
                     await self._lines(batch)
                 except TimeoutError as e:  # the broker went silent: go on from the last commit
@@ -121,23 +118,11 @@ class Batches:
         batch.enter("failed")
         self.store.save(batch)
 
-    async def _ready(self, batch: Batch) -> None:
-        """Wait until the broker serves a model: a batch resumed while the fleet starts would
-        otherwise get `unknown_model` for every line."""
-        while batch.status == "in_progress":
-            try:
-                status = await asyncio.wait_for(self.client.status(), READY_POLL_S * 10)
-                if status.get("models"):
-                    return
-            except TimeoutError:
-                pass
-            await asyncio.sleep(READY_POLL_S)  # polling the broker's state, bounded by close()
-
     async def _lines(self, batch: Batch) -> None:
         """Run the lines after the last committed one, committing as they are written."""
         batch_id = batch.id
         self.store.forget_from(batch_id, batch.next_line)
-        window = Window(self.client, self.window)
+        window = Window(self.client, self.window, self.texts)
         self.windows[batch_id] = window
         with (
             self.store.path(batch.input_file_id).open("rb") as src,
