@@ -516,7 +516,8 @@ async def serve(
         from broker.batches import Batches
 
         store = Store(batch_dir)
-        batches = Batches(store, client, texts, cfg.gateway.batch_window)
+        gw = cfg.gateway
+        batches = Batches(store, client, texts, gw.batch_window, gw.batch_expiry_s)
         BatchApi(store, batches, cfg.gateway.max_file_bytes).add_routes(app)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its jobs
     runner = web.AppRunner(
