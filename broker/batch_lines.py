@@ -33,6 +33,7 @@ BATCH_PRIORITY = 1  # interactive HTTP requests are 0: batch lines wait behind t
 RETRY_BASE_S, RETRY_CAP_S = 0.05, 5.0  # a busy broker: batch lines wait, they never fail for it
 CANCEL_CHUNK = 1024  # ids in one cancel, well under the broker's max_ids_per_message
 STOPPED = "the batch stopped before the line could be sent again"
+RERUNS = 8  # fresh ids for a streamed line found cancelled: one per run killed before its commit
 
 
 @dataclass(slots=True)
@@ -304,7 +305,7 @@ class Window:
                     await asyncio.sleep(delay)  # the broker's hint or a backoff, not a poll
                     attempt += 1
                     continue
-                if _code(end.result) == Code.CANCELLED:
+                if _code(end.result) == Code.CANCELLED and again < RERUNS:
                     # nobody here cancelled it: an earlier run (killed before its commit) did,
                     # at a stop string, and the broker keeps that end under the id
                     again += 1
