@@ -121,7 +121,7 @@ async def _run(
 ) -> int:
     with tqdm(total=total, unit="line", file=sys.stderr, mininterval=0.5) as bar:
         async with client:
-            run = Window(client, window)
+            run = Window(client, window, texts)
             try:
                 async for _, outcome in run.run(_requests(lines(src), answered, texts, bar)):
                     (out if outcome.ok else err).write(outcome.line())

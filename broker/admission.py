@@ -20,6 +20,9 @@ RETRY_AFTER_MS = {
     Code.BUSY: 200,
     Code.JOURNAL_UNAVAILABLE: 1000,  # about the journal's own retry period (journal.RETRY_MAX_S)
 }
+# an unknown model while no controller has registered yet: the fleet is starting, so the
+# refusal means "not now" (a resumed batch waits on it) rather than "no such model"
+STARTING_RETRY_MS = 500
 
 
 @dataclass(slots=True)
@@ -61,7 +64,10 @@ class Admission:
             try:
                 self._admit(item, served, ident, owner, out)
             except ProtocolError as e:
-                out.refused.append(refusal(item, e))
+                entry = refusal(item, e)
+                if e.code == Code.UNKNOWN_MODEL and not served:
+                    entry["error"]["retry_after_ms"] = STARTING_RETRY_MS
+                out.refused.append(entry)
         return out
 
     def _admit(

@@ -12,17 +12,18 @@ from a recorded position sound).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
-from baton.client import RETRY_ON, Client, Result
+from baton.client import RETRY_ON, Client, Result, failure
 from broker import openai_api as api
-from broker.gateway import Event, completion, first_stop
+from broker.gateway import Event, completion, until_stop
 from broker.openai_api import ApiError, CompletionRequest, EmbeddingRequest
 from broker.texts import Texts
 from wire.protocol import Code, encodable
@@ -30,6 +31,9 @@ from wire.protocol import Code, encodable
 URLS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions")
 BATCH_PRIORITY = 1  # interactive HTTP requests are 0: batch lines wait behind them
 RETRY_BASE_S, RETRY_CAP_S = 0.05, 5.0  # a busy broker: batch lines wait, they never fail for it
+CANCEL_CHUNK = 1024  # ids in one cancel, well under the broker's max_ids_per_message
+STOPPED = "the batch stopped before the line could be sent again"
+RERUNS = 8  # fresh ids for a streamed line found cancelled: one per run killed before its commit
 
 
 @dataclass(slots=True)
@@ -67,6 +71,11 @@ class Request:
     embedding: EmbeddingRequest | None = None
     completion: CompletionRequest | None = None
     chat: bool = False
+
+    @property
+    def streamed(self) -> bool:
+        """A completion with stop strings: streamed so that its job ends at the first one."""
+        return self.completion is not None and bool(self.completion.stop)
 
 
 @dataclass(slots=True)
@@ -149,60 +158,44 @@ def read(
         return Outcome(custom_id, response=_response(e.status, prefix, e.body()))
 
 
-async def answer(client: Client, req: Request, sent: list[asyncio.Future[Result]]) -> Outcome:
-    """Wait for the results of the request's jobs (`sent`: their futures; a busy refusal waits
-    for the broker's hint and is sent again: a batch line never fails for a full queue) and
-    answer as the route does. TimeoutError when the broker is silent for the client's timeout."""
-    results = await _results(client, req.jobs, sent)
-    cancelled = any(r.error and r.error.get("code") == Code.CANCELLED for r in results)
-    failed = next(((k, r) for k, r in enumerate(results) if not r.ok), None)
-    if failed is not None:
-        k, r = failed
-        where = f"input[{k}]: " if req.embedding is not None and len(results) > 1 else ""
-        e = api.job_error(r.error, where)
-        return Outcome(
-            req.custom_id, _response(e.status, req.request_id, e.body()), None, cancelled
-        )
-    if req.embedding is not None:
-        tokens = sum(r.tokens for r in results)
-        rows = [r.embedding or [] for r in results]
-        body = api.embedding_response(req.embedding, rows, tokens)
-        return Outcome(req.custom_id, _response(200, req.request_id, body))
-    assert req.completion is not None
-    texts, ends = [], {}
-    for i, r in enumerate(results):
-        # the whole text at once: cut at the first stop string, as the stream would have been
-        text = r.text or ""
-        cut = first_stop(text, req.completion.stop, 0)
-        reason = "stop" if cut is not None else (r.finish_reason or "stop")
-        texts.append(text if cut is None else text[:cut])
-        ends[i] = Event(i, "", reason, r.prompt_tokens, len(r.token_ids or []))
-    body = completion(req.completion, req.chat, texts, ends)
-    return Outcome(req.custom_id, _response(200, req.request_id, body))
-
-
 @dataclass(slots=True)
 class Flight:
     """A line in the window: its task (or its outcome, for a line that needed no job)."""
 
     line: Line
     task: asyncio.Future[Outcome]
-    job_ids: list[str] = field(default_factory=list)
+    req: Request | None = None
 
 
 class Window:
     """Runs requests with at most `size` lines in flight and gives each line's outcome back in
     input order. Leaving early cancels the lines still waiting (their jobs go on at the broker:
-    a resumed run gets their results without running them again)."""
+    a resumed run gets their results without running them again); `stop()` ends them at the
+    broker too.
 
-    def __init__(self, client: Client, size: int) -> None:
+    A completion line with stop strings is streamed, one job per choice, and its job is
+    cancelled as soon as a stop string appears (the gateway's `until_stop`): the text and
+    finish_reason are the HTTP route's, and the tokens after the stop are never made."""
+
+    def __init__(self, client: Client, size: int, texts: Texts) -> None:
         self.client = client
         self.size = size
+        self.texts = texts
         self.flights: deque[Flight] = deque()
+        self.stopped = False
 
     def job_ids(self) -> list[str]:
-        """The jobs of the lines in flight (what a cancelled batch cancels)."""
-        return [i for f in self.flights for i in f.job_ids]
+        """The jobs of the lines in flight."""
+        return [j["id"] for f in self.flights if f.req is not None for j in f.req.jobs]
+
+    async def stop(self) -> None:
+        """End the lines in flight (a cancelled or expired batch): their jobs are cancelled at
+        the broker and come back `cancelled`, and a line waiting to be sent again gives up.
+        Lines that finish anyway keep their answers."""
+        self.stopped = True
+        ids = self.job_ids()
+        for k in range(0, len(ids), CANCEL_CHUNK):
+            await cancel(self.client, ids[k : k + CANCEL_CHUNK])
 
     async def run(
         self, reqs: Iterable[tuple[Line, Request | Outcome]]
@@ -231,7 +224,8 @@ class Window:
             if got is None:
                 break
             new.append(got)
-        jobs = [j for _, req in new if isinstance(req, Request) for j in req.jobs]
+        # streamed lines send their own jobs: a stream must be watched before its job is sent
+        jobs = [j for _, r in new if isinstance(r, Request) and not r.streamed for j in r.jobs]
         futures = iter(await self.client.submit(jobs)) if jobs else iter(())
         for line, req in new:
             if isinstance(req, Outcome):
@@ -239,36 +233,140 @@ class Window:
                 done.set_result(req)
                 self.flights.append(Flight(line, done))
                 continue
-            sent = [next(futures) for _ in req.jobs]
-            task = asyncio.ensure_future(answer(self.client, req, sent))
-            self.flights.append(Flight(line, task, [j["id"] for j in req.jobs]))
+            sent = [] if req.streamed else [next(futures) for _ in req.jobs]
+            task = asyncio.ensure_future(self._answer(req, sent))
+            self.flights.append(Flight(line, task, req))
+
+    async def _answer(self, req: Request, sent: list[asyncio.Future[Result]]) -> Outcome:
+        """Wait for the request's jobs (`sent`: their futures, or streamed here) and answer as
+        the route does. TimeoutError when the broker is silent for the client's timeout."""
+        if req.streamed:
+            # each choice ends at its own first stop string
+            choices = [asyncio.ensure_future(self._choice(req, k)) for k in range(len(req.jobs))]
+            try:
+                ends = list(await asyncio.gather(*choices))
+            finally:  # a silent broker (TimeoutError) ends the others' wait too
+                for c in choices:
+                    c.cancel()
+            results = [e.result for e in ends]
+        else:
+            results = await self._results(req, sent)
+        failed = next(((k, r) for k, r in enumerate(results) if r is not None and not r.ok), None)
+        if failed is not None:
+            k, r = failed
+            cancelled = any(r is not None and _code(r) == Code.CANCELLED for r in results)
+            where = f"input[{k}]: " if req.embedding is not None and len(results) > 1 else ""
+            e = api.job_error(r.error, where)
+            return Outcome(
+                req.custom_id, _response(e.status, req.request_id, e.body()), None, cancelled
+            )
+        if req.embedding is not None:
+            done = [r for r in results if r is not None]
+            tokens = sum(r.tokens for r in done)
+            body = api.embedding_response(req.embedding, [r.embedding or [] for r in done], tokens)
+            return Outcome(req.custom_id, _response(200, req.request_id, body))
+        assert req.completion is not None
+        if not req.streamed:
+            ends = [
+                Event(
+                    k,
+                    r.text or "",
+                    r.finish_reason or "stop",
+                    r.prompt_tokens,
+                    len(r.token_ids or []),
+                )
+                for k, r in enumerate(results)
+                if r is not None
+            ]
+        body = completion(req.completion, req.chat, [e.text for e in ends], dict(enumerate(ends)))
+        return Outcome(req.custom_id, _response(200, req.request_id, body))
+
+    async def _choice(self, req: Request, k: int) -> Event:
+        """Choice k of a streamed completion line: its text to the first stop string (the job
+        is cancelled there), or its error as `result`."""
+        assert req.completion is not None
+        attempt = again = 0
+        while True:
+            job = req.jobs[k]
+            if self.stopped and attempt + again:  # stopped while it waited to go again
+                return Event(k, result=failure(job["id"], Code.CANCELLED, STOPPED))
+            prompt = job["text"] if "text" in job else job["token_ids"]
+            fields = {f: v for f, v in job.items() if f not in ("task", "text", "token_ids")}
+            stream = self.client.generate_stream(prompt, **fields)
+            text, end = "", Event(k)
+            async for e in until_stop(k, stream, self.texts, req.completion.stop, prompt):
+                text += e.text
+                end = e
+            if end.final and end.result is None:  # stopped: the rest would run for no one
+                await cancel(self.client, [job["id"]])
+            if end.result is not None and not end.result.ok and not self.stopped:
+                delay = _retry_delay(end.result, attempt)
+                if delay is not None:
+                    await asyncio.sleep(delay)  # the broker's hint or a backoff, not a poll
+                    attempt += 1
+                    continue
+                if _code(end.result) == Code.CANCELLED and again < RERUNS:
+                    # nobody here cancelled it: an earlier run (killed before its commit) did,
+                    # at a stop string, and the broker keeps that end under the id
+                    again += 1
+                    job["id"] = f"{req.request_id}:{k}.{again}"
+                    continue
+            end.text = text
+            return end
+
+    async def _results(self, req: Request, sent: list[asyncio.Future[Result]]) -> list[Result]:
+        """The results of the request's jobs; a refusal that means "not now" (busy, the journal,
+        a fleet with no model yet: every refusal with a retry hint) waits for the hint and is
+        sent again, so a batch line never fails for it."""
+        jobs = req.jobs
+        results: list[Result | None] = [None] * len(jobs)
+        todo = list(range(len(jobs)))
+        attempt = 0
+        while todo:
+            got = await self.client.results(sent)
+            again, delay = [], 0.0
+            for k, r in zip(todo, got, strict=True):
+                wait = None if r.ok else _retry_delay(r, attempt)
+                if wait is None:
+                    results[k] = r
+                elif self.stopped:  # the batch is over: the line is not sent again
+                    results[k] = failure(r.id, Code.CANCELLED, STOPPED)
+                else:
+                    again.append(k)
+                    delay = max(delay, wait)
+            todo = again
+            if todo:
+                await asyncio.sleep(delay)  # the broker's hint or a backoff, not a poll
+                attempt += 1
+                if self.stopped:  # stopped while it waited: the line is not sent again
+                    for k in todo:
+                        results[k] = failure(jobs[k]["id"], Code.CANCELLED, STOPPED)
+                    break
+                sent = await self.client.submit(jobs[k] for k in todo)
+        return [r for r in results if r is not None]
 
 
-async def _results(
-    client: Client, jobs: list[dict[str, Any]], sent: list[asyncio.Future[Result]]
-) -> list[Result]:
-    results: list[Result | None] = [None] * len(jobs)
-    todo = list(range(len(jobs)))
-    attempt = 0
-    while todo:
-        got = await client.results(sent)
-        again, hint = [], 0.0
-        for k, r in zip(todo, got, strict=True):
-            code = (r.error or {}).get("code")
-            if not r.ok and code in RETRY_ON:
-                again.append(k)
-                ms = (r.error or {}).get("retry_after_ms")
-                hint = max(hint, ms / 1000 if isinstance(ms, int | float) else 0.0)
-            else:
-                results[k] = r
-        todo = again
-        if todo:
-            # the broker's hint, or a growing backoff; jittered so a window does not stampede
-            backoff = min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt)
-            await asyncio.sleep(max(hint, backoff) * random.uniform(1.0, 1.5))
-            attempt += 1
-            sent = await client.submit(jobs[k] for k in todo)
-    return [r for r in results if r is not None]
+async def cancel(client: Client, ids: list[str]) -> None:
+    """Cancel jobs at the broker, if it is still there to hear it."""
+    with contextlib.suppress(TimeoutError, RuntimeError):  # the broker may be gone
+        await client.cancel(ids)
+
+
+def _retry_delay(r: Result, attempt: int) -> float | None:
+    """How long to wait before sending a refused job again, or None when the refusal is final:
+    the broker's hint (a refusal carrying one means "not now"), or a growing backoff, jittered
+    so that a window does not stampede."""
+    error = r.error or {}
+    hint = error.get("retry_after_ms")
+    if _code(r) not in RETRY_ON and not isinstance(hint, int | float):
+        return None
+    backoff = min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt)
+    seconds = hint / 1000 if isinstance(hint, int | float) else 0.0
+    return max(seconds, backoff) * random.uniform(1.0, 1.5)
+
+
+def _code(r: Result) -> str | None:
+    return (r.error or {}).get("code")
 
 
 def _ids(jobs: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (batch, custom_id)) WITHOUT ROWID;
 """
 # a batch in one of these is not over: its runner is started (again) when the gateway starts
-UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling", "expiring")
+DAY_S = 24 * 3600  # the completion window "24h", OpenAI's only one
 
 
 def new_id(prefix: str) -> str:
@@ -61,6 +62,7 @@ class Batch:
     error_bytes: int = 0
     output_file: str = ""  # their ids, made at creation, shown once the batch has finalized
     error_file: str = ""
+    expires_at: int = 0  # set by the runner (created_at + its window); 0 in rows made before
 
     def enter(self, status: str) -> None:
         self.status = status
@@ -79,7 +81,7 @@ class Batch:
             "output_file_id": self.output_file if over and self.status != "failed" else None,
             "error_file_id": self.error_file if over and self.error_bytes else None,
             "created_at": self.created_at,
-            "expires_at": self.created_at + 24 * 3600,
+            "expires_at": self.expires_at or self.created_at + DAY_S,
             **{f"{s}_at": self.times.get(s) for s in STAMPS},
             "request_counts": {
                 "total": self.total,
@@ -90,6 +92,7 @@ class Batch:
         }
 
 
+# OpenAI's `<status>_at` fields (it has none for expiring: its time is in the row's `times`)
 STAMPS = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
 
 

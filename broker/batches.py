@@ -9,6 +9,12 @@ starts again (the gateway or all of `baton up` was killed) cuts the files back t
 sizes and submits the lines after the committed one again under the same ids: the broker
 answers a finished job from the result it holds (`journal.result_ttl_s`) without running it,
 and attaches to one still queued or running.
+
+Expiry: a batch not over `window_s` after its created_at (the completion window "24h" is
+86,400 s unless gateway.batch_expiry_s says otherwise) goes expiring -> expired: the jobs of
+its lines in flight are cancelled at the broker, the lines that finished stay in the output
+file and every other line gets a `batch_expired` line in the error file. created_at is in the
+batch's row, so the deadline holds across restarts: a batch resumed past it expires at once.
 """
 
 from __future__ import annotations
@@ -23,23 +29,37 @@ from pathlib import Path
 from typing import IO
 
 from baton.client import Client
-from broker.batch_lines import Line, Outcome, Request, Window, custom_id_of, line_error, lines, read
-from broker.batch_store import Batch, Store, fsync_dir
+from broker.batch_lines import (
+    CANCEL_CHUNK,
+    Line,
+    Outcome,
+    Request,
+    Window,
+    cancel,
+    custom_id_of,
+    line_error,
+    lines,
+    read,
+)
+from broker.batch_store import DAY_S, Batch, Store, fsync_dir
 from broker.texts import Texts
 
 log = logging.getLogger("baton.batches")
 
 COMMIT_LINES = 64  # progress is committed at least this often (and every COMMIT_S seconds)
 COMMIT_S = 1.0
-READY_POLL_S = 0.5  # how often a resumed batch asks whether the broker serves a model yet
+EXPIRED = "This request could not be executed before the completion window expired."  # OpenAI's
 
 
 class Batches:
-    def __init__(self, store: Store, client: Client, texts: Texts, window: int) -> None:
+    def __init__(
+        self, store: Store, client: Client, texts: Texts, window: int, window_s: float = DAY_S
+    ) -> None:
         self.store = store
         self.client = client
         self.texts = texts
         self.window = window
+        self.window_s = window_s  # the completion window's length: tests make it short
         self.live: dict[str, Batch] = {}  # the runners' batches: routes read and cancel these
         self.windows: dict[str, Window] = {}
         self.tasks: dict[str, asyncio.Task] = {}
@@ -61,6 +81,7 @@ class Batches:
         return self.live.get(batch_id) or self.store.batch(batch_id)
 
     def launch(self, batch: Batch) -> None:
+        batch.expires_at = int(batch.created_at + self.window_s)
         self.live[batch.id] = batch
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self.tasks[batch.id] = task
@@ -72,9 +93,8 @@ class Batches:
         batch.enter("cancelling")
         self.store.save(batch)
         window = self.windows.get(batch.id)
-        if window is not None and window.job_ids():
-            with contextlib.suppress(TimeoutError, RuntimeError):  # the broker may be gone
-                await self.client.cancel(window.job_ids())
+        if window is not None:
+            await window.stop()
 
     def _ended(self, batch_id: str) -> None:
         self.tasks.pop(batch_id, None)
@@ -82,16 +102,21 @@ class Batches:
         self.windows.pop(batch_id, None)
 
     async def _run(self, batch: Batch) -> None:
+        timer = asyncio.get_running_loop().create_task(self._expire_at(batch))
         try:
             if batch.status == "validating":
                 self._validate(batch)
-            while batch.status == "in_progress":
-                await self._ready(batch)
+            if batch.status == "in_progress" and time.time() >= self._deadline(batch):
+                self._expiring(batch)  # resumed past its deadline: nothing more is sent
+            # expiring: the lines not written yet are written as expired
+            while batch.status == "in_progress" or (
+                batch.status == "expiring" and batch.next_line < batch.total
+            ):
                 try:
                     await self._lines(batch)
                 except TimeoutError as e:  # the broker went silent: go on from the last commit
                     log.warning("batch %s: %s; resuming from line %d", batch.id, e, batch.next_line)
-            if batch.status in ("finalizing", "cancelling"):
+            if batch.status in ("finalizing", "cancelling", "expiring"):
                 self._finalize(batch)
         except asyncio.CancelledError:
             raise
@@ -100,6 +125,25 @@ class Batches:
             batch.errors = [{"code": "internal", "message": str(e), "param": None, "line": None}]
             batch.enter("failed")
             self.store.save(batch)
+        finally:
+            timer.cancel()
+
+    def _deadline(self, batch: Batch) -> float:
+        return batch.created_at + self.window_s
+
+    async def _expire_at(self, batch: Batch) -> None:
+        """At the batch's deadline, if it is still running, stop it: a timer, not a poll."""
+        await asyncio.sleep(max(0.0, self._deadline(batch) - time.time()))
+        if batch.status in ("validating", "in_progress"):
+            self._expiring(batch)
+            window = self.windows.get(batch.id)
+            if window is not None:
+                await window.stop()
+
+    def _expiring(self, batch: Batch) -> None:
+        log.info("batch %s expired at line %d of %d", batch.id, batch.next_line, batch.total)
+        batch.enter("expiring")
+        self.store.save(batch)
 
     def _validate(self, batch: Batch) -> None:
         path = self.store.path(batch.input_file_id)
@@ -121,23 +165,11 @@ class Batches:
         batch.enter("failed")
         self.store.save(batch)
 
-    async def _ready(self, batch: Batch) -> None:
-        """Wait until the broker serves a model: a batch resumed while the fleet starts would
-        otherwise get `unknown_model` for every line."""
-        while batch.status == "in_progress":
-            try:
-                status = await asyncio.wait_for(self.client.status(), READY_POLL_S * 10)
-                if status.get("models"):
-                    return
-            except TimeoutError:
-                pass
-            await asyncio.sleep(READY_POLL_S)  # polling the broker's state, bounded by close()
-
     async def _lines(self, batch: Batch) -> None:
         """Run the lines after the last committed one, committing as they are written."""
         batch_id = batch.id
         self.store.forget_from(batch_id, batch.next_line)
-        window = Window(self.client, self.window)
+        window = Window(self.client, self.window, self.texts)
         self.windows[batch_id] = window
         with (
             self.store.path(batch.input_file_id).open("rb") as src,
@@ -148,15 +180,40 @@ class Batches:
             progress = Progress(batch)
             reqs = self._requests(batch, lines(src, batch.next_line, batch.input_offset))
             async for line, outcome in window.run(reqs):
-                if not outcome.cancelled:
+                if outcome.cancelled and batch.status == "expiring":
+                    outcome = line_error(outcome.custom_id, "batch_expired", EXPIRED)
+                if not outcome.cancelled:  # a cancelled batch leaves the line out
                     (out if outcome.ok else err).write(outcome.line())
                     progress.add(line, outcome)
                 if progress.due():
                     self._commit(progress, out, err)
+            if batch.status == "expiring":
+                await self._expired(batch, progress, src, out, err)
             self._commit(progress, out, err)
         if batch.status == "in_progress":
             batch.enter("finalizing")
             self.store.save(batch)
+
+    async def _expired(
+        self, batch: Batch, progress: Progress, src: IO[bytes], out: IO[bytes], err: IO[bytes]
+    ) -> None:
+        """Every line not written yet, as a `batch_expired` error line. The jobs of the first
+        of them may still be at the broker, sent by a run that was killed or stopped before
+        its commit (at most a window and a commit's lines): they are cancelled."""
+        stale: list[str] = []
+        resent = self.window + COMMIT_LINES
+        for line in lines(src, progress.next_line, progress.offset):
+            obj, custom_id, _ = custom_id_of(line.raw)
+            if obj is not None and custom_id is not None and line.number < batch.next_line + resent:
+                req = read(obj, custom_id, batch.endpoint, f"{batch.id}:{line.number}", self.texts)
+                stale += [j["id"] for j in req.jobs] if isinstance(req, Request) else []
+            outcome = line_error(custom_id, "batch_expired", EXPIRED)
+            err.write(outcome.line())
+            progress.add(line, outcome)
+            if progress.due():
+                self._commit(progress, out, err)
+        for k in range(0, len(stale), CANCEL_CHUNK):
+            await cancel(self.client, stale[k : k + CANCEL_CHUNK])
 
     def _requests(self, batch: Batch, source: Iterator[Line]) -> Iterator[tuple[Line, object]]:
         for line in source:
@@ -183,7 +240,7 @@ class Batches:
         self.store.save(progress.batch)
 
     def _finalize(self, batch: Batch) -> None:
-        cancelled = batch.status == "cancelling"
+        over = {"cancelling": "cancelled", "expiring": "expired"}.get(batch.status, "completed")
         now = int(time.time())
         for file_id, size, kind in (
             (batch.output_file, batch.output_bytes, "output"),
@@ -204,7 +261,7 @@ class Batches:
                         "status": "processed",
                     }
                 )
-        batch.enter("cancelled" if cancelled else "completed")
+        batch.enter(over)
         self.store.save(batch)
         self.store.forget_batch(batch.id)
 

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from baton.client import Client, prompt_job
+from baton.client import Client, Delta, Result, prompt_job
 from broker import openai_api as api
 from broker.metrics import Metrics
 from broker.openai_api import ApiError, CompletionRequest
@@ -57,6 +57,9 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: ApiError | None = None
+    # on the last event: the job's own end, or None when a stop string ended the choice while
+    # the job still ran (whoever streamed it then cancels it)
+    result: Result | None = None
 
     @property
     def final(self) -> bool:
@@ -279,45 +282,20 @@ class Gateway:
         it early (the job is cancelled, its blocks freed). Cancelling this task cancels the job
         unless it has ended."""
         job_id = uuid.uuid4().hex
-        stops = req.stop
-        hold = max((len(s) for s in stops), default=1) - 1  # a stop may be forming at the end
-        text = Incremental(self.texts)
-        sent = 0  # characters of the text already put out
         ended = False
         try:
             stream = self.client.generate_stream(prompt, id=job_id, model=req.model, **req.fields)
-            last = t0
-            async for delta in stream:
-                now = time.monotonic()
-                if not started.is_set():
-                    self.metrics.first_token(now - t0)
-                elif delta.token_ids:
-                    self.metrics.between_tokens(now - last, len(delta.token_ids))
-                last = now
-                started.set()
-                result = delta.result
-                if result is not None and not result.ok:
-                    ended = True
-                    self.metrics.failed(result.error)
-                    out.put_nowait(Event(index, error=api.job_error(result.error)))
-                    return
-                so_far = text.add(delta.token_ids)
-                if result is not None and result.text is not None:
-                    so_far = result.text  # what the controller decoded is the answer
-                cut = first_stop(so_far, stops, max(0, sent - hold))
-                if cut is not None or result is not None:
-                    ended = result is not None
-                    reason = "stop" if cut is not None else (result.finish_reason or "stop")
-                    end = cut if cut is not None else len(so_far)
-                    prompt_tokens = result.prompt_tokens if result else self.texts.count(prompt)
-                    made = len(text.ids)
-                    self.metrics.finished(reason, prompt_tokens, made, time.monotonic() - t0)
-                    out.put_nowait(Event(index, so_far[sent:end], reason, prompt_tokens, made))
-                    return
-                safe = len(so_far) - (hold if stops else 0)
-                if safe > sent:
-                    out.put_nowait(Event(index, so_far[sent:safe]))
-                    sent = safe
+            timed = self._timed(stream, started, t0)
+            async for e in until_stop(index, timed, self.texts, req.stop, prompt):
+                if e.final:
+                    ended = e.result is not None
+                    if e.result is not None and not e.result.ok:
+                        self.metrics.failed(e.result.error)
+                    else:
+                        elapsed = time.monotonic() - t0
+                        reason = e.finish_reason or "stop"
+                        self.metrics.finished(reason, e.prompt_tokens, e.completion_tokens, elapsed)
+                out.put_nowait(e)
         except TimeoutError as e:
             out.put_nowait(
                 Event(index, error=ApiError(504, str(e), "server_error", code="timeout"))
@@ -329,6 +307,21 @@ class Gateway:
             started.set()
             if not ended:
                 self._abandon([job_id])
+
+    async def _timed(
+        self, deltas: AsyncIterator[Delta], started: asyncio.Event, t0: float
+    ) -> AsyncIterator[Delta]:
+        """The deltas, passed on as they come, with the latency metrics taken on the way."""
+        last = t0
+        async for delta in deltas:
+            now = time.monotonic()
+            if not started.is_set():
+                self.metrics.first_token(now - t0)
+            elif delta.token_ids:
+                self.metrics.between_tokens(now - last, len(delta.token_ids))
+            last = now
+            started.set()
+            yield delta
 
     # --- helpers ---
 
@@ -378,6 +371,45 @@ def pending(queue: asyncio.Queue[Event]) -> list[Event]:
     while not queue.empty():
         out.append(queue.get_nowait())
     return out
+
+
+async def until_stop(
+    index: int,
+    deltas: AsyncIterator[Delta],
+    texts: Texts,
+    stops: list[str],
+    prompt: str | list[int],
+) -> AsyncIterator[Event]:
+    """One generate job's stream as the text events of choice `index`, ended at the first stop
+    string without waiting for the job to end: what the gateway's routes and the Batch API's
+    completion lines share, so a stop cuts the same text in both. Text that may be the start of
+    a stop string is held back until it is known not to be. The last event is final: the job's
+    end (`finish_reason`, or `error`), or "stop" with `result` None when a stop string came
+    first, the job still running: the caller cancels it."""
+    hold = max((len(s) for s in stops), default=1) - 1  # a stop may be forming at the end
+    text = Incremental(texts)
+    sent = 0  # characters of the text already put out
+    async for delta in deltas:
+        result = delta.result
+        if result is not None and not result.ok:
+            yield Event(index, error=api.job_error(result.error), result=result)
+            return
+        so_far = text.add(delta.token_ids)
+        if result is not None and result.text is not None:
+            so_far = result.text  # what the controller decoded is the answer
+        cut = first_stop(so_far, stops, max(0, sent - hold))
+        if cut is not None or result is not None:
+            reason = "stop" if cut is not None else (result.finish_reason or "stop")
+            end = cut if cut is not None else len(so_far)
+            prompt_tokens = result.prompt_tokens if result else texts.count(prompt)
+            yield Event(
+                index, so_far[sent:end], reason, prompt_tokens, len(text.ids), result=result
+            )
+            return
+        safe = len(so_far) - (hold if stops else 0)
+        if safe > sent:
+            yield Event(index, so_far[sent:safe])
+            sent = safe
 
 
 def first_stop(text: str, stops: list[str], start: int) -> int | None:
@@ -485,7 +517,8 @@ async def serve(
         from broker.batches import Batches
 
         store = Store(batch_dir)
-        batches = Batches(store, client, texts, cfg.gateway.batch_window)
+        gw = cfg.gateway
+        batches = Batches(store, client, texts, gw.batch_window, gw.batch_expiry_s)
         BatchApi(store, batches, cfg.gateway.max_file_bytes).add_routes(app)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its jobs
     runner = web.AppRunner(

@@ -120,6 +120,9 @@ class Gateway:
     timeout_s: float = 600.0  # no result nor token for this long: 504
     max_file_bytes: int = 209_715_200  # a larger Batch API upload is refused with 413
     batch_window: int = 256  # lines of one batch in flight at once
+    # seconds from a batch's creation until it expires: its completion_window "24h" (the only
+    # one). Only tests lower it
+    batch_expiry_s: float = 86_400.0
 
 
 @dataclass(slots=True)
@@ -265,6 +268,7 @@ def check(cfg: Config) -> None:
         "gateway.timeout_s": cfg.gateway.timeout_s,
         "gateway.max_file_bytes": cfg.gateway.max_file_bytes,
         "gateway.batch_window": cfg.gateway.batch_window,
+        "gateway.batch_expiry_s": cfg.gateway.batch_expiry_s,
     }
     for key, value in positive.items():
         if value <= 0:

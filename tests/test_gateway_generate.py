@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import io
 import json
 import socket
 import time
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
+from test_batch_api import OVER, jsonl, rows, wait_for
 from test_gateway import WAIT_S, assert_openai_error, call, queue_time
 
 from baton.client import Client, Result
@@ -137,6 +139,36 @@ def test_stop_strings_end_the_text_where_they_begin(fleet: Fleet, model: str) ->
     )
     assert "".join(c.choices[0].text for c in chunks) == cut
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_batch_line_ends_its_job_at_a_stop_string(fleet: Fleet, model: str) -> None:
+    [want] = generate(fleet, [PROMPT], n=40)
+    text = want.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text[: text.find(stop)]
+    many = 2000  # what the job would make if the stop did not end it
+    args = {"max_tokens": many, "temperature": 0, "stop": [stop]}
+    route = oai(fleet).completions.create(
+        model=model, prompt=PROMPT, extra_body={"ignore_eos": True}, **args
+    )
+    assert (route.choices[0].text, route.choices[0].finish_reason) == (cut, "stop")
+    body = {"model": model, "prompt": PROMPT, "ignore_eos": True, **args}
+    line = {"custom_id": "s", "method": "POST", "url": "/v1/completions", "body": body}
+    client = oai(fleet)
+    up = client.files.create(file=("b.jsonl", io.BytesIO(jsonl([line]))), purpose="batch")
+    created = client.batches.create(
+        input_file_id=up.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    batch = wait_for(client, created.id, lambda b: b.status in OVER)
+    assert batch.status == "completed", batch
+    [row] = rows(client, batch.output_file_id)
+    got = row["response"]["body"]
+    # the route's text and end; the job was ended at the stop, not run to max_tokens
+    assert (got["choices"][0]["text"], got["choices"][0]["finish_reason"]) == (cut, "stop")
+    assert got["usage"]["prompt_tokens"] == route.usage.prompt_tokens
+    # usage counts the tokens made until the stop appeared: enough for the text, far from many
+    made = got["usage"]["completion_tokens"]
+    assert len(generate(fleet, [PROMPT], n=made)[0].text) >= len(cut) and made < many
 
 
 def test_chat_renders_the_checkpoints_template(fleet: Fleet, model: str) -> None:
