@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from baton.client import RETRY_ON, Client, Result, failure
+from baton.client import RETRY_ON, Client, Result, failure, prompt_job
 from broker import openai_api as api
 from broker.gateway import Event, completion, until_stop
 from broker.openai_api import ApiError, CompletionRequest, EmbeddingRequest
@@ -142,8 +142,7 @@ def read(
         if url == "/v1/embeddings":
             req = api.embedding_request(body)
             jobs = [
-                {"task": "embed", "text": t, "model": req.model, "priority": req.priority}
-                for t in req.texts
+                prompt_job("embed", t, model=req.model, priority=req.priority) for t in req.texts
             ]
             return Request(custom_id, prefix, _ids(jobs, prefix), embedding=req)
         if url == "/v1/completions":

@@ -29,7 +29,7 @@ def jsonl(rows: list[dict | str]) -> bytes:
     return b"".join((r if isinstance(r, str) else json.dumps(r)).encode() + b"\n" for r in rows)
 
 
-def embed_line(custom_id: str, text: str | list[str]) -> dict:
+def embed_line(custom_id: str, text: str | list[str] | list[int]) -> dict:
     body = {"model": MODEL, "input": text, "encoding_format": "float"}
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": body}
 
@@ -65,6 +65,7 @@ def test_round_trip(small_fleet: Fleet) -> None:
     client = oai(small_fleet)
     good = [embed_line(f"ok-{i}", f"sentence number {i} of the batch") for i in range(5)]
     good.append(embed_line("two", ["first of two", "second of two"]))
+    good.append(embed_line("ids", [101, 2023, 2003, 1037, 6251, 102]))  # the model's token ids
     bad = [
         "{not json",
         {"method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "x"}},
@@ -76,7 +77,7 @@ def test_round_trip(small_fleet: Fleet) -> None:
     assert created.status == "validating" and created.request_counts.total == 0
     batch = wait_for(client, created.id, lambda b: b.status in OVER)
     assert batch.status == "completed", batch
-    assert (batch.request_counts.total, batch.request_counts.completed) == (11, 6)
+    assert (batch.request_counts.total, batch.request_counts.completed) == (12, 7)
     assert batch.request_counts.failed == 5
     assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
 
