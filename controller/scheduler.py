@@ -20,9 +20,9 @@ work's tokens. A waiting generate sequence that does not fit preempts running on
 priority, latest first, so interactive work gets in while batch work fills the fleet. A step
 cannot be cut short once it is inside, so what interactive work waits for is the step ahead of
 it: while priority-0 work runs or waits, and for YIELD_S after, work of later priorities takes
-at most `yield_tokens` tokens a step (least recently stepped first), keeping those steps short. A
-sequence that has waited AGE_S counts as priority 0 from then on: later work is slowed, never
-starved.
+at most `yield_tokens` tokens a step (least recently stepped first), keeping those steps short,
+and none of a step that prefills an interactive prompt. A sequence that has waited AGE_S counts
+as priority 0 from then on: later work is slowed, never starved.
 
 A job whose earlier run was lost with a dying worker, or in a refused batch, is a suspect and
 runs alone, so a job that kills workers cannot take its neighbours' attempts with it. Jobs past
@@ -115,8 +115,11 @@ class _Step:
         b.seq_lens.append(q)
         self.chosen.add(id(seq))
         self.used += q
-        if seq.priority and self.later is not None:
-            self.later -= q
+        if self.later is not None:
+            if seq.interactive and q > 1:
+                self.later = 0  # an interactive prompt's step: its first token waits on all of it
+            elif seq.priority:
+                self.later -= q
 
 
 class Scheduler:
@@ -323,7 +326,8 @@ class Scheduler:
 
     def take(self) -> MicroBatch:
         """A one-shot batch from the head: one task, within the budget (later priorities within
-        `yield_tokens` while interactive work is about), a suspect alone."""
+        `yield_tokens` while interactive work is about, and not beside interactive jobs), a
+        suspect alone."""
         out: list[Sequence] = []
         used = 0
         now = time.time()
@@ -345,8 +349,9 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 out.append(seq)
                 used += seq.cost
-                if seq.priority and later is not None:
-                    later -= seq.cost
+                if later is not None:
+                    # an interactive job's batch: its answer waits for all of the batch
+                    later = 0 if seq.interactive else later - seq.cost * (seq.priority > 0)
         return MicroBatch(task, out)
 
     def _step(self) -> MicroBatch | None:

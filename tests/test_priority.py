@@ -152,7 +152,10 @@ def test_batch_work_keeps_to_yield_tokens_while_interactive_work_is_about():
     back(s, step)
     s.add([gen("i", 3, max_new=50, first=90)])
     step = s.schedule()
-    assert ids(step) == ["i", "b0", "b1"] and step.seq_lens == [3, 1, 1]
+    assert ids(step) == ["i"]  # its prompt's step: its first token waits for all of the step
+    back(s, step)
+    step = s.schedule()
+    assert ids(step) == ["i", "b0", "b1"] and step.seq_lens == [1, 1, 1]
     back(s, step)
     step = s.schedule()  # the batch ones that waited go next: none starves
     assert ids(step) == ["i", "b2", "b3"]
@@ -170,5 +173,6 @@ def test_a_one_shot_batch_of_later_priority_keeps_to_yield_tokens():
     s.add([item(f"b{k}", 2, priority=1) for k in range(6)])
     assert ids(s.take()) == [f"b{k}" for k in range(6)]  # nothing interactive seen: whole budget
     s.add([item("i", 2)] + [item(f"c{k}", 2, priority=1) for k in range(6)])
-    assert ids(s.take()) == ["i", "c0", "c1"]  # interactive first, then 4 later tokens
+    assert ids(s.take()) == ["i"]  # interactive first, and alone: it waits for all its batch
+    assert ids(s.take()) == ["c0", "c1"]  # then 4 tokens of later work a batch
     assert ids(s.take()) == ["c2", "c3"]
