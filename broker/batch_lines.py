@@ -40,7 +40,7 @@ RERUNS = 8  # fresh ids for a streamed line found cancelled: one per run killed 
 class Outcome:
     """What one input line came to: the route's response, or `error` for a line that never
     became a request (not JSON, no custom_id, ...). `cancelled`: its jobs were cancelled (a
-    cancelled batch leaves such lines out)."""
+    cancelled batch leaves such lines out; one that goes on writes them as errors)."""
 
     custom_id: str | None
     response: dict[str, Any] | None = None  # {"status_code", "request_id", "body"}

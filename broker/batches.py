@@ -182,7 +182,9 @@ class Batches:
             async for line, outcome in window.run(reqs):
                 if outcome.cancelled and batch.status == "expiring":
                     outcome = line_error(outcome.custom_id, "batch_expired", EXPIRED)
-                if not outcome.cancelled:  # a cancelled batch leaves the line out
+                # a cancelled batch leaves the line out; a line whose job someone else cancelled
+                # while the batch runs is answered so, in the error file
+                if not outcome.cancelled or batch.status == "in_progress":
                     (out if outcome.ok else err).write(outcome.line())
                     progress.add(line, outcome)
                 if progress.due():

@@ -213,3 +213,30 @@ async def test_a_stop_line_cancelled_by_an_earlier_run_runs_again(
     [out] = rows(store, done.output_file)
     choice = out["response"]["body"]["choices"][0]
     assert (choice["text"], choice["finish_reason"]) == ("b", "stop")
+
+
+async def test_a_line_cancelled_by_someone_else_is_answered_as_an_error(
+    tmp_path: Path,
+    ctx,  # noqa: F811
+    broker,
+    client,
+) -> None:
+    store = Store(tmp_path / "batches")
+    batches = Batches(store, client, Texts(None, None), window=8)
+    ctl = Ctl(ctx, broker.backend)
+    try:
+        await ctl.ready()
+        batch = create(store, batches, [line("gone"), line("kept")], int(time.time()))
+        first, second = await ctl.take(2)
+        await client.cancel([first["id"]])  # not the batch's doing: an operator's, say
+        await ctl.hear(Kind.CANCEL)
+        await ctl.finish(second["id"], [1, 2])
+        done = await over(batches, batch)
+    finally:
+        ctl.close()
+        await batches.close()
+    assert done.status == "completed"
+    assert done.api()["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    assert [r["custom_id"] for r in rows(store, done.output_file)] == ["kept"]
+    [err] = rows(store, done.error_file)
+    assert err["custom_id"] == "gone" and err["response"]["status_code"] != 200
