@@ -105,7 +105,7 @@ class Batches:
         timer = asyncio.get_running_loop().create_task(self._expire_at(batch))
         try:
             if batch.status == "validating":
-                self._validate(batch)
+                await self._validate(batch)
             if batch.status == "in_progress" and time.time() >= self._deadline(batch):
                 self._expiring(batch)  # resumed past its deadline: nothing more is sent
             # expiring: the lines not written yet are written as expired
@@ -145,11 +145,11 @@ class Batches:
         batch.enter("expiring")
         self.store.save(batch)
 
-    def _validate(self, batch: Batch) -> None:
+    async def _validate(self, batch: Batch) -> None:
         path = self.store.path(batch.input_file_id)
         try:
-            with path.open("rb") as f:
-                total = sum(1 for _ in lines(f))
+            # in a thread: a file of 200 MB would hold every HTTP request up while it is counted
+            total = await asyncio.to_thread(_count, path)
         except OSError as e:
             return self._fail(batch, "file_unreadable", f"the input file cannot be read: {e}")
         if total == 0:
@@ -305,3 +305,8 @@ def _open_at(path: Path, size: int) -> Iterator[IO[bytes]]:
         f.truncate(size)
         f.seek(size)
         yield f
+
+
+def _count(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in lines(f))
