@@ -102,6 +102,8 @@ def job_error(
     code = str(error.get("code", Code.INTERNAL))
     status, kind = STATUS.get(code, (500, "server_error"))
     hint = error.get("retry_after_ms")
+    if code == Code.UNKNOWN_MODEL and hint is not None:
+        status, kind = 503, "server_error"  # no model is served yet: the fleet is starting
     retry = None
     if status in (429, 503):
         retry = hint / 1000 if isinstance(hint, int | float) and hint > 0 else 1.0

@@ -270,11 +270,14 @@ def test_a_taken_port_is_refused() -> None:
         ("retries_exhausted", 500, None),
         ("duplicate_id", 400, None),
         ("too_many_items", 413, None),
+        ("unknown_model", 404, None),
+        ("unknown_model_while_starting", 503, 0.5),
     ],
 )
 def test_job_errors_map_to_http(code: str, status: int, retry: float | None) -> None:
-    hints = {"busy": 250, "journal_unavailable": 2000}
-    error = {"code": code, "message": "why"}
+    hints = {"busy": 250, "journal_unavailable": 2000, "unknown_model_while_starting": 500}
+    # the broker serves no model yet: unknown_model with a hint, which means "not now"
+    error = {"code": code.removesuffix("_while_starting"), "message": "why"}
     if code in hints:
         error["retry_after_ms"] = hints[code]
     e = job_error(error)
