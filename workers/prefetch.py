@@ -8,10 +8,7 @@ stays within its budget plus those buffers. Layer i's parameters point at its bu
 and back at the pool after; a layer whose copy is not done when it is wanted waits (a stall,
 counted). The copies go around: the last pooled layer's turn asks for the next forward's first.
 Only layers are copied (every forward runs all of them, in order); the other pooled units (the
-embeddings, the LM head) are read in place. A weight that oneDNN computes from its blocked
-layout (workers/layers/linear.py `Packed`) is copied straight into that layout, as a private
-weight is packed at load: its layer then runs at a private layer's speed, with bitwise its
-results, where the plain layout costs a third of decode's matmul speed.
+embeddings, the LM head) are read in place.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import threading
 import torch
 from torch import nn
 
-from workers.layers.linear import Packed, reorder
 from workers.pool import Unit, round_up
 
 WAIT_S = 60.0  # a copy of a layer from memory: far longer means the copier died
@@ -32,23 +28,13 @@ LINE = 64  # each parameter starts on a cache line of its buffer (so on its dtyp
 class Prefetcher:
     def __init__(self, model: nn.Module, pooled: list[Unit], distance: int) -> None:
         self.layers = sorted((u for u in pooled if u.layer is not None), key=lambda u: u.layer)
-        # each layer's linear modules whose weight is packed for oneDNN when private; the other
-        # parameters (biases, norms) are copied as they are, into the layer's buffer
-        self.packs = [_packs(model.get_submodule(u.name)) for u in self.layers]
-        weights = [{id(m.weight) for m in packs} for packs in self.packs]
-        self.params = [
-            [p for _, p in u.params if id(p) not in w]
-            for u, w in zip(self.layers, weights, strict=True)
-        ]
-        self.home = [[p.data for p in ps] for ps in self.params]
+        self.home = [[p.data for _, p in u.params] for u in self.layers]
+        self.params = [[p for _, p in u.params] for u in self.layers]
         self.distance = min(distance, max(1, len(self.layers) - 1))
-        size = max((sum(round_up(p.nbytes, LINE) for p in ps) for ps in self.params), default=0)
-        self.buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(self.distance + 1)]
-        # the packed copies of the layer in each buffer's turn: as large as the plain weights
-        self.packed: list[list[torch.Tensor]] = [[] for _ in self.buffers]
-        self.packed_bytes = max(
-            (sum(m.weight.nbytes for m in packs) for packs in self.packs), default=0
+        size = max(
+            (sum(round_up(p.nbytes, LINE) for _, p in u.params) for u in self.layers), default=0
         )
+        self.buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(self.distance + 1)]
         self.free: queue.Queue[int] = queue.Queue()
         for b in range(len(self.buffers)):
             self.free.put(b)
@@ -68,7 +54,7 @@ class Prefetcher:
 
     @property
     def buffer_bytes(self) -> int:
-        return sum(b.numel() for b in self.buffers) + len(self.buffers) * self.packed_bytes
+        return sum(b.numel() for b in self.buffers)
 
     def _views(self, i: int, b: int) -> list[torch.Tensor]:
         """Pooled layer i's parameters as they lie in buffer b, one after another."""
@@ -85,7 +71,6 @@ class Prefetcher:
             b = self.free.get()
             for dst, src in zip(self._views(i, b), self.home[i], strict=True):
                 dst.copy_(src)
-            self.packed[b] = [reorder(m.weight.detach()) for m in self.packs[i]]
             self.slot[i] = b
             self.prefetches += 1
             self.ready[i].set()
@@ -106,23 +91,16 @@ class Prefetcher:
             self.stalls += 1
             if not self.ready[i].wait(WAIT_S):
                 raise RuntimeError(f"the prefetch of pooled layer {i} did not finish")
-        b = self.slot[i]
-        for p, view in zip(self.params[i], self._views(i, b), strict=True):
+        for p, view in zip(self.params[i], self._views(i, self.slot[i]), strict=True):
             p.data = view
-        for m, packed in zip(self.packs[i], self.packed[b], strict=True):
-            m.packed, m.plain = packed, False
         self.expected = (i + 1) % len(self.layers)
 
     def release(self, i: int) -> None:
         """After pooled layer i ran: its parameters back on the pool, its buffer free."""
         for p, src in zip(self.params[i], self.home[i], strict=True):
             p.data = src
-        for m in self.packs[i]:
-            m.packed, m.plain = None, True
         self.asked.discard(i)
-        b = self.slot.pop(i)
-        self.packed[b] = []
-        self.free.put(b)
+        self.free.put(self.slot.pop(i))
 
     def _reset(self) -> None:
         """Forget every copy asked for: the buffers of those done first (a copy still queued may
@@ -136,8 +114,3 @@ class Prefetcher:
                 if not self.ready[i].wait(WAIT_S):
                     raise RuntimeError(f"the prefetch of pooled layer {i} did not finish")
                 self.release(i)
-
-
-def _packs(layer: nn.Module) -> list[Packed]:
-    """The layer's linear modules computed from a pooled weight in its plain layout."""
-    return [m for m in layer.modules() if isinstance(m, Packed) and m.plain]

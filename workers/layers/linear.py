@@ -37,11 +37,6 @@ def packable(dtype: torch.dtype) -> bool:
     )
 
 
-def reorder(weight: torch.Tensor) -> torch.Tensor:
-    """The weight [out, in] in oneDNN's blocked layout, which `_linear_pointwise` reads."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight)
-
-
 class Packed(nn.Module):
     """y = x W^T (+ b) for a layer whose `weight` is [out, in]: from a copy of W in oneDNN's
     blocked layout once `pack` has run (CPU, float32 or bfloat16), else the plain GEMM."""
@@ -63,7 +58,7 @@ class Packed(nn.Module):
         if pooled(w):
             self.plain = True
             return
-        self.packed = reorder(w.detach())
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
         self.weight = None
 
     def linear(
