@@ -1,6 +1,9 @@
 """Encoder attention over packed sequences by the C++ kernel against torch's attention over each
 sequence alone: float32 and bfloat16, every head size it takes, lengths around its tiles (16 keys,
-8/4/2 query rows), q/k/v as the strided views a fused QKV projection gives."""
+8/4/2 query rows), q/k/v as the strided views a fused QKV projection gives. Also the one-call
+jagged path CUDA takes (here on the CPU, where torch computes it another way: the same
+attention, so its indexing is what is tested), bidirectional and, for decoders' fresh prefills,
+causal."""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from workers import packing
-from workers.layers import native
-from workers.layers.attention import Attention, Context
+from workers.layers import attention, native
+from workers.layers.attention import Attention, Context, Prefill, jagged
 
 HEADS = 3
 
@@ -81,3 +84,49 @@ def test_kernel_refuses_what_it_cannot_compute(kernel):
         kernel(q, k.double(), v, ctx.starts, ctx.lens)
     with pytest.raises(RuntimeError, match="contiguous"):
         kernel(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, ctx.starts, ctx.lens)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # its CPU fallback's
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
+def test_jagged_attention_is_attention_per_sequence(lengths):
+    q, k, v = qkv(lengths, 32, torch.float32)
+    ctx = Context.encoder(lengths, False, torch.device("cpu"))
+    got = jagged(q, k, v, ctx.jagged())
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, reference(q, k, v, lengths), atol=2e-5, rtol=1e-4)
+
+
+def causal_per_sequence(q, k, v, offsets, causal):
+    """What torch's jagged call computes on CUDA, one sequence at a time: its CPU fallback has
+    no causal mode, so the rows `_fresh` gathers and scatters are what this test checks."""
+    assert causal
+    bounds = offsets.tolist()
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True
+            ).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+    )
+
+
+def test_fresh_prefills_go_in_one_causal_call_and_the_rest_are_left(monkeypatch):
+    monkeypatch.setattr(attention, "jagged", causal_per_sequence)
+    lengths = [7, 1, 12, 5]
+    q, k, v = qkv(lengths, 32, torch.float32)
+    starts = packing.offsets(lengths)
+    # the second has cached keys before it: not fresh, left to the per-prefill path
+    prefills = [
+        Prefill(starts[i], n, n if i != 1 else 9, None if i != 1 else torch.zeros(3), None)
+        for i, n in enumerate(lengths)
+    ]
+    out = torch.full_like(q, float("nan"))
+    left = Attention(HEADS, HEADS, 32)._fresh(q, k, v, prefills, out)
+    assert left == [prefills[1]]
+    for i in (0, 2, 3):
+        rows = slice(starts[i], starts[i + 1])
+        qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))
+        want = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
+        torch.testing.assert_close(out[rows], want, atol=2e-5, rtol=1e-4)
+    assert out[starts[1] : starts[2]].isnan().all()  # not written

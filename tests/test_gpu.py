@@ -1,5 +1,6 @@
-"""The decoders on a GPU (`device = "cuda"`): greedy tokens equal transformers' argmax through the
-whole fleet, tensor 1 x pipeline 1. Skipped where no GPU is visible."""
+"""The fleet on a GPU (`device = "cuda"`): the decoders' greedy tokens equal transformers' argmax,
+and the encoder's embeddings match sentence-transformers, through the whole fleet, tensor 1 x
+pipeline 1. Skipped where no GPU is visible."""
 
 from __future__ import annotations
 
@@ -41,3 +42,19 @@ def test_greedy_matches_transformers_on_cuda(fleet: tuple[Fleet, Path]) -> None:
     for prompt, r in zip(first + later, asyncio.run(go()), strict=True):
         assert r.ok, r.error
         check_greedy(checkpoint, prompt, r.token_ids)
+
+
+@pytest.mark.parametrize("dtype, bound", [("float32", 0.9999), ("float16", 0.999)])
+def test_embeddings_match_sentence_transformers_on_cuda(dtype: str, bound: float) -> None:
+    """The encoder on a GPU, its attention over the packed texts in one jagged call a layer:
+    sentence-transformers' float32 embeddings within the issue's tolerance."""
+    from test_fleet import corpus, embed
+
+    chosen, ref = corpus()
+    f = start("device=cuda", f'model.dtype="{dtype}"')
+    try:
+        got = embed(f, chosen)
+    finally:
+        assert f.stop() == 0
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
+    assert cos.min() >= bound, f"{dtype}: cosine {cos.min():.6f}"

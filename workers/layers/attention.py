@@ -81,6 +81,9 @@ class Context:
     starts: torch.Tensor | None = None
     lens: torch.Tensor | None = None
     groups: list[tuple[int, int, torch.Tensor]] | None = None
+    # encoders on CUDA: each sequence's first row, and the end, [n + 1] on the device (torch's
+    # jagged layout), made on first use (`jagged`)
+    offsets: torch.Tensor | None = None
     # encoders, padded comparison mode: [n, 1, 1, max_len] True where the key is a real token
     key_mask: torch.Tensor | None = None
     # decoders
@@ -114,6 +117,13 @@ class Context:
                 for n, r in rows.items()
             ]
         return self.groups
+
+    def jagged(self) -> torch.Tensor:
+        """The encoder's sequence offsets on the device, made once for every layer."""
+        if self.offsets is None:
+            rows = packing.offsets(self.seq_lens)
+            self.offsets = torch.tensor(rows, dtype=torch.int64).to(self.positions.device)
+        return self.offsets
 
     @staticmethod
     def decoder(
@@ -276,13 +286,18 @@ class Attention(nn.Module):
                 return _padded(q, k, v, ctx)
             if self.packed is not None:
                 return self.packed(q, k, v, ctx.starts, ctx.lens)
+            if q.device.type == "cuda":
+                return jagged(q, k, v, ctx.jagged())
             return _packed(q, k, v, ctx)
         if self.k_cache.numel():
             self.k_cache.index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.index_copy_(0, ctx.slot_mapping, v)
         out = torch.empty_like(q)
         gqa = self.heads != self.kv_heads
-        for p in ctx.prefills:
+        prefills = ctx.prefills
+        if q.device.type == "cuda" and not gqa:
+            prefills = self._fresh(q, k, v, prefills, out)
+        for p in prefills:
             rows = slice(p.start, p.start + p.q)
             qs = q[rows].transpose(0, 1)[None]
             if p.blocks is None:
@@ -295,6 +310,25 @@ class Attention(nn.Module):
         for d in ctx.decodes:
             out[d.rows] = self.decode(q[d.rows], d)
         return out
+
+    def _fresh(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefills: list[Prefill],
+        out: torch.Tensor,
+    ) -> list[Prefill]:
+        """The prefills with nothing cached before them (each attends causally to its own new
+        tokens) in one jagged call, written into `out`; the others, left to do."""
+        fresh = [p for p in prefills if p.blocks is None]
+        if len(fresh) < 2:
+            return prefills
+        rows = torch.cat([torch.arange(p.start, p.start + p.q) for p in fresh]).to(q.device)
+        offsets = torch.tensor(packing.offsets([p.q for p in fresh]), dtype=torch.int64)
+        o = jagged(*(t.index_select(0, rows) for t in (q, k, v)), offsets.to(q.device), True)
+        out.index_copy_(0, rows, o)
+        return [p for p in prefills if p.blocks is not None]
 
     def decode(self, q: torch.Tensor, d: Decodes) -> torch.Tensor:
         """q [n, heads, d] -> [n, heads, d]. The query heads that share a KV head stand as that
@@ -327,6 +361,22 @@ class Attention(nn.Module):
         lse = torch.logaddexp(own_lse, pre_lse)
         o = own * (own_lse - lse).exp()[..., None] + pre * (pre_lse - lse).exp()[..., None]
         return o.to(q.dtype).reshape(n, heads, dim)
+
+
+def jagged(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, causal: bool = False
+) -> torch.Tensor:
+    """Every packed sequence in one call: q, k, v [T, heads, d] seen as nested jagged tensors
+    [n, heads, length, d] split at `offsets` [n + 1]; on CUDA torch runs its varlen flash
+    (half precision) or memory-efficient kernel over them, one launch a layer, where a call per
+    distinct length would launch hundreds. (torch's CPU fallback for jagged inputs has no
+    causal mode: CUDA only, for decoders.)"""
+    qn, kn, vn = (
+        torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2)
+        for t in (q, k, v)
+    )
+    o = F.scaled_dot_product_attention(qn, kn, vn, is_causal=causal)
+    return o.transpose(1, 2).values()
 
 
 def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
