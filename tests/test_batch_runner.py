@@ -8,6 +8,7 @@ string run again under a fresh id."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -90,12 +91,28 @@ async def until(what: str, ok: object) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_a_batch_expires_at_its_deadline(tmp_path: Path, ctx, broker, client) -> None:  # noqa: F811
+@contextlib.asynccontextmanager
+async def runner(
+    tmp_path: Path,
+    ctx: zmq.asyncio.Context,  # noqa: F811 (the fixture's value, passed on)
+    broker: Broker,
+    client: Client,
+    **kw: float,
+) -> AsyncIterator[tuple[Store, Batches, Ctl]]:
+    """A batch runner (a window of 8 lines) and the scripted controller, both closed after."""
     store = Store(tmp_path / "batches")
-    # the deadline only has to outlast a few messages in this process (with room for a busy CI)
-    batches = Batches(store, client, Texts(None, None), window=8, window_s=8.0)
+    batches = Batches(store, client, Texts(None, None), window=8, **kw)
     ctl = Ctl(ctx, broker.backend)
     try:
+        yield store, batches, ctl
+    finally:
+        ctl.close()
+        await batches.close()
+
+
+async def test_a_batch_expires_at_its_deadline(tmp_path: Path, ctx, broker, client) -> None:  # noqa: F811
+    # the deadline only has to outlast a few messages in this process (with room for a busy CI)
+    async with runner(tmp_path, ctx, broker, client, window_s=8.0) as (store, batches, ctl):
         await ctl.ready()
         batch = create(store, batches, [line(f"l-{i}") for i in range(5)], int(time.time()))
         jobs = await ctl.take(3)  # two finish, one is left running, two stay queued
@@ -105,9 +122,6 @@ async def test_a_batch_expires_at_its_deadline(tmp_path: Path, ctx, broker, clie
         cancel = await ctl.hear(Kind.CANCEL)  # the deadline: the running job is cancelled
         assert cancel.body["ids"] == [jobs[2]["id"]]
         done = await over(batches, batch)
-    finally:
-        ctl.close()
-        await batches.close()
     assert done.status == "expired" and done.expires_at == done.created_at + 8
     api = done.api()
     assert api["expired_at"] and api["completed_at"] is None and api["output_file_id"]
@@ -158,10 +172,7 @@ async def test_lines_sent_before_a_model_is_served_wait_for_one(
     broker,
     client,
 ) -> None:
-    store = Store(tmp_path / "batches")
-    batches = Batches(store, client, Texts(None, None), window=8)
-    ctl = Ctl(ctx, broker.backend)
-    try:
+    async with runner(tmp_path, ctx, broker, client) as (store, batches, ctl):
         batch = create(store, batches, [line(f"w-{i}") for i in range(3)], int(time.time()))
         await until("the batch never started", lambda: batch.status == "in_progress")
         # the runner's submit went first on this connection: it was refused as this one is,
@@ -178,9 +189,6 @@ async def test_lines_sent_before_a_model_is_served_wait_for_one(
         job = {"task": "generate", "model": "other", "text": "x"}
         [wrong] = await client.results(await client.submit([job]))
         assert wrong.error["code"] == Code.UNKNOWN_MODEL and "retry_after_ms" not in wrong.error
-    finally:
-        ctl.close()
-        await batches.close()
     assert done.status == "completed"
     out = rows(store, done.output_file)
     assert [r["custom_id"] for r in out] == ["w-0", "w-1", "w-2"]
@@ -193,10 +201,7 @@ async def test_a_stop_line_cancelled_by_an_earlier_run_runs_again(
     broker,
     client,
 ) -> None:
-    store = Store(tmp_path / "batches")
-    batches = Batches(store, client, Texts(None, None), window=8)
-    ctl = Ctl(ctx, broker.backend)
-    try:
+    async with runner(tmp_path, ctx, broker, client) as (store, batches, ctl):
         await ctl.ready()
         batch = create(store, batches, [line("s", stop=["zz"])], int(time.time()))
         [first] = await ctl.take(1)
@@ -207,9 +212,6 @@ async def test_a_stop_line_cancelled_by_an_earlier_run_runs_again(
         assert again["id"] == f"{batch.id}:0:0.1"
         await ctl.finish(again["id"], [1, 25, 25, 3])  # the text is "bzzd"
         done = await over(batches, batch)
-    finally:
-        ctl.close()
-        await batches.close()
     [out] = rows(store, done.output_file)
     choice = out["response"]["body"]["choices"][0]
     assert (choice["text"], choice["finish_reason"]) == ("b", "stop")
@@ -221,10 +223,7 @@ async def test_a_line_cancelled_by_someone_else_is_answered_as_an_error(
     broker,
     client,
 ) -> None:
-    store = Store(tmp_path / "batches")
-    batches = Batches(store, client, Texts(None, None), window=8)
-    ctl = Ctl(ctx, broker.backend)
-    try:
+    async with runner(tmp_path, ctx, broker, client) as (store, batches, ctl):
         await ctl.ready()
         batch = create(store, batches, [line("gone"), line("kept")], int(time.time()))
         first, second = await ctl.take(2)
@@ -232,9 +231,6 @@ async def test_a_line_cancelled_by_someone_else_is_answered_as_an_error(
         await ctl.hear(Kind.CANCEL)
         await ctl.finish(second["id"], [1, 2])
         done = await over(batches, batch)
-    finally:
-        ctl.close()
-        await batches.close()
     assert done.status == "completed"
     assert done.api()["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
     assert [r["custom_id"] for r in rows(store, done.output_file)] == ["kept"]
