@@ -177,15 +177,25 @@ def table(body: dict) -> str:
         lines.append(f"pool    {_mb(body['pool_bytes'])} of weights in shared memory, once a host")
     lines.append("")
     cols = ["replica", "rank", "pid", "stage", "tp_rank", "device", "state", "restarts"]
-    cols += ["weights", "pooled"]
+    cols += ["weights", "pooled", "in the pool"]
     rows = [cols] + [
-        [str(w.get(c, "")) for c in cols[:-2]]
+        [str(w.get(c, "")) for c in cols[:-3]]
         + [_mb(w.get("resident_weight_bytes")), _mb(w.get("pooled_weight_bytes"))]
+        + [_units(w.get("pooled_units"))]
         for w in body.get("workers") or []
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def _units(units: object) -> str:
+    """A worker's pooled units, its layers by number: "embed, layers 1 3 5"."""
+    if not isinstance(units, list):
+        return ""
+    layers = [u.removeprefix("layers.") for u in units if u.startswith("layers.")]
+    rest = [u for u in units if not u.startswith("layers.")]
+    return ", ".join(rest + ([f"layers {' '.join(layers)}"] if layers else []))
 
 
 def _mb(n: object) -> str:

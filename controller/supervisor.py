@@ -48,6 +48,7 @@ class Slot:
     kv_blocks: int | None = None  # KV blocks its kv.memory holds (its `ready`; decoders only)
     # its weight bytes and the pool's (from its `ready`), its prefetch counts (from heartbeats)
     memory: dict[str, int] = field(default_factory=dict)
+    pooled_units: list[str] = field(default_factory=list)  # its stage's units in the pool
 
     def row(self) -> dict[str, Any]:
         s = self.spec
@@ -62,6 +63,7 @@ class Slot:
             "last_cause": self.cause,
             "resident_weight_bytes": self.memory.get("resident_weight_bytes"),
             "pooled_weight_bytes": self.memory.get("pooled_weight_bytes"),
+            "pooled_units": self.pooled_units,
             "prefetches": self.memory.get("prefetches", 0),
             "stalls": self.memory.get("stalls", 0),
         }
@@ -240,6 +242,9 @@ class Supervisor:
             for k in ("resident_weight_bytes", "pooled_weight_bytes", "pool_bytes")
             if count(v := msg.body.get(k))
         }
+        units = msg.body.get("pooled_units")
+        ok = isinstance(units, list) and all(isinstance(u, str) for u in units)
+        slot.pooled_units = units if ok else []
         slot.state = "ready"
         if all(s.state == "ready" for s in self.slots):
             self.all_ready.set()

@@ -21,7 +21,7 @@ from decoders import gpt2
 from workers import packing
 from workers.layers.parallel import TPGroup
 from workers.models import load_info
-from workers.pool import ALIGN, FLAGS, Pooled, PoolError, Region, layout
+from workers.pool import ALIGN, FLAGS, Pooled, PoolError, Region, layout, unit_names
 from workers.runner import ModelRunner
 from workers.tokenizer import Tokenizer
 
@@ -60,16 +60,12 @@ def test_the_plan_keeps_each_rank_to_its_budget(info):
 
 
 def test_the_embedding_table_goes_first_then_alternate_layers(info):
-    def units(budget: float) -> set[str]:
-        plan = layout(info, 1, 1, "float32", None, budget)
-        return {
-            ".".join(e.param.split(".")[: 2 if e.param.startswith("layers") else 1])
-            for e in plan.of(0, 0)
-        }
+    def units(budget: float) -> list[str]:
+        return unit_names(layout(info, 1, 1, "float32", None, budget).of(0, 0))  # as in status
 
-    assert units(0.85) == {"embeddings"}  # read a few rows a token: as cheap from the pool
+    assert units(0.85) == ["embeddings"]  # read a few rows a token: as cheap from the pool
     # then the second, fourth and sixth layers: each keeps a resident neighbour
-    assert units(0.3) == {"embeddings", "layers.1", "layers.3", "layers.5"}
+    assert units(0.3) == ["embeddings", "layers.1", "layers.3", "layers.5"]
 
 
 def test_a_tiny_budget_pools_everything_and_too_little_shared_memory_is_refused(info, shm):
@@ -312,6 +308,7 @@ def test_a_fleet_with_half_its_weights_pooled(tmp_path):
                 rollup = Path(f"/proc/{w['pid']}/smaps_rollup").read_text().splitlines()
                 shmem = next(int(x.split()[1]) * 1024 for x in rollup if x.startswith("Pss_Shmem:"))
                 assert shmem >= 0.95 * pooled, (w["rank"], shmem, pooled)
+            assert all(w["pooled_units"] for w in s["workers"])  # which, for `baton status`
             resident[prefetch] = [w["resident_weight_bytes"] for w in s["workers"]]
             [pool] = pools  # one region, mapped by every worker
             assert Path(pool).exists()

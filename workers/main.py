@@ -163,6 +163,7 @@ class Worker:
             resident_weight_bytes=plan.private[s.stage, s.tp_rank] + buffers,
             pooled_weight_bytes=plan.pooled[s.stage, s.tp_rank],
             pool_bytes=plan.size if self.pooled else 0,
+            pooled_units=self.pooled.units if self.pooled else [],
         )
 
     def run(self) -> None:

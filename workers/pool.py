@@ -68,10 +68,9 @@ def units(model: nn.Module) -> list[Unit]:
     out: dict[str, Unit] = {}
     layer_ids: dict[str, int] = {}
     for name, p in model.named_parameters():
-        m = _LAYER.match(name)
-        key = m.group(0)[:-1] if m else name.split(".")[0]
+        key = unit_of(name)
         if key not in out:
-            if m:
+            if _LAYER.match(name):
                 layer_ids[key] = len(layer_ids)
             out[key] = Unit(key, [], layer_ids.get(key))
         out[key].params.append((name, p))
@@ -80,6 +79,12 @@ def units(model: nn.Module) -> list[Unit]:
         # no matmul in it (a linear layer has `pack`): only rows of it are read per token
         u.lookup = u.layer is None and not any(hasattr(m, "pack") for m in module.modules())
     return list(out.values())
+
+
+def unit_of(param: str) -> str:
+    """The unit a parameter belongs to: its layer ("layers.3"), or its top-level module."""
+    m = _LAYER.match(param)
+    return m.group(0)[:-1] if m else param.split(".")[0]
 
 
 def round_up(n: int, to: int) -> int:
@@ -261,6 +266,10 @@ class Pooled:
     def names(self) -> set[str]:
         return {e.param for e in self.entries}
 
+    @property
+    def units(self) -> list[str]:
+        return unit_names(self.entries)
+
     def place(self, model: nn.Module) -> None:
         """Point each pooled parameter of `model` (built, not yet loaded) at its place in the
         region, so that loading the checkpoint writes it there."""
@@ -283,3 +292,14 @@ class Pooled:
 
 def pooled(p: torch.Tensor | None) -> bool:
     return p is not None and getattr(p, "pooled", False)
+
+
+def unit_names(entries: list[Entry]) -> list[str]:
+    """The units these entries hold (`baton status` shows a worker's), its layers in order."""
+    names = {unit_of(e.param) for e in entries}
+    return sorted(names, key=lambda u: (u.startswith("layers."), _number(u), u))
+
+
+def _number(unit: str) -> int:
+    tail = unit.rpartition(".")[2]
+    return int(tail) if tail.isdigit() else -1
