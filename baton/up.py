@@ -161,7 +161,10 @@ def make_pool(cfg: Config, run_dir: Path) -> None:
         return
     p = cfg.parallel
     info = load_info(cfg.model.path)
-    plan = layout(info, p.tensor, p.pipeline, cfg.model.dtype, p.stages, cfg.memory.weight_budget)
+    m = cfg.memory
+    plan = layout(
+        info, p.tensor, p.pipeline, cfg.model.dtype, p.stages, m.weight_budget, cfg.device
+    )
     Region.create(path_for(run_dir), plan.size).close()
 
 

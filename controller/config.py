@@ -293,11 +293,6 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'memory.prefetch' must be auto or always, got {cfg.memory.prefetch!r}"
         )
-    if cfg.memory.weight_budget < 1 and dev != "cpu":
-        raise ConfigError(
-            "memory.weight_budget below 1 runs on CPU only so far (pooled weights are used in "
-            "place; copying them to a GPU ahead of use is not built yet)"
-        )
     half = precision.refusal(cfg.model.dtype, cfg.device.partition(":")[0])
     if half is not None:
         raise ConfigError(half)

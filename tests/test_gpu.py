@@ -58,3 +58,27 @@ def test_embeddings_match_sentence_transformers_on_cuda(dtype: str, bound: float
         assert f.stop() == 0
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
     assert cos.min() >= bound, f"{dtype}: cosine {cos.min():.6f}"
+
+
+def test_a_pooled_decoder_on_cuda_copies_its_layers_in_ahead(tmp_path: Path) -> None:
+    """Half of the worker's weights in the pinned pool, copied to the GPU ahead of their use on
+    a stream of their own: the same greedy tokens as transformers."""
+    from baton.client import BlockingClient
+
+    checkpoint = gpt2(tmp_path)
+    f = start(f"model.path={checkpoint}", "device=cuda", "memory.weight_budget=0.5", *DECODER)
+    try:
+        first, later = prompts(4, seed=3), prompts(4, seed=4)
+
+        async def go():
+            async with Client(f.endpoint, timeout_s=WAIT_S) as client:
+                return await joining(client, first, later, 20)
+
+        for prompt, r in zip(first + later, asyncio.run(go()), strict=True):
+            assert r.ok, r.error
+            check_greedy(checkpoint, prompt, r.token_ids)
+        with BlockingClient(f.endpoint, timeout_s=60) as c:
+            [w] = c.status()["workers"]
+        assert w["pooled_units"] and w["pooled_weight_bytes"] > 0
+    finally:
+        assert f.stop() == 0

@@ -68,6 +68,15 @@ def test_the_embedding_table_goes_first_then_alternate_layers(info):
     assert units(0.3) == ["embeddings", "layers.1", "layers.3", "layers.5"]
 
 
+def test_on_a_gpu_only_layers_are_pooled_and_a_budget_below_the_rest_is_refused(info):
+    plan = layout(info, 1, 1, "float32", None, 0.8, device="cuda")
+    assert unit_names(plan.of(0, 0)) == ["layers.1", "layers.3", "layers.5"]  # alternate ones
+    assert plan.private[0, 0] <= 0.8 * (plan.private[0, 0] + plan.pooled[0, 0])
+    # MiniLM's embedding table is over half of it: at 0.5 it would have to leave the GPU
+    with pytest.raises(PoolError, match=r"the budget must be at least \d+ bytes"):
+        layout(info, 1, 1, "float32", None, 0.5, device="cuda")
+
+
 def test_a_tiny_budget_pools_everything_and_too_little_shared_memory_is_refused(info, shm):
     plan = layout(info, 1, 1, "float32", None, 1000)  # bytes: less than any unit
     assert plan.private[(0, 0)] == 0 and plan.pooled[(0, 0)] > 0

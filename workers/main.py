@@ -136,8 +136,10 @@ class Worker:
         store = Path(s.dist_init.removeprefix("file://"))
         shared = paths(store) if s.shared_reduce and s.tensor > 1 else None
         self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device, shared=shared)
-        plan = layout(info, s.tensor, s.pipeline, s.dtype, s.stages, s.weight_budget)
+        plan = layout(info, s.tensor, s.pipeline, s.dtype, s.stages, s.weight_budget, s.device)
         region = Region.open(Path(s.pool), plan.size) if plan.of(s.stage, s.tp_rank) else None
+        if region is not None and s.device.startswith("cuda"):
+            region.pin()
         self.pooled = Pooled.of(region, plan, s.stage, s.tp_rank) if region else None
         self.runner = ModelRunner(
             info,

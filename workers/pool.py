@@ -96,18 +96,31 @@ def budget_bytes(budget: float, total: int) -> int:
     return int(budget * total) if budget <= 1 else int(budget)
 
 
-def choose(shard: list[Unit], budget: float) -> list[Unit]:
+def choose(shard: list[Unit], budget: float, layers_only: bool = False) -> list[Unit]:
     """The units to pool so that what stays private fits the budget: first those read by index
     (the embedding tables: a few rows a token, as cheap from the pool), largest first; then
     alternate layers (the second, fourth, ...), so that a resident layer separates pooled ones
-    while it can; then the other layers; then the rest (the LM head), largest first."""
+    while it can; then the other layers; then the rest (the LM head), largest first.
+
+    `layers_only` (a GPU: what it computes with must be copied in, and only layers are, in turn
+    ahead of their use): only layers; PoolError, naming the bytes, when the rest alone is over
+    the budget."""
     total = sum(u.nbytes for u in shard)
     keep = budget_bytes(budget, total)
     layers = [u for u in shard if u.layer is not None]
     rest = sorted((u for u in shard if u.layer is None), key=lambda u: -u.nbytes)
-    order = [u for u in rest if u.lookup]
-    order += [u for u in layers if u.layer % 2 == 1] + [u for u in layers if u.layer % 2 == 0]
-    order += [u for u in rest if not u.lookup]
+    alternate = [u for u in layers if u.layer % 2 == 1] + [u for u in layers if u.layer % 2 == 0]
+    if layers_only:
+        stays = sum(u.nbytes for u in rest)
+        if stays > keep:
+            raise PoolError(
+                f"memory.weight_budget keeps {keep} bytes of a shard private, but on a GPU "
+                f"{stays} bytes of it stay there (embeddings, norms, LM head: only layers are "
+                f"pooled): the budget must be at least {stays} bytes"
+            )
+        order = alternate
+    else:
+        order = [u for u in rest if u.lookup] + alternate + [u for u in rest if not u.lookup]
     pooled, private = [], total
     for u in order:
         if private <= keep:
@@ -131,7 +144,9 @@ class Plan:
         return self.entries.get((stage, tp_rank), [])
 
 
-def plan(shards: dict[tuple[int, int], nn.Module], budget: float) -> Plan:
+def plan(
+    shards: dict[tuple[int, int], nn.Module], budget: float, layers_only: bool = False
+) -> Plan:
     """`shards`: each (stage, tensor rank)'s model, built on the meta device (shapes only)."""
     entries: dict[tuple[int, int], list[Entry]] = {}
     flags = {key: i for i, key in enumerate(sorted(shards))}
@@ -141,7 +156,7 @@ def plan(shards: dict[tuple[int, int], nn.Module], budget: float) -> Plan:
     offset = FLAGS
     for key in sorted(shards):
         shard = units(shards[key])
-        chosen = choose(shard, budget)
+        chosen = choose(shard, budget, layers_only)
         entries[key] = []
         for u in chosen:
             for name, p in u.params:
@@ -160,15 +175,18 @@ def layout(
     dtype: str,
     stages: list[int] | None,
     budget: float,
+    device: str = "cpu",
 ) -> Plan:
     """The plan for this model and layout, made on the meta device, the same in every process.
-    Any positive budget can be kept to: all of a shard can live in the pool. The copier's
-    buffers (`memory.prefetch = "always"`) come on top, and `baton status` counts them."""
+    On CPU any positive budget can be kept to: all of a shard can live in the pool; on a GPU
+    only layers can (`choose`). The copier's buffers (`memory.prefetch = "always"`, and always
+    on a GPU) come on top, and `baton status` counts them."""
     from workers.models import shapes  # the models import this module
 
     if budget <= 0:
         raise PoolError(f"memory.weight_budget must be positive, got {budget}")
-    return plan(shapes(info, tensor, pipeline, getattr(torch, dtype), stages), budget)
+    shards = shapes(info, tensor, pipeline, getattr(torch, dtype), stages)
+    return plan(shards, budget, layers_only=not device.startswith("cpu"))
 
 
 def path_for(run_dir: Path) -> Path:
@@ -209,6 +227,7 @@ class Region:
             os.close(fd)
             raise
         self.fd = fd  # kept for the shards' locks (workers), closed with the mapping
+        self.pinned = False
 
     @contextmanager
     def locked(self, offset: int) -> Iterator[None]:
@@ -229,6 +248,17 @@ class Region:
     def open(cls, path: Path, size: int) -> Region:
         return cls(path, size, create=False)
 
+    def pin(self) -> None:
+        """Register the mapping with the CUDA driver (page-locked): copies from it to a GPU run
+        as DMA at full speed, asynchronously on the copier's stream. Once per process."""
+        if self.map is None or self.pinned:
+            return
+        whole = torch.frombuffer(self.map, dtype=torch.uint8)
+        err = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), whole.numel(), 0)
+        if int(err) != 0:
+            raise PoolError(f"the pool {self.path} could not be pinned for CUDA (error {err})")
+        self.pinned = True
+
     def tensor(self, entry: Entry, like: torch.Tensor) -> torch.Tensor:
         """A tensor shaped as `like` over the entry's bytes of the region (shared, not copied)."""
         if entry.nbytes != like.nbytes:
@@ -240,6 +270,11 @@ class Region:
 
     def close(self) -> None:
         """Unmap. Tensors over the region must be gone first (mmap refuses while they live)."""
+        if self.pinned:
+            whole = torch.frombuffer(self.map, dtype=torch.uint8)
+            torch.cuda.cudart().cudaHostUnregister(whole.data_ptr())
+            del whole
+            self.pinned = False
         if self.map is not None:
             self.map.close()
             self.map = None

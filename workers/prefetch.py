@@ -9,6 +9,13 @@ and back at the pool after; a layer whose copy is not done when it is wanted wai
 counted). The copies go around: the last pooled layer's turn asks for the next forward's first.
 Only layers are copied (every forward runs all of them, in order); the other pooled units (the
 embeddings, the LM head) are read in place.
+
+On a GPU the copier always runs (only layers are pooled there: workers/pool.py `choose`): the
+buffers are device memory, the pool's mapping is pinned, and the copies go on a stream of their
+own, ordered by events rather than by waiting: a layer's kernels wait (on the GPU) for its copy's
+event, and a copy into a buffer waits for the event recorded after the buffer's last layer ran.
+A stall there is a copy that ended after the compute stream reached the layer (the two events'
+times, read once both are done).
 """
 
 from __future__ import annotations
@@ -26,7 +33,15 @@ LINE = 64  # each parameter starts on a cache line of its buffer (so on its dtyp
 
 
 class Prefetcher:
-    def __init__(self, model: nn.Module, pooled: list[Unit], distance: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pooled: list[Unit],
+        distance: int,
+        device: torch.device | None = None,
+    ) -> None:
+        self.device = device = device or torch.device("cpu")
+        self.cuda = device.type == "cuda"
         self.layers = sorted((u for u in pooled if u.layer is not None), key=lambda u: u.layer)
         self.home = [[p.data for _, p in u.params] for u in self.layers]
         self.params = [[p for _, p in u.params] for u in self.layers]
@@ -34,7 +49,14 @@ class Prefetcher:
         size = max(
             (sum(round_up(p.nbytes, LINE) for _, p in u.params) for u in self.layers), default=0
         )
-        self.buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(self.distance + 1)]
+        self.buffers = [
+            torch.empty(size, dtype=torch.uint8, device=device) for _ in range(self.distance + 1)
+        ]
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device)
+            self.copied: list[torch.cuda.Event | None] = [None] * len(self.layers)
+            self.freed: list[torch.cuda.Event | None] = [None] * len(self.buffers)
+            self.checks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.free: queue.Queue[int] = queue.Queue()
         for b in range(len(self.buffers)):
             self.free.put(b)
@@ -67,13 +89,30 @@ class Prefetcher:
         return out
 
     def _copy(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)
         while (i := self.todo.get()) is not None:
             b = self.free.get()
-            for dst, src in zip(self._views(i, b), self.home[i], strict=True):
-                dst.copy_(src)
+            if self.cuda:
+                self._enqueue(i, b)
+            else:
+                for dst, src in zip(self._views(i, b), self.home[i], strict=True):
+                    dst.copy_(src)
             self.slot[i] = b
             self.prefetches += 1
             self.ready[i].set()
+
+    def _enqueue(self, i: int, b: int) -> None:
+        """Layer i's copy into buffer b on the copy stream, after the buffer's last use."""
+        with torch.cuda.stream(self.stream):
+            freed = self.freed[b]
+            if freed is not None:
+                self.stream.wait_event(freed)
+            for dst, src in zip(self._views(i, b), self.home[i], strict=True):
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(self.stream)
+            self.copied[i] = done
 
     def _ask(self, i: int) -> None:
         if i not in self.asked:
@@ -91,6 +130,15 @@ class Prefetcher:
             self.stalls += 1
             if not self.ready[i].wait(WAIT_S):
                 raise RuntimeError(f"the prefetch of pooled layer {i} did not finish")
+        if self.cuda:
+            self._count_stalls()
+            reached = torch.cuda.Event(enable_timing=True)
+            compute = torch.cuda.current_stream(self.device)
+            reached.record(compute)
+            done = self.copied[i]
+            assert done is not None
+            compute.wait_event(done)  # on the GPU: the host goes on
+            self.checks.append((reached, done))
         for p, view in zip(self.params[i], self._views(i, self.slot[i]), strict=True):
             p.data = view
         self.expected = (i + 1) % len(self.layers)
@@ -100,7 +148,22 @@ class Prefetcher:
         for p, src in zip(self.params[i], self.home[i], strict=True):
             p.data = src
         self.asked.discard(i)
-        self.free.put(self.slot.pop(i))
+        b = self.slot.pop(i)
+        if self.cuda:  # the next copy into b waits for the kernels that read it
+            freed = torch.cuda.Event()
+            freed.record(torch.cuda.current_stream(self.device))
+            self.freed[b] = freed
+        self.free.put(b)
+
+    def _count_stalls(self) -> None:
+        """The GPU's stalls so far: copies done after the compute stream reached their layer."""
+        left = []
+        for reached, done in self.checks:
+            if reached.query() and done.query():
+                self.stalls += reached.elapsed_time(done) > 0
+            else:
+                left.append((reached, done))
+        self.checks = left
 
     def _reset(self) -> None:
         """Forget every copy asked for: the buffers of those done first (a copy still queued may

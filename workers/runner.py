@@ -84,10 +84,11 @@ class ModelRunner:
         self.device = torch.device(device)
         self.model = models.build(info, stage, pipeline, tp, device, dtype, stages, pooled)
         self.prefetcher: Prefetcher | None = None
-        if pooled is not None and prefetch == "always":
+        # a GPU cannot compute from the pool's host memory: its pooled layers are always copied
+        if pooled is not None and (prefetch == "always" or self.device.type == "cuda"):
             chosen = [u for u in units(self.model) if all(is_pooled(p) for _, p in u.params)]
             if any(u.layer is not None for u in chosen):
-                self.prefetcher = Prefetcher(self.model, chosen, prefetch_distance)
+                self.prefetcher = Prefetcher(self.model, chosen, prefetch_distance, self.device)
         self.num_blocks = 0
         if info.decoder:
             self.allocate_kv_cache(kv_memory, dtype, compile)

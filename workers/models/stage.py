@@ -55,9 +55,10 @@ class Stage(nn.Module):
             with pooled.filling() as empty:  # another replica's worker may have filled it
                 if empty:
                     load(self, self.info.path, names)
-        for m in self.modules():
-            if isinstance(m, Packed):
-                m.pack()  # oneDNN's layout on CPU, for a private weight; a no-op elsewhere
+        if self.device.type == "cpu":  # a GPU's pooled weights are CPU tensors: not for oneDNN
+            for m in self.modules():
+                if isinstance(m, Packed):
+                    m.pack()  # oneDNN's layout, for a private weight
         return self
 
 
