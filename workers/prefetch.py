@@ -89,8 +89,8 @@ class Prefetcher:
         return out
 
     def _copy(self) -> None:
-        if self.cuda:
-            torch.cuda.set_device(self.device)
+        if self.cuda and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # this thread's CUDA calls go to the worker's GPU
         while (i := self.todo.get()) is not None:
             b = self.free.get()
             if self.cuda:
