@@ -7,7 +7,6 @@ job."""
 from __future__ import annotations
 
 import asyncio
-import http.client
 import io
 import json
 import socket
@@ -232,17 +231,24 @@ def test_leaving_a_stream_cancels_its_job(fleet: Fleet, model: str) -> None:
     body |= {"temperature": 0, "ignore_eos": True}
     before = status(fleet)["jobs"]["cancelled"]
     url = urlsplit(fleet.http)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=WAIT_S)
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    conn.request("POST", "/v1/completions", json.dumps(body).encode(), headers)
-    resp = conn.getresponse()
-    assert resp.status == 200
-    assert resp.readline().startswith(b"data: {")  # it is generating
-    # gone mid-stream: the job must be cancelled, not run to 4,000 tokens. shutdown sends the
-    # FIN whatever else holds the socket (the response's file object keeps it open past close)
-    conn.sock.shutdown(socket.SHUT_RDWR)
-    resp.close()
-    conn.close()
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    # a socket of the test's own, with no other descriptor holding it (http.client's response
+    # object kept one open past close, and a half-closed socket takes the gateway's writes
+    # silently): closed, the gateway's next write meets a reset
+    with socket.create_connection((url.hostname, url.port), timeout=WAIT_S) as sock:
+        sock.sendall(head.encode() + payload)
+        seen = b""
+        while b"data: {" not in seen:  # it is generating
+            got = sock.recv(4096)
+            assert got, seen
+            seen += got
+        assert seen.startswith(b"HTTP/1.1 200"), seen[:200]
+    # gone mid-stream: the job must be cancelled, not run to 4,000 tokens
     deadline = time.monotonic() + WAIT_S
     while True:
         jobs = status(fleet)["jobs"]
