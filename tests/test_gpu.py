@@ -32,9 +32,9 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[tuple[Fl
         assert f.stop() == 0
 
 
-def test_greedy_matches_transformers_on_cuda(fleet: tuple[Fleet, Path]) -> None:
-    f, checkpoint = fleet
-    first, later = prompts(4, seed=1), prompts(12, seed=2)
+def greedy_through(f: Fleet, checkpoint: Path, first: list, later: list) -> None:
+    """`later` prompts joining `first` mid-generation through the fleet: every one's greedy
+    tokens are transformers' argmax."""
 
     async def go():
         async with Client(f.endpoint, timeout_s=WAIT_S) as client:
@@ -43,6 +43,11 @@ def test_greedy_matches_transformers_on_cuda(fleet: tuple[Fleet, Path]) -> None:
     for prompt, r in zip(first + later, asyncio.run(go()), strict=True):
         assert r.ok, r.error
         check_greedy(checkpoint, prompt, r.token_ids)
+
+
+def test_greedy_matches_transformers_on_cuda(fleet: tuple[Fleet, Path]) -> None:
+    f, checkpoint = fleet
+    greedy_through(f, checkpoint, prompts(4, seed=1), prompts(12, seed=2))
 
 
 def minilm() -> Path:
@@ -81,15 +86,7 @@ def test_a_pooled_decoder_on_cuda_copies_its_layers_in_ahead(tmp_path: Path) -> 
     checkpoint = gpt2(tmp_path)
     f = start(f"model.path={checkpoint}", "device=cuda", "memory.weight_budget=0.5", *DECODER)
     try:
-        first, later = prompts(4, seed=3), prompts(4, seed=4)
-
-        async def go():
-            async with Client(f.endpoint, timeout_s=WAIT_S) as client:
-                return await joining(client, first, later, 20)
-
-        for prompt, r in zip(first + later, asyncio.run(go()), strict=True):
-            assert r.ok, r.error
-            check_greedy(checkpoint, prompt, r.token_ids)
+        greedy_through(f, checkpoint, prompts(4, seed=3), prompts(4, seed=4))
         with BlockingClient(f.endpoint, timeout_s=60) as c:
             [w] = c.status()["workers"]
         assert w["pooled_units"] and w["pooled_weight_bytes"] > 0
