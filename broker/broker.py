@@ -483,31 +483,30 @@ class Broker:
             while ctrl.credit > 0 and ctrl.credit_bytes > 0 and self.table.pending(ctrl.model):
                 nbytes = min(ctrl.credit_bytes, budget)
                 batch = self.table.take(ctrl.model, ctrl.credit, ctrl.ident, nbytes)
-                if not batch:
-                    break
-                ref = next(self.refs)
-                body = {"jobs": [j.wire() for j in batch], "ref": ref}
-                if not send(self.back, [ctrl.ident, *encode(Kind.JOBS, body)]):
-                    self.lost(ctrl.ident, "unreachable")
+                if not batch or not self._send(ctrl, batch):
                     break
                 self.turns += 1
                 ctrl.credit -= len(batch)
                 ctrl.credit_bytes -= sum(j.size for j in batch)
-                ctrl.sent[ref] = [j.id for j in batch]
-                while len(ctrl.sent) > SENT_KEPT:
-                    ctrl.sent.popitem(last=False)
         for ctrl in ctrls:  # the urgent lane: priority-0 jobs past the credit, one a message
             while ctrl.urgent > 0 and self.table.pending(ctrl.model, 0):
                 batch = self.table.take(ctrl.model, 1, ctrl.ident, None, priority=0)
-                if not batch:
-                    break
-                ref = next(self.refs)
-                body = {"jobs": [j.wire() for j in batch], "ref": ref, "urgent": True}
-                if not send(self.back, [ctrl.ident, *encode(Kind.JOBS, body)]):
-                    self.lost(ctrl.ident, "unreachable")
+                if not batch or not self._send(ctrl, batch, urgent=True):
                     break
                 ctrl.urgent -= 1
-                ctrl.sent[ref] = [j.id for j in batch]
+
+    def _send(self, ctrl: Controller, batch: list[J.Job], **extra: Any) -> bool:
+        """A `jobs` message to the controller, kept by ref for a refusal that names it; False
+        (and the controller lost) when it cannot be reached."""
+        ref = next(self.refs)
+        body = {"jobs": [j.wire() for j in batch], "ref": ref, **extra}
+        if not send(self.back, [ctrl.ident, *encode(Kind.JOBS, body)]):
+            self.lost(ctrl.ident, "unreachable")
+            return False
+        ctrl.sent[ref] = [j.id for j in batch]
+        while len(ctrl.sent) > SENT_KEPT:
+            ctrl.sent.popitem(last=False)
+        return True
 
     def _owe(self, ended: list[J.Job]) -> None:
         """Results go out only once their ends are committed (a delivered job must never run

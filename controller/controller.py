@@ -531,10 +531,6 @@ class Controller:
                 if batch.oneshot or batch.epoch == self.sched.epoch:
                     break
                 # formed before a restart took the KV back: its sequences are queued again
-            now = time.monotonic()
-            for s in batch.seqs:  # a generate sequence: the step that starts its prefill
-                if s.scheduled is None:
-                    s.scheduled = now
             if await self.pipe.send(batch) is None:
                 self.sched.landed(batch)  # every sequence of it was cancelled meanwhile
             self._top_up()

@@ -346,7 +346,7 @@ class Scheduler:
                 seq.status = Status.FINISHED
                 self.late.append(seq)
             else:
-                seq.status = Status.RUNNING
+                seq.start()
                 out.append(seq)
                 used += seq.cost
                 if later is not None:
@@ -448,7 +448,7 @@ class Scheduler:
             self.waiting.popleft()
             self.tokens -= seq.cost
             self.bm.allocate(seq)
-            seq.status = Status.RUNNING
+            seq.start()
             self.running.append(seq)
             # its prefix may have come from the cache: what is left to compute
             step.put(seq, min(seq.num_tokens - seq.num_cached_tokens, step.left(seq.priority)))

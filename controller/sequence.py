@@ -118,7 +118,7 @@ class Sequence:
     filler: bool = False  # padded static batching: computes on after its job ended, unread
     turn: int = 0  # the scheduler's step count when it last joined a step: least recent first
     arrived: float = field(default_factory=time.monotonic)
-    scheduled: float | None = None  # monotonic: its first batch (or step) went into the pipeline
+    scheduled: float | None = None  # monotonic: it first left the queue for a batch (or step)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -168,6 +168,12 @@ class Sequence:
 
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def start(self) -> None:
+        """Out of the queue into a batch (a step, for generation); the first time is kept."""
+        self.status = Status.RUNNING
+        if self.scheduled is None:
+            self.scheduled = time.monotonic()
 
     @property
     def queued_s(self) -> float | None:
