@@ -92,6 +92,8 @@ def test_tokens_stream_as_deltas_and_the_result_ends_the_job() -> None:
     step(c, 7)
     assert [d["deltas"][0]["index"] for d in link.take("tokens")] == [1, 2]
     [msg] = link.take("results")
+    # scheduled once it left the queue: how long it waited there, for the broker's histogram
+    assert msg["results"][0].pop("queued_s") >= 0
     assert msg["results"] == [
         {
             "id": "a",
