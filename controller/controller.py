@@ -124,6 +124,7 @@ class Controller:
         self.target = 2 * cfg.batching.max_batch_tokens
         self.held = 0  # jobs here, queued or in flight
         self.asked_jobs = self.asked_bytes = 0
+        self.lane = False  # the broker holds the urgent lane open for us (`_open_lane`)
         self.avg_cost, self.avg_bytes = 64.0, 512.0  # per job, from the jobs seen so far
         self.epoch = 0  # our registrations with the broker so far
         self.stopping = asyncio.Event()
@@ -245,8 +246,8 @@ class Controller:
             **bounds(self.info),
         }
         self.tell(Kind.READY, body)
+        self.lane = False  # a fresh registration: the broker holds no urgent lane for us
         self._top_up()
-        self.tell(Kind.CREDIT, {"n": 0, "bytes": 0, "urgent": URGENT})
 
     def _rejoin(self) -> None:
         """The broker dropped us (we were stalled past its timeout, or it was): it has put our
@@ -263,6 +264,7 @@ class Controller:
         """Ask for more work when little waits here and no request stands at the broker."""
         if not self.epoch:
             return
+        self._open_lane()
         short = self.target - self.sched.tokens
         if short <= 0 or (self.asked_jobs > 0 and self.asked_bytes > 0):
             return
@@ -277,6 +279,17 @@ class Controller:
         self.asked_jobs += n
         self.asked_bytes += nbytes
         self.tell(Kind.CREDIT, {"n": n, "bytes": nbytes})
+
+    def _open_lane(self) -> None:
+        """Keep the urgent lane open at the broker while no interactive job waits here: one then
+        reaches us past our credit, ahead of the batch work queued here. Not while one waits:
+        another would only queue behind it, and a backlog of priority-0 jobs would pour in one
+        by one past the credit that keeps it at the broker."""
+        head = self.sched.waiting[0] if self.sched.waiting else None
+        if self.lane or (head is not None and head.priority == 0):
+            return
+        self.lane = True
+        self.tell(Kind.CREDIT, {"n": 0, "bytes": 0, "urgent": URGENT})
 
     def _done(self, n: int) -> None:
         """n jobs left us (answered, failed or cancelled): room for more."""
@@ -440,7 +453,7 @@ class Controller:
         sizes = [job_bytes(j) for j in jobs]
         self.held += len(jobs)
         if urgent:
-            self.tell(Kind.CREDIT, {"n": 0, "bytes": 0, "urgent": URGENT})
+            self.lane = False  # taken by this job; opened again once no interactive job waits
         else:
             self.asked_jobs -= len(jobs)
             self.asked_bytes -= sum(sizes)

@@ -59,7 +59,7 @@ def controller(blocks: int = 16) -> Controller:
     c.sched = Scheduler(64, 0, BlockManager(blocks, 4), eos_token_id=DECODER.eos_token_id)
     c.pipe = Pipe()  # type: ignore[assignment]
     c.link = Link()  # type: ignore[assignment]
-    c.epoch, c.held, c.asked_jobs, c.asked_bytes = 1, 0, 0, 0
+    c.epoch, c.held, c.asked_jobs, c.asked_bytes, c.lane = 1, 0, 0, 0, True
     c.avg_cost, c.avg_bytes, c.capacity, c.target = 64.0, 512.0, 1000, 0
     c.executions = None
     return c
