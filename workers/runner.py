@@ -17,6 +17,7 @@ import torch
 from workers import models
 from workers.layers import native
 from workers.layers.attention import Attention, Context, Workspace
+from workers.layers.norm import LayerNorm
 from workers.layers.paged import PagedDecode
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo
@@ -24,6 +25,8 @@ from workers.pool import Pooled, units
 from workers.pool import pooled as is_pooled
 from workers.prefetch import Prefetcher
 from workers.sampler import sample
+
+ADD_NORM_WIDTH = 16  # add_norm.cpp reads a row 16 floats at a time
 
 
 @dataclass(slots=True)
@@ -46,16 +49,22 @@ def free_memory(device: torch.device) -> int:
 
 
 def use_encoder_kernel(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
-    """Give an encoder's attention layers the C++ kernel (built or loaded now) where it applies:
-    CPU, float32 or bfloat16, head size 32, 64 or 128. Elsewhere, or where it cannot be built
-    (logged), they keep torch's flash attention. Whether they have it."""
+    """Give an encoder the C++ kernels (built or loaded now) where they apply, on CPU in float32
+    or bfloat16: its attention layers the packed attention (head size 32, 64 or 128), its
+    float32 norms the fused residual add (hidden size a multiple of 16). Elsewhere, or where the
+    kernels cannot be built (logged), torch's flash attention and separate ops stay. Whether
+    the attention has it."""
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     if not layers or device.type != "cpu" or dtype not in native.DTYPES:
         return False
-    if layers[0].head_dim not in native.HEAD_DIMS or layers[0].heads != layers[0].kv_heads:
-        return False
     module = native.kernels()
     if module is None:
+        return False
+    for norm in model.modules():
+        w = norm.weight if isinstance(norm, LayerNorm) else None
+        if w is not None and w.dtype == torch.float32 and w.shape[0] % ADD_NORM_WIDTH == 0:
+            norm.fused = module.add_norm
+    if layers[0].head_dim not in native.HEAD_DIMS or layers[0].heads != layers[0].kv_heads:
         return False
     for attn in layers:
         attn.packed = module.packed_attention

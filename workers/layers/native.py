@@ -1,8 +1,8 @@
 """The C++ kernels for CPU, built for this machine on first use and cached.
 
 One extension (`torch.utils.cpp_extension`: a C++ compiler and ninja) holds them all: decode
-attention over the paged KV cache (`paged_decode.cpp`) and encoder attention over packed sequences
-(`packed_attention.cpp`). The first worker to start on a machine builds it (about 30 s on 2 cores,
+attention over the paged KV cache (`paged_decode.cpp`), encoder attention over packed sequences
+(`packed_attention.cpp`) and the encoder's residual add and LayerNorm (`add_norm.cpp`). The first worker to start on a machine builds it (about 30 s on 2 cores,
 `-O3 -march=native`); later ones load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
 Where it cannot be built, `kernels()` logs why and returns None, and each caller keeps its
 portable path (torch.compile, torch's flash attention).
@@ -23,7 +23,9 @@ import torch
 log = logging.getLogger("baton.worker")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("kernels.cpp", "paged_decode.cpp", "packed_attention.cpp")]
+SOURCES = [
+    HERE / n for n in ("kernels.cpp", "paged_decode.cpp", "packed_attention.cpp", "add_norm.cpp")
+]
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
 HEAD_DIMS = (32, 64, 128)  # the encoder kernel's (decode's: any)
 

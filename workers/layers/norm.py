@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 
 class LayerNorm(nn.LayerNorm):
+    # the C++ add_norm (workers/layers/native.py), given by the runner where it applies
+    fused: Callable[..., list[torch.Tensor]] | None = None
+
     def __init__(self, hidden: int, eps: float, dtype: torch.dtype | None = None) -> None:
         super().__init__(hidden, eps=eps, dtype=dtype)
         self.requires_grad_(False)
+
+    def add(
+        self, x: torch.Tensor, y: torch.Tensor, cast: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """self(x + y), and that in `cast` (the next matmul's input): in one pass over each token
+        where the kernel is given and takes these tensors (float32 x, contiguous)."""
+        if (
+            self.fused is not None
+            and x.dim() == 2
+            and x.dtype == torch.float32
+            and cast in (torch.float32, torch.bfloat16)
+            and x.is_contiguous()
+            and y.dim() == 2
+            and y.stride(1) == 1
+        ):
+            out, c = self.fused(x, y, self.weight, self.bias, self.eps, cast == torch.bfloat16)
+            return out, c
+        out = self(x + y)
+        return out, out.to(cast)
 
 
 class RMSNorm(nn.Module):

@@ -119,9 +119,13 @@ class Layer(nn.Module):
         self.mlp = MLP(h, info.intermediate_size, info.hidden_act, tp, dtype)
         self.mlp_norm = LayerNorm(info.hidden_size, info.norm_eps, dtype=residual)
 
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        x = self.attention_norm(x + self.attention(x.to(self.dtype), ctx))
-        return self.mlp_norm(x + self.mlp(x.to(self.dtype)))
+    def forward(
+        self, x: torch.Tensor, xc: torch.Tensor, ctx: Context
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x and its copy in `dtype` (xc; x itself in float32) -> the same
+        after this layer: each norm rounds its own output for the matmul that reads it."""
+        x, xc = self.attention_norm.add(x, self.attention(xc, ctx), self.dtype)
+        return self.mlp_norm.add(x, self.mlp(xc), self.dtype)
 
 
 # checkpoint name (after any "bert." prefix) -> (our parameter path, shard id)
@@ -195,8 +199,9 @@ class Bert(Stage):
         x = x.to(self.residual)  # from the stage before: sent in the model's dtype
         if ctx.padded:
             x = packing.pad(x, seq_lens)
+        xc = x.to(self.dtype)
         for layer in self.layers.values():
-            x = layer(x, ctx)
+            x, xc = layer(x, xc, ctx)
         if ctx.padded:
             x = packing.unpad(x, seq_lens)
         if self.last:

@@ -1,0 +1,112 @@
+// A post-LayerNorm block's residual add and norm in one pass over each token, on CPU: out =
+// LayerNorm(x + y) in float32, and the same rounded to bfloat16 for the next matmul when asked.
+// Built with the attention kernels by workers/layers/native.py.
+//
+// Why: as separate torch ops (a mixed-dtype add, the norm, a copy to bfloat16) they read and
+// wrote the [tokens, hidden] stream five times, 8 % of MiniLM's bfloat16 time; a row of 384
+// floats stays in L1 from the add to the rounding here. The vectors are GCC/Clang vector
+// extensions (one AVX-512 register each where the CPU has it), as in packed_attention.cpp.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int W = 16;
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+// bfloat16 is the top half of a float32: widening is a shift
+inline vf load(const at::BFloat16* p) {
+  vh h; std::memcpy(&h, p, sizeof h);
+  const vu u = __builtin_convertvector(h, vu) << 16;
+  vf v; std::memcpy(&v, &u, sizeof v); return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// round to nearest, ties to even, as at::BFloat16 does; a NaN stays a (quiet) NaN
+inline void store(at::BFloat16* p, vf v) {
+  vu u; std::memcpy(&u, &v, sizeof u);
+  u = (u + (((u >> 16) & 1) + 0x7fff)) >> 16;
+  u = (v != v) ? vu{} + 0x7fc0 : u;
+  const vh h = __builtin_convertvector(u, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+
+template <typename Y, typename C>
+void run(const float* x, int64_t sx, const Y* y, int64_t sy, const float* g, const float* b,
+         float eps, float* out, C* cast, int64_t rows, int64_t h) {
+  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const float* xr = x + t * sx;
+      const Y* yr = y + t * sy;
+      float* o = out + t * h;
+      vf sum = {};
+      for (int64_t c = 0; c < h; c += W) {
+        const vf s = load(xr + c) + load(yr + c);
+        store(o + c, s);
+        sum += s;
+      }
+      const float mean = hsum(sum) / h;
+      vf sq = {};
+      for (int64_t c = 0; c < h; c += W) {
+        const vf d = load(o + c) - mean;
+        sq += d * d;
+      }
+      const float rstd = 1.f / std::sqrt(hsum(sq) / h + eps);
+      for (int64_t c = 0; c < h; c += W) {
+        const vf n = (load(o + c) - mean) * rstd * load(g + c) + load(b + c);
+        store(o + c, n);
+        if constexpr (!std::is_same_v<C, float>) store(cast + t * h + c, n);
+      }
+    }
+  });
+}
+
+template <typename Y>
+void dispatch(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& g,
+              const torch::Tensor& b, double eps, torch::Tensor& out, torch::Tensor* cast) {
+  const auto* yp = reinterpret_cast<const Y*>(y.data_ptr());
+  const int64_t rows = x.size(0), h = x.size(1);
+  if (cast == nullptr)
+    run<Y, float>(x.data_ptr<float>(), x.stride(0), yp, y.stride(0), g.data_ptr<float>(),
+                  b.data_ptr<float>(), eps, out.data_ptr<float>(), nullptr, rows, h);
+  else
+    run<Y, at::BFloat16>(x.data_ptr<float>(), x.stride(0), yp, y.stride(0), g.data_ptr<float>(),
+                         b.data_ptr<float>(), eps, out.data_ptr<float>(),
+                         reinterpret_cast<at::BFloat16*>(cast->data_ptr()), rows, h);
+}
+
+}  // namespace
+
+// x [T, H] float32, y [T, H] float32 or bfloat16 (rows at any stride, each row contiguous),
+// weight and bias [H] float32, H a multiple of 16 -> [LayerNorm(x + y) float32, the same in
+// `bfloat16` or, when false, that float32 tensor again].
+std::vector<torch::Tensor> add_norm(torch::Tensor x, torch::Tensor y, torch::Tensor weight,
+                                    torch::Tensor bias, double eps, bool bfloat16) {
+  TORCH_CHECK(x.dim() == 2 && y.sizes() == x.sizes(), "add_norm: x and y must be [T, H] alike");
+  const int64_t h = x.size(1);
+  TORCH_CHECK(h % W == 0, "add_norm: the hidden size must be a multiple of 16");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "add_norm: x must be float32");
+  TORCH_CHECK(y.scalar_type() == torch::kFloat || y.scalar_type() == torch::kBFloat16,
+              "add_norm: y must be float32 or bfloat16");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "add_norm: each row must be contiguous");
+  weight = weight.to(torch::kFloat).contiguous();
+  bias = bias.to(torch::kFloat).contiguous();
+  TORCH_CHECK(weight.numel() == h && bias.numel() == h, "add_norm: weight and bias must be [H]");
+  auto out = torch::empty(x.sizes(), x.options());
+  torch::Tensor cast;
+  if (bfloat16) cast = torch::empty(x.sizes(), x.options().dtype(torch::kBFloat16));
+  auto* c = bfloat16 ? &cast : nullptr;
+  if (y.scalar_type() == torch::kFloat)
+    dispatch<float>(x, y, weight, bias, eps, out, c);
+  else
+    dispatch<at::BFloat16>(x, y, weight, bias, eps, out, c);
+  return {out, bfloat16 ? cast : out};
+}
