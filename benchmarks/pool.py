@@ -2,7 +2,9 @@
 place (`pooled`) or copied ahead into private buffers (`copied`, `memory.prefetch = "always"`),
 against all of them private, side by side: embeddings (MiniLM, `paragraphs`) and generation (the
 GPT-2 8 x 512 layout, 128 mixed prompts), plus where each fleet's worker memory is (their own
-/proc/PID/smaps_rollup: anonymous, private memory, against the shared memory they map).
+/proc/PID/smaps_rollup: anonymous, private memory, against the shared memory they map). The
+alternatives run in turn, in reverse order every other repeat; every generation fleet has the
+same 2.5 GiB KV cache.
 
 Then memory per added replica: GPT-2 fleets of one and of two replicas (`parallel.replicas`),
 all private and half pooled, each after a generation run has touched every weight; a fleet's
@@ -104,10 +106,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         runs |= {
             f"embeddings: {k}": v
             for k, v in common.interleave(
-                {n: lambda n=n: embed(n) for n in LAYOUTS}, repeats, dist
+                {n: lambda n=n: embed(n) for n in LAYOUTS}, repeats, dist, alternate=True
             ).items()
         }
-    gpt2 = [f"model.path={common.gpt2()}"]
+    # every fleet the same KV cache (room for all 128 sequences at their longest, 2.1 GB): sized
+    # from free memory, the first fleet started would get the most
+    gpt2 = [f"model.path={common.gpt2()}", f"kv.memory={5 << 29}"]
     with common.fleets({n: gpt2 + s for n, s in LAYOUTS.items()}, common.GPT2_CONFIG) as f:
         draws = [make(r)[0] for r in range(repeats * common.ATTEMPTS)]
         warm = make(repeats * common.ATTEMPTS)[0][:4]
@@ -118,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         alternatives = {n: in_turn(lambda d, n=n: generate(n, d), len(draws)) for n in LAYOUTS}
         runs |= {
-            f"generation: {k}": v for k, v in common.interleave(alternatives, repeats, dist).items()
+            f"generation: {k}": v
+            for k, v in common.interleave(alternatives, repeats, dist, alternate=True).items()
         }
     ratios = {
         f"{w}_{n}_vs_private": common.paired(runs, f"{w}: {n}", f"{w}: private", "per_s")
