@@ -5,6 +5,8 @@ where the kernel does not apply."""
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
@@ -46,11 +48,17 @@ def test_kernel_is_layer_norm_of_the_sum(kernel, norm, rows, dtype):
 
 def test_rounding_is_to_nearest_even_and_keeps_nan(kernel):
     h = 16
-    ones = torch.ones(h)
+    # a zero weight makes the output the bias exactly: halfway between two bfloat16 values, each
+    # rounds to the one whose last bit is even (1.0 down, 1.0234375 up), as torch rounds
+    ties = [0x3F808000, 0x3F818000, 0xBF808000, 0x3F80C000] * 4
+    bias = torch.tensor([struct.unpack("<f", struct.pack("<I", t))[0] for t in ties])
     x = torch.randn(4, h)
     x[3, 5] = float("nan")  # a NaN anywhere in a row makes the whole row NaN
-    out, cast = kernel(x, torch.zeros(4, h), ones, torch.zeros(h), 1e-5, True)
-    assert torch.equal(cast[:3], out[:3].to(torch.bfloat16))
+    out, cast = kernel(x, torch.zeros(4, h), torch.zeros(h), bias, 1e-5, True)
+    assert torch.equal(out[:3], bias.expand(3, h))
+    bits = cast[:3].view(torch.int16).int() & 0xFFFF
+    assert bits[:, :4].tolist() == [[0x3F80, 0x3F82, 0xBF80, 0x3F81]] * 3
+    assert torch.equal(cast[:3], bias.expand(3, h).to(torch.bfloat16))
     assert cast[3].isnan().all() and out[3].isnan().all()
 
 

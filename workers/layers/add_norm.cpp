@@ -5,39 +5,17 @@
 // Why: as separate torch ops (a mixed-dtype add, the norm, a copy to bfloat16) they read and
 // wrote the [tokens, hidden] stream five times, 8 % of MiniLM's bfloat16 time; a row of 384
 // floats stays in L1 from the add to the rounding here. The vectors are GCC/Clang vector
-// extensions (one AVX-512 register each where the CPU has it), as in packed_attention.cpp.
+// extensions (vec.h), as in packed_attention.cpp.
+#include "vec.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int W = 16;
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
-typedef uint16_t vh __attribute__((vector_size(W * 2)));
-
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-// bfloat16 is the top half of a float32: widening is a shift
-inline vf load(const at::BFloat16* p) {
-  vh h; std::memcpy(&h, p, sizeof h);
-  const vu u = __builtin_convertvector(h, vu) << 16;
-  vf v; std::memcpy(&v, &u, sizeof v); return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-// round to nearest, ties to even, as at::BFloat16 does; a NaN stays a (quiet) NaN
-inline void store(at::BFloat16* p, vf v) {
-  vu u; std::memcpy(&u, &v, sizeof u);
-  u = (u + (((u >> 16) & 1) + 0x7fff)) >> 16;
-  u = (v != v) ? vu{} + 0x7fc0 : u;
-  const vh h = __builtin_convertvector(u, vh);
-  std::memcpy(p, &h, sizeof h);
-}
-inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+using namespace vec;
 
 template <typename Y, typename C>
 void run(const float* x, int64_t sx, const Y* y, int64_t sy, const float* g, const float* b,

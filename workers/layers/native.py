@@ -2,8 +2,10 @@
 
 One extension (`torch.utils.cpp_extension`: a C++ compiler and ninja) holds them all: decode
 attention over the paged KV cache (`paged_decode.cpp`), encoder attention over packed sequences
-(`packed_attention.cpp`) and the encoder's residual add and LayerNorm (`add_norm.cpp`). The first worker to start on a machine builds it (about 30 s on 2 cores,
-`-O3 -march=native`); later ones load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
+(`packed_attention.cpp`) and the encoder's residual add and LayerNorm (`add_norm.cpp`), with the
+vector helpers they share in `vec.h` (ninja rebuilds what includes it when it changes). The first
+worker to start on a machine builds it (about 30 s on 2 cores, `-O3 -march=native`); later ones
+load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
 Where it cannot be built, `kernels()` logs why and returns None, and each caller keeps its
 portable path (torch.compile, torch's flash attention).
 """

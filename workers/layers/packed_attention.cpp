@@ -9,7 +9,8 @@
 // take scores against 16 keys at a time held in registers (R x 16 accumulators), a vectorised
 // exp, and the values weighted the same way. Float32 accumulation; float32 or bfloat16 in and out.
 // The vectors are GCC/Clang vector extensions: one AVX-512 register each where the CPU has it,
-// split by the compiler into AVX2 or SSE registers where it has not (no intrinsics).
+// split by the compiler into AVX2 or SSE registers where it has not (no intrinsics): vec.h.
+#include "vec.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -21,24 +22,7 @@
 
 namespace {
 
-constexpr int W = 16;  // floats a vector, and keys a score tile
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = std::max(m, v[i]); return m; }
-inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; ++i) s += v[i]; return s; }
-
-inline float to_f(float x) { return x; }
-// bfloat16 is the top half of a float32: widening is a shift
-inline float to_f(at::BFloat16 x) {
-  uint32_t u = static_cast<uint32_t>(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
-inline void put(float x, float* d) { *d = x; }
-inline void put(float x, at::BFloat16* d) { *d = at::BFloat16(x); }  // round to nearest even
+using namespace vec;
 
 // exp(x) for x <= 0 (scores less their row's max) and 0 below -87 (a padded key is -inf):
 // 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6 polynomial

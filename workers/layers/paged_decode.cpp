@@ -6,6 +6,7 @@
 // so a work item takes one sequence's slots front to back for all its heads: two passes (keys,
 // then values) of sequential reads, prefetching ahead across its scattered blocks, with float32
 // accumulation whatever the cache's dtype.
+#include "vec.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -37,11 +38,7 @@ static inline void each_slot(const T* cache, const int64_t* tab, int64_t len, in
   }
 }
 
-static inline float to_f(float x) { return x; }
-// bfloat16 is the top half of a float32: widening is a shift the compiler vectorises
-static inline float to_f(at::BFloat16 x) {
-  uint32_t u = static_cast<uint32_t>(x.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
+using vec::to_f;
 
 // D > 0: the head size known when compiled (the loops unroll and vectorise); 0: `dd` at run time.
 template <typename T, int D>
