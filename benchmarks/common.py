@@ -245,6 +245,47 @@ def gpt2() -> Path:
     return ensure(GPT2_DIR, shape)
 
 
+LLAMA_DIR = REPO / "benchmarks" / ".models" / "llama-8x512"
+LLAMA_MODEL = "Llama layout 8 x 512, 2 KV heads, MLP 1,376, vocabulary 50257, random weights"
+LLAMA_SHAPE = {  # MLP: GPT-2's 2 x 512 x 2,048 parameters in SwiGLU's three matrices
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+
+
+def llama() -> Path:
+    """DESIGN.md's Llama shape of the GPT-2 layout (8 layers, hidden 512, 8 heads of which 2 KV
+    heads), transformers' random initialisation, the GPT-2 checkpoint's tokenizer; made once
+    with transformers (save_pretrained: config.json, model.safetensors), under
+    benchmarks/.models/."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    stamp = LLAMA_DIR / "baton-random.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == LLAMA_SHAPE:
+        return LLAMA_DIR
+    source = gpt2()
+    theirs = json.loads((source / "config.json").read_text())
+    config = LlamaConfig(
+        vocab_size=theirs["vocab_size"],
+        bos_token_id=theirs["eos_token_id"],
+        eos_token_id=theirs["eos_token_id"],
+        tie_word_embeddings=False,
+        **LLAMA_SHAPE,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(LLAMA_DIR)
+    shutil.copy(source / "tokenizer.json", LLAMA_DIR / "tokenizer.json")
+    stamp.write_text(json.dumps(LLAMA_SHAPE))  # last: a half-made directory is made again
+    return LLAMA_DIR
+
+
 def generate(
     endpoint: str,
     jobs: list[dict],

@@ -13,6 +13,8 @@ get identical inputs (the same texts; the same token ids and max_new_tokens):
   prefix      300 prompts sharing a 384-token prefix (own suffix 8-32), 32 new tokens each
               (vLLM with prefix caching on)
   single      one request alone, 128 prompt + 128 new tokens, ms per output token
+  llama       the generation workload on DESIGN.md's Llama shape of that layout (benchmarks/
+              common.llama: 2 KV heads, SwiGLU), a fleet and peers of its own
 
 Baton runs through a whole fleet (tensor 1 x pipeline 1), as the other benchmarks: float32, and
 `baton-bf16` (model.dtype = "bfloat16") where the CPU computes bfloat16 natively, which the -bf16
@@ -57,6 +59,7 @@ HEADLINE = {
     "generation": "output_tokens_per_s",
     "prefix": "output_tokens_per_s",
     "single": "ms_per_token",
+    "llama": "output_tokens_per_s",
 }
 LOWER_IS_BETTER = {"ms_per_token"}
 REFERENCE = "sentence-transformers"  # float32: what every embedding's cosine is taken against
@@ -287,7 +290,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         embed(a.quick, repeats, threads, wanted, skipped, out_dir, runs, dist, setup, notes)
     gen = [w for w in ("generation", "prefix", "single") if w in workloads]
     if gen:
-        generate(a.quick, repeats, threads, wanted, gen, skipped, runs, dist, setup, notes)
+        at = (a.quick, repeats, threads, wanted)
+        generate(*at, common.gpt2(), gen, skipped, runs, dist, setup, notes)
+    if "llama" in workloads:
+        at = (a.quick, repeats, threads, wanted)
+        generate(*at, common.llama(), ["llama"], skipped, runs, dist, setup, notes)
 
     ratios: dict[str, list[float]] = {}
     for name in runs:
@@ -397,6 +404,7 @@ def generate(
     repeats: int,
     threads: int,
     wanted: list[str],
+    model: Path,
     workloads: list[str],
     skipped: dict[str, str],
     runs: dict[str, list[Figures]],
@@ -404,7 +412,8 @@ def generate(
     setup: dict[str, Any],
     notes: list[str],
 ) -> None:
-    model = common.gpt2()
+    """`workloads` on the decoder at `model`: a fleet of Baton's in each precision and a
+    process of each generation peer's, loaded for it alone."""
     # Each run takes the next draw of its workload (every alternative draw i in its run i, a
     # disturbed run taken again the next one): no run meets prompts an earlier one left in a
     # prefix cache (Baton's, or vLLM's automatic one), which would flatter every repeat after
@@ -413,11 +422,10 @@ def generate(
     makers: dict[str, Callable[[int], list[dict]]] = {}
     num = 8 if quick else 128
     outs = "16:64" if quick else "16:256"
-    if "generation" in workloads:
-        makers["generation"] = lambda s: bench.generation(
-            num, "32:256", outs, tokenizer=model, seed=s
-        )
-        setup["generation"] = {"jobs": num, "input_tokens": "32:256", "output_tokens": outs}
+    for w in ("generation", "llama"):
+        if w in workloads:
+            makers[w] = lambda s: bench.generation(num, "32:256", outs, tokenizer=model, seed=s)
+            setup[w] = {"jobs": num, "input_tokens": "32:256", "output_tokens": outs}
     if "prefix" in workloads:
         n = 16 if quick else 300
         makers["prefix"] = lambda s: bench.generation(
@@ -431,7 +439,9 @@ def generate(
     # workload -> (its draws, warm-up jobs)
     built = {w: ([make(s) for s in range(draws)], make(draws)[:4]) for w, make in makers.items()}
     setup["fresh_prompts"] = "a draw of its own for every run (seed = run index)"
-    setup["generation_model"] = common.GPT2_MODEL + ", greedy, ignore_eos"
+    described = common.LLAMA_MODEL if model == common.LLAMA_DIR else common.GPT2_MODEL
+    for w in workloads:
+        setup[w]["model"] = described + ", greedy, ignore_eos"
     setup["vllm_kv_cache_gb"] = peer_env(threads)["VLLM_CPU_KVCACHE_SPACE"]
     setup["transformers_batch"] = 32
 
