@@ -121,7 +121,8 @@ class Engine:
                 dtype=dtype,
                 block_size=BLOCK,
                 kv_memory=4 << 20,
-                compile=compiled,
+                compile=compiled,  # the C++ kernels: decode attention, and fresh prompts
+                encoder_kernel=compiled,
             )
             for s in range(pipeline)
         ]

@@ -63,6 +63,35 @@ def test_kernel_matches_attention_per_sequence(kernel, dtype, dim, lengths):
         torch.testing.assert_close(got, want.to(dtype), atol=1e-2, rtol=2**-7)
 
 
+def causal_reference(q, k, v, seq_lens: list[int]) -> torch.Tensor:
+    out = []
+    for a, b in zip(packing.offsets(seq_lens)[:-1], packing.offsets(seq_lens)[1:], strict=True):
+        qs, ks, vs = (t[a:b].float().transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["1 KV head", "2 KV heads", "4 KV heads"])
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
+def test_kernel_is_causal_attention_with_grouped_heads(kernel, dtype, kv_heads, lengths):
+    """A decoder's fresh prompts: each row sees its own sequence's keys up to itself; 4 query
+    heads over 1, 2 or 4 KV heads, as rotary and the fused projection leave them."""
+    torch.manual_seed(len(lengths) + kv_heads)
+    n, dim = sum(lengths), 64
+    q = (torch.randn(n, 4, dim) * 2).to(dtype)
+    kv = (torch.randn(n, 2 * kv_heads * dim) * 2).to(dtype)
+    k, v = (t.unflatten(-1, (kv_heads, dim)) for t in kv.split(kv_heads * dim, dim=-1))
+    ctx = Context.encoder(lengths, False, torch.device("cpu"))
+    got = kernel(q, k, v, ctx.starts, ctx.lens, True)
+    want = causal_reference(q, k, v, lengths)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    else:
+        torch.testing.assert_close(got, want.to(dtype), atol=1e-2, rtol=2**-7)
+
+
 def test_layer_takes_the_kernel_or_flash_alike(kernel):
     lengths = LENGTHS["long and short"]
     q, k, v = qkv(lengths, 32, torch.float32)

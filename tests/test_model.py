@@ -17,7 +17,7 @@ from workers.layers.attention import Context
 from workers.layers.parallel import TPGroup
 from workers.loader import View, resolve_model_dir, tensors
 from workers.models import build, load_info, plan, split_layers
-from workers.runner import use_encoder_kernel
+from workers.runner import use_packed_kernels
 from workers.tokenizer import Tokenizer
 
 MIN_COSINE = 0.9999
@@ -53,7 +53,7 @@ def attention(request) -> str:
 def built(info, stage: int, pipeline: int, attention: str) -> torch.nn.Module:
     model = build(info, stage, pipeline, SOLO)
     if attention == "kernel":
-        assert use_encoder_kernel(model, torch.device("cpu"), torch.float32), "no C++ kernel"
+        assert use_packed_kernels(model, torch.device("cpu"), torch.float32), "no C++ kernel"
     return model
 
 

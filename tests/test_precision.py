@@ -16,7 +16,7 @@ from workers.layers.attention import Context
 from workers.layers.parallel import TPGroup
 from workers.models import build, load_info
 from workers.precision import cpu_flags, refusal
-from workers.runner import use_encoder_kernel
+from workers.runner import use_packed_kernels
 from workers.tokenizer import Tokenizer
 
 BF16 = refusal("bfloat16", "cpu") is None
@@ -47,7 +47,7 @@ def test_bfloat16_embeddings_within_tolerance(kernel):
     seqs = [e.ids for e in Tokenizer(info).encode(corpus)]
     model = build(info, 0, 1, TPGroup(0, 1, None), dtype=torch.bfloat16)
     if kernel:
-        assert use_encoder_kernel(model, torch.device("cpu"), torch.bfloat16), "no C++ kernel"
+        assert use_packed_kernels(model, torch.device("cpu"), torch.bfloat16), "no C++ kernel"
     x, seq_lens = packing.pack(seqs)
     with torch.inference_mode():
         got = model(x, Context.encoder(seq_lens, False, torch.device("cpu"))).float()

@@ -73,7 +73,7 @@ class Spec:
         0.25  # KV cache: <= 1 a fraction of the memory free after weights, else bytes
     )
     compile: bool = False  # decode attention compiled to read the paged cache in place
-    encoder_kernel: bool = False  # encoder attention by the C++ kernel (CPU)
+    encoder_kernel: bool = False  # the C++ packed attention and add-norm (CPU)
     weight_budget: float = 1.0  # memory.weight_budget
     pool: str = ""  # the pool's shared-memory file (workers/pool.py); "" = nothing pooled
     prefetch: str = "auto"  # memory.prefetch

@@ -48,12 +48,12 @@ def free_memory(device: torch.device) -> int:
     raise RuntimeError("cannot tell the free memory: /proc/meminfo has no MemAvailable")
 
 
-def use_encoder_kernel(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
-    """Give an encoder the C++ kernels (built or loaded now) where they apply, on CPU in float32
-    or bfloat16: its attention layers the packed attention (head size 32, 64 or 128), its
-    float32 norms the fused residual add (hidden size a multiple of 16). Elsewhere, or where the
-    kernels cannot be built (logged), torch's flash attention and separate ops stay. Whether
-    the attention has it."""
+def use_packed_kernels(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Give a model the C++ kernels (built or loaded now) where they apply, on CPU in float32 or
+    bfloat16: its attention layers the packed attention (head size 16 to 128: an encoder's
+    texts, a decoder's fresh prompts), its float32 norms the fused residual add (hidden size a
+    multiple of 16). Elsewhere, or where the kernels cannot be built (logged), torch's flash
+    attention and separate ops stay. Whether the attention has it."""
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     if not layers or device.type != "cpu" or dtype not in native.DTYPES:
         return False
@@ -64,7 +64,7 @@ def use_encoder_kernel(model: torch.nn.Module, device: torch.device, dtype: torc
         w = norm.weight if isinstance(norm, LayerNorm) else None
         if w is not None and w.dtype == torch.float32 and w.shape[0] % ADD_NORM_WIDTH == 0:
             norm.fused = module.add_norm
-    if layers[0].head_dim not in native.HEAD_DIMS or layers[0].heads != layers[0].kv_heads:
+    if layers[0].head_dim not in native.HEAD_DIMS:
         return False
     for attn in layers:
         attn.packed = module.packed_attention
@@ -101,8 +101,8 @@ class ModelRunner:
         self.num_blocks = 0
         if info.decoder:
             self.allocate_kv_cache(kv_memory, dtype, compile)
-        elif encoder_kernel:  # now, not at the first batch: the worker is not yet ready
-            use_encoder_kernel(self.model, self.device, dtype)
+        if encoder_kernel:  # now, not at the first batch: the worker is not yet ready
+            use_packed_kernels(self.model, self.device, dtype)
 
     def allocate_kv_cache(self, kv_memory: float, dtype: torch.dtype, compile: bool) -> None:
         """One tensor [layers, 2, slots, kv_heads, head_dim]; each layer's attention gets views

@@ -263,7 +263,8 @@ class Attention(nn.Module):
         self.block_size = 0
         self.workspace = Workspace()  # the runner gives every layer of a stage the same one
         self.kernel: PagedDecode | None = None  # compiled decode attention, when the runner has it
-        # the C++ encoder attention (native.py), when the runner has it: (q, k, v, starts, lens)
+        # the C++ packed attention (native.py), when the runner has it: an encoder's texts, a
+        # decoder's fresh prompts (q, k, v, starts, lens, causal)
         self.packed: Callable[..., torch.Tensor] | None = None
 
     def read(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,9 +293,17 @@ class Attention(nn.Module):
         if self.k_cache.numel():
             self.k_cache.index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.index_copy_(0, ctx.slot_mapping, v)
-        out = torch.empty_like(q)
         gqa = self.heads != self.kv_heads
         prefills = ctx.prefills
+        fresh = [p for p in prefills if p.blocks is None]
+        if self.packed is not None and fresh:
+            # the prompts with nothing cached before them in one call, causal; the rest of the
+            # rows are written below
+            starts = torch.tensor([p.start for p in fresh])
+            out = self.packed(q, k, v, starts, torch.tensor([p.q for p in fresh]), True)
+            prefills = [p for p in prefills if p.blocks is not None]
+        else:
+            out = torch.empty_like(q)
         if q.device.type == "cuda" and not gqa:
             prefills = self._fresh(q, k, v, prefills, out)
         for p in prefills:

@@ -7,12 +7,13 @@ std::vector<torch::Tensor> paged_decode(torch::Tensor q, torch::Tensor k_cache,
                                         torch::Tensor v_cache, torch::Tensor blocks,
                                         torch::Tensor lens);
 torch::Tensor packed_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                               torch::Tensor starts, torch::Tensor lens);
+                               torch::Tensor starts, torch::Tensor lens, bool causal);
 std::vector<torch::Tensor> add_norm(torch::Tensor x, torch::Tensor y, torch::Tensor weight,
                                     torch::Tensor bias, double eps, bool bfloat16);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache");
-  m.def("packed_attention", &packed_attention, "encoder attention over packed sequences");
+  m.def("packed_attention", &packed_attention, "attention over packed sequences", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("starts"), py::arg("lens"), py::arg("causal") = false);
   m.def("add_norm", &add_norm, "LayerNorm(x + y), and that in bfloat16");
 }

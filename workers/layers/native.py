@@ -29,7 +29,7 @@ SOURCES = [
     HERE / n for n in ("kernels.cpp", "paged_decode.cpp", "packed_attention.cpp", "add_norm.cpp")
 ]
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
-HEAD_DIMS = (32, 64, 128)  # the encoder kernel's (decode's: any)
+HEAD_DIMS = (16, 32, 64, 128)  # the packed attention's (decode's: any)
 
 
 def _isa() -> str:
