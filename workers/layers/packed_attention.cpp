@@ -1,6 +1,7 @@
-// Encoder attention over packed sequences, on CPU: every sequence of a micro-batch attends over
-// its own tokens only, in one call per layer, with nothing padded to the batch's longest. Built on
-// first use by workers/layers/native.py (torch.utils.cpp_extension) for the machine it runs on.
+// Attention over packed sequences, on CPU: every sequence of a micro-batch attends over its own
+// tokens only (an encoder's texts; causally, a decoder's fresh prompts, with grouped KV heads), in
+// one call per layer, with nothing padded to the batch's longest. Built on first use by
+// workers/layers/native.py (torch.utils.cpp_extension) for the machine it runs on.
 //
 // Why not torch's flash kernel, one call per distinct length: at a head size of 32 and the short
 // texts embeddings see (a median of ~30 tokens), it ran at ~45 GFLOP/s; its time went to the
