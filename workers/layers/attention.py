@@ -295,8 +295,8 @@ class Attention(nn.Module):
             self.v_cache.index_copy_(0, ctx.slot_mapping, v)
         gqa = self.heads != self.kv_heads
         prefills = ctx.prefills
-        fresh = [p for p in prefills if p.blocks is None]
-        if self.packed is not None and fresh:
+        fresh = [p for p in prefills if p.blocks is None] if self.packed is not None else []
+        if fresh:
             # the prompts with nothing cached before them in one call, causal; the rest of the
             # rows are written below
             starts = torch.tensor([p.start for p in fresh])

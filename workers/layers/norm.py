@@ -31,7 +31,7 @@ class LayerNorm(nn.LayerNorm):
             and y.stride(1) == 1
         ):
             out, c = self.fused(x, y, self.weight, self.bias, self.eps, cast == torch.bfloat16)
-            return out, c
+            return out, c  # c is out itself when cast is float32
         out = self(x + y)
         return out, out.to(cast)
 
