@@ -118,7 +118,7 @@ def test_a_prefix_is_shared_only_up_to_each_members_last_token():
 @pytest.mark.parametrize("n,blocks", [(1, 1), (1, 3), (3, 1), (5, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("which", ["native", "compiled"])
-@pytest.mark.parametrize("dim", [DIM, 64])  # 64: a head size the C++ kernel unrolls
+@pytest.mark.parametrize("dim", [DIM, 64, 128])  # 64, 128: whole vectors in the C++ kernel
 def test_kernels_read_the_paged_cache(which, n, blocks, dtype, dim, request):
     # compiled: one sequence or one block is padded to two (a size torch.compile does not
     # specialise on); native: few sequences are split by KV head, many are taken whole

@@ -25,27 +25,6 @@ namespace {
 
 using namespace vec;
 
-// exp(x) for x <= 0 (scores less their row's max) and 0 below -87 (a padded key is -inf):
-// 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6 polynomial
-// (relative error ~2e-7, as float32's own rounding).
-inline vf exp_neg(vf x) {
-  const vi gone = x < -87.f;
-  x = vmax(x, splat(-87.f));
-  const vf t = x * 1.44269504088896341f;
-  vi ti = __builtin_convertvector(t, vi);            // rounds toward zero,
-  ti += __builtin_convertvector(ti, vf) > t;         // so one less where that went up: floor
-  const vf f = t - __builtin_convertvector(ti, vf);  // in [0, 1)
-  vf p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const vf two = (vf)((ti + 127) << 23);  // 2^ti
-  return gone ? splat(0.f) : p * two;
-}
-
 template <typename T, int D>
 void run(const T* q, const T* k, const T* v, int64_t sq, int64_t sk, int64_t sv,
          const int64_t* starts, const int64_t* lens, T* out, int64_t so, int64_t n,

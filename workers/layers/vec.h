@@ -32,8 +32,39 @@ inline void store(at::BFloat16* p, vf v) {
 }
 inline vf splat(float x) { return vf{} + x; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = std::max(m, v[i]); return m; }
-inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+// across the lanes by halves: four shuffles, each folding the upper half of the lanes still
+// counted onto the lower (a lane-by-lane loop would be a chain of 15 dependent steps)
+template <typename F>
+inline float reduce(vf v, F&& f) {
+  v = f(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = f(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = f(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1));
+  v = f(v, __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0));
+  return v[0];
+}
+inline float hmax(vf v) { return reduce(v, [](vf a, vf b) { return vmax(a, b); }); }
+inline float hsum(vf v) { return reduce(v, [](vf a, vf b) { return a + b; }); }
+
+// exp(x) for x <= 0 (scores less their row's max) and 0 below -87 (a padded key is -inf):
+// 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6 polynomial
+// (relative error ~2e-7, as float32's own rounding).
+inline vf exp_neg(vf x) {
+  const vi gone = x < -87.f;
+  x = vmax(x, splat(-87.f));
+  const vf t = x * 1.44269504088896341f;
+  vi ti = __builtin_convertvector(t, vi);            // rounds toward zero,
+  ti += __builtin_convertvector(ti, vf) > t;         // so one less where that went up: floor
+  const vf f = t - __builtin_convertvector(ti, vf);  // in [0, 1)
+  vf p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const vf two = (vf)((ti + 127) << 23);  // 2^ti
+  return gone ? splat(0.f) : p * two;
+}
 
 // one element: the same widening, which the compiler vectorises in loops; and rounding back
 inline float to_f(float x) { return x; }
