@@ -17,16 +17,18 @@ import torch
 from workers import models
 from workers.layers import native
 from workers.layers.attention import Attention, Context, Workspace
-from workers.layers.norm import LayerNorm
+from workers.layers.mlp import GatedMLP
+from workers.layers.norm import LayerNorm, RMSNorm
 from workers.layers.paged import PagedDecode
 from workers.layers.parallel import TPGroup
+from workers.layers.rotary import Rotary
 from workers.loader import ModelInfo
 from workers.pool import Pooled, units
 from workers.pool import pooled as is_pooled
 from workers.prefetch import Prefetcher
 from workers.sampler import sample
 
-ADD_NORM_WIDTH = 16  # add_norm.cpp reads a row 16 floats at a time
+VECTOR = 16  # the C++ kernels read a row 16 floats at a time (vec.h)
 
 
 @dataclass(slots=True)
@@ -51,8 +53,9 @@ def free_memory(device: torch.device) -> int:
 def use_packed_kernels(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     """Give a model the C++ kernels (built or loaded now) where they apply, on CPU in float32 or
     bfloat16: its attention layers the packed attention (head size 16 to 128: an encoder's
-    texts, a decoder's fresh prompts), its float32 norms the fused residual add (hidden size a
-    multiple of 16). Elsewhere, or where the kernels cannot be built (logged), torch's flash
+    texts, a decoder's fresh prompts); its norms the fused residual add (float32 LayerNorm,
+    RMSNorm; hidden size a multiple of 16), SwiGLU's gating and rotary positions their single
+    passes (widths a multiple of 16, halves of heads too). Elsewhere, or where the kernels cannot be built (logged), torch's flash
     attention and separate ops stay. Whether the attention has it."""
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     if not layers or device.type != "cpu" or dtype not in native.DTYPES:
@@ -60,10 +63,16 @@ def use_packed_kernels(model: torch.nn.Module, device: torch.device, dtype: torc
     module = native.kernels()
     if module is None:
         return False
-    for norm in model.modules():
-        w = norm.weight if isinstance(norm, LayerNorm) else None
-        if w is not None and w.dtype == torch.float32 and w.shape[0] % ADD_NORM_WIDTH == 0:
-            norm.fused = module.add_norm
+    for m in model.modules():
+        if isinstance(m, LayerNorm) and m.weight.dtype == torch.float32:
+            if m.weight.shape[0] % VECTOR == 0:
+                m.fused = module.add_norm
+        elif isinstance(m, RMSNorm) and m.weight.shape[0] % VECTOR == 0:
+            m.fused = module.rms_norm
+        elif isinstance(m, GatedMLP) and m.down.in_local % VECTOR == 0:
+            m.fused = module.silu_and_mul
+        elif isinstance(m, Rotary) and m.cos.shape[1] % (2 * VECTOR) == 0:
+            m.fused = module.rotary
     if layers[0].head_dim not in native.HEAD_DIMS:
         return False
     for attn in layers:

@@ -10,10 +10,19 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                torch::Tensor starts, torch::Tensor lens, bool causal);
 std::vector<torch::Tensor> add_norm(torch::Tensor x, torch::Tensor y, torch::Tensor weight,
                                     torch::Tensor bias, double eps, bool bfloat16);
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> y,
+                                    torch::Tensor weight, double eps);
+torch::Tensor silu_and_mul(torch::Tensor gate, torch::Tensor up);
+void rotary(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
+            torch::Tensor positions);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache");
   m.def("packed_attention", &packed_attention, "attention over packed sequences", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("starts"), py::arg("lens"), py::arg("causal") = false);
   m.def("add_norm", &add_norm, "LayerNorm(x + y), and that in bfloat16");
+  m.def("rms_norm", &rms_norm, "x + y and RMSNorm of it", py::arg("x"), py::arg("y"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("rotary", &rotary, "rotate q and k in place by their positions");
 }

@@ -3,6 +3,8 @@ over ranks (one all-reduce)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -34,6 +36,9 @@ class MLP(nn.Module):
 class GatedMLP(nn.Module):
     """Llama's SwiGLU: gate and up in one matmul, silu(gate) * up, down."""
 
+    # the C++ silu_and_mul (workers/layers/native.py), given by the runner where it applies
+    fused: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
     def __init__(
         self, hidden: int, inner: int, tp: TPGroup, bias: bool, dtype: torch.dtype | None = None
     ) -> None:
@@ -42,4 +47,7 @@ class GatedMLP(nn.Module):
         self.down = RowParallelLinear(inner, hidden, tp, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_and_mul(*self.gate_up(x)))
+        gate, up = self.gate_up(x)
+        if self.fused is not None and gate.dim() == 2 and gate.device.type == "cpu":
+            return self.down(self.fused(gate, up))
+        return self.down(silu_and_mul(gate, up))

@@ -1,11 +1,11 @@
 """The C++ kernels for CPU, built for this machine on first use and cached.
 
 One extension (`torch.utils.cpp_extension`: a C++ compiler and ninja) holds them all: decode
-attention over the paged KV cache (`paged_decode.cpp`), encoder attention over packed sequences
-(`packed_attention.cpp`) and the encoder's residual add and LayerNorm (`add_norm.cpp`), with the
-vector helpers they share in `vec.h` (ninja rebuilds what includes it when it changes). The first
-worker to start on a machine builds it (about 30 s on 2 cores, `-O3 -march=native`); later ones
-load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
+attention over the paged KV cache (`paged_decode.cpp`), attention over packed sequences
+(`packed_attention.cpp`), a block's residual add and norm (`add_norm.cpp`: LayerNorm, RMSNorm),
+SwiGLU's gating (`swiglu.cpp`) and rotary positions (`rotary.cpp`), with the vector helpers they
+share in `vec.h` (ninja rebuilds what includes it when it changes). The first worker to start on a
+machine builds it (about 40 s on 2 cores, `-O3 -march=native`); later ones load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
 Where it cannot be built, `kernels()` logs why and returns None, and each caller keeps its
 portable path (torch.compile, torch's flash attention).
 """
@@ -26,7 +26,15 @@ log = logging.getLogger("baton.worker")
 
 HERE = Path(__file__).parent
 SOURCES = [
-    HERE / n for n in ("kernels.cpp", "paged_decode.cpp", "packed_attention.cpp", "add_norm.cpp")
+    HERE / n
+    for n in (
+        "kernels.cpp",
+        "paged_decode.cpp",
+        "packed_attention.cpp",
+        "add_norm.cpp",
+        "swiglu.cpp",
+        "rotary.cpp",
+    )
 ]
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
 HEAD_DIMS = (16, 32, 64, 128)  # the packed attention's (decode's: any)

@@ -110,7 +110,7 @@ void run(const T* q, const T* k, const T* v, int64_t sq, int64_t sk, int64_t sv,
             const float mx = hmax(top[r]);
             vf sum = {};
             for (int64_t j0 = 0; j0 < Lk; j0 += W) {
-              const vf p = exp_neg(load(sr + j0) - mx);
+              const vf p = vexp(load(sr + j0) - mx);
               store(sr + j0, p);
               sum += p;
             }

@@ -90,7 +90,7 @@ static void run_vec(const float* q, const T* kc, const T* vc, const int64_t* blo
         const float mx = hmax(top);
         vf sum = {};
         for (int64_t j = 0; j < lp; j += W) {
-          const vf p = exp_neg(load(sg + j) - mx);
+          const vf p = vexp(load(sg + j) - mx);
           store(sg + j, p);
           sum += p;
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,10 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None)
 class Rotary(nn.Module):
     """cos/sin tables for every position up to `max_position`, computed once."""
 
+    # the C++ rotary (workers/layers/native.py), given by the runner where it applies: rotates
+    # in place, which the fused QKV output that q and k are views of allows
+    fused: Callable[..., None] | None = None
+
     def __init__(
         self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any] | None
     ) -> None:
@@ -47,6 +52,9 @@ class Rotary(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, heads, d], k [T, kv_heads, d] rotated by each token's position."""
+        if self.fused is not None and q.device.type == "cpu" and self.cos.dtype == torch.float32:
+            self.fused(q, k, self.cos, self.sin, positions)
+            return q, k
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace vec {
 
@@ -45,12 +46,13 @@ inline float reduce(vf v, F&& f) {
 inline float hmax(vf v) { return reduce(v, [](vf a, vf b) { return vmax(a, b); }); }
 inline float hsum(vf v) { return reduce(v, [](vf a, vf b) { return a + b; }); }
 
-// exp(x) for x <= 0 (scores less their row's max) and 0 below -87 (a padded key is -inf):
-// 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6 polynomial
-// (relative error ~2e-7, as float32's own rounding).
-inline vf exp_neg(vf x) {
+// exp(x): 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6
+// polynomial (relative error ~2e-7, as float32's own rounding); 0 below -87 (a padded key's
+// score less its row's max is -inf) and exp(88) above 88.
+inline vf vexp(vf x) {
   const vi gone = x < -87.f;
   x = vmax(x, splat(-87.f));
+  x = x < 88.f ? x : splat(88.f);
   const vf t = x * 1.44269504088896341f;
   vi ti = __builtin_convertvector(t, vi);            // rounds toward zero,
   ti += __builtin_convertvector(ti, vf) > t;         // so one less where that went up: floor
@@ -64,6 +66,19 @@ inline vf exp_neg(vf x) {
   p = p * f + 1.0f;
   const vf two = (vf)((ti + 127) << 23);  // 2^ti
   return gone ? splat(0.f) : p * two;
+}
+
+// v as T holds it: rounded to bfloat16 and back (a torch op in bfloat16 rounds its result so
+// before the next op reads it), or v itself for float32
+template <typename T>
+inline vf as(vf v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T r[W];
+    store(r, v);
+    return load(r);
+  }
 }
 
 // one element: the same widening, which the compiler vectorises in loops; and rounding back

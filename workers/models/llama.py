@@ -82,8 +82,8 @@ class Block(nn.Module):
         self.mlp = GatedMLP(h, info.intermediate_size, tp, x["mlp_bias"], dtype)
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), ctx)
-        return x + self.mlp(self.post_attention_norm(x))
+        x, h = self.post_attention_norm.add(x, self.attn(self.input_norm(x), ctx))
+        return x + self.mlp(h)
 
 
 _BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
