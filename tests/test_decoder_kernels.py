@@ -1,5 +1,5 @@
 """Llama's block ops as single C++ passes (RMSNorm after the residual add, SwiGLU's gating,
-rotary positions) against the torch ops they replace: float32 within its rounding, bfloat16
+rotary positions), and greedy sampling's argmax, against the torch ops they replace: float32 within its rounding, bfloat16
 within one step of it (the kernels round where the torch ops round, but sum in their own order);
 the inputs are the strided views the block hands them."""
 
@@ -92,6 +92,22 @@ def test_rotary_in_place_on_the_fused_qkv_output(module, head_dim, dtype):
     near(got_q, want_q)
     near(got_k, want_k)
     assert torch.equal(v, views(qkv.clone())[2])  # the values are left alone
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 40, 50257])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_argmax_is_torchs_first_index_of_the_largest(module, vocab, dtype):
+    torch.manual_seed(vocab)
+    rows = 9
+    logits = torch.randn(rows, vocab + 3).to(dtype)[:, 2 : 2 + vocab]  # strided rows
+    if vocab > 32:
+        top = float(logits.float().max()) + 1
+        logits[1, [3, vocab - 1]] = top  # a tie across lanes: the earlier wins
+        logits[2, [5, 5 + 16]] = top  # a tie within a lane
+        logits[3, [vocab - 1, 7]] = float("nan")  # NaN outranks every number; the first of them
+        logits[4, vocab - 1] = top  # the largest in the tail past the last whole vector
+        logits[5] = -float("inf")  # all alike: index 0
+    assert module.argmax(logits).tolist() == logits.max(dim=-1).indices.tolist()
 
 
 def test_refusals(module):

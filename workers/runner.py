@@ -9,6 +9,7 @@ manager decides which slots each sequence uses; the runner only follows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +111,11 @@ class ModelRunner:
         self.num_blocks = 0
         if info.decoder:
             self.allocate_kv_cache(kv_memory, dtype, compile)
+        self.argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
         if encoder_kernel:  # now, not at the first batch: the worker is not yet ready
             use_packed_kernels(self.model, self.device, dtype)
+            if self.device.type == "cpu" and dtype in native.DTYPES and (k := native.kernels()):
+                self.argmax = k.argmax
 
     def allocate_kv_cache(self, kv_memory: float, dtype: torch.dtype, compile: bool) -> None:
         """One tensor [layers, 2, slots, kv_heads, head_dim]; each layer's attention gets views
@@ -177,4 +181,4 @@ class ModelRunner:
             return Step([], {"token_ids": []})
         ends = torch.tensor(seq_lens, device=self.device).cumsum(0) - 1
         logits = self.model.logits(h[ends[[r[0] for r in rows]]])
-        return Step([], {"token_ids": sample(logits, rows)})
+        return Step([], {"token_ids": sample(logits, rows, self.argmax)})

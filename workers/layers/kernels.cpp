@@ -15,6 +15,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
 torch::Tensor silu_and_mul(torch::Tensor gate, torch::Tensor up);
 void rotary(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
             torch::Tensor positions);
+torch::Tensor argmax(torch::Tensor logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache");
@@ -25,4 +26,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("eps"));
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary", &rotary, "rotate q and k in place by their positions");
+  m.def("argmax", &argmax, "each row's first index of its largest value");
 }
