@@ -137,9 +137,9 @@ class Context:
         """Sequence i computes its tokens at positions context_lens[i] - seq_lens[i] ..
         context_lens[i] - 1; its keys are the first context_lens[i] slots of its blocks."""
         starts = packing.offsets(seq_lens)
-        positions = torch.cat(
-            [torch.arange(c - q, c) for q, c in zip(seq_lens, context_lens, strict=True)]
-        ).to(device)
+        # one tensor from plain ints: an arange per sequence was ~0.5 ms of a 128-sequence step
+        pos = [p for q, c in zip(seq_lens, context_lens, strict=True) for p in range(c - q, c)]
+        positions = torch.tensor(pos, dtype=torch.int64).to(device)
         tables = block_tables.to(device=device, dtype=torch.int64)
 
         prefills, decode_ids = [], []
