@@ -55,9 +55,10 @@ def use_packed_kernels(model: torch.nn.Module, device: torch.device, dtype: torc
     """Give a model the C++ kernels (built or loaded now) where they apply, on CPU in float32 or
     bfloat16: its attention layers the packed attention (head size 16 to 128: an encoder's
     texts, a decoder's fresh prompts); its norms the fused residual add (float32 LayerNorm,
-    RMSNorm; hidden size a multiple of 16), SwiGLU's gating and rotary positions their single
-    passes (widths a multiple of 16, halves of heads too). Elsewhere, or where the kernels cannot be built (logged), torch's flash
-    attention and separate ops stay. Whether the attention has it."""
+    RMSNorm; hidden size a multiple of 16); SwiGLU's gating and rotary positions their single
+    passes (widths a multiple of 16, half a head too). Elsewhere, or where the kernels cannot be
+    built (logged), torch's flash attention and separate ops stay. Whether the attention has
+    it."""
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     if not layers or device.type != "cpu" or dtype not in native.DTYPES:
         return False

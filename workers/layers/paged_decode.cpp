@@ -51,7 +51,7 @@ struct Split {
 
 // D a multiple of W, known when compiled: whole vectors, keys and values held in registers
 // while every query head of their KV head uses them; the softmax's exp vectorised too (as a
-// scalar loop it was half of a step for 8 query heads on 2 KV heads).
+// scalar loop it was half of this kernel's time for 8 query heads on 2 KV heads).
 template <typename T, int D>
 static void run_vec(const float* q, const T* kc, const T* vc, const int64_t* blocks,
                     const int64_t* lens, float* out, float* lse, int64_t n, int64_t m,
