@@ -1,6 +1,7 @@
 """Linear layers and the LM head read a oneDNN-packed copy of their weight on CPU: the same
-outputs as the plain matmul, for every batch size, in float32 and bfloat16; a worker keeps every
-row count's compiled matmul, past oneDNN's default of 1,024."""
+outputs as the plain matmul, for every batch size, in float32 and bfloat16, also with their rows
+rounded up to a few sizes; a worker keeps every row count's compiled matmul, past oneDNN's
+default of 1,024."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from workers.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
     packable,
+    rows_for,
 )
 from workers.layers.parallel import TPGroup
 
@@ -78,6 +80,40 @@ def test_activation_fused_into_the_packed_matmul(act: str) -> None:
     want = layer.linear(h, layer.bias, act)  # plain matmul, then the activation
     layer.pack()
     torch.testing.assert_close(layer.linear(h, layer.bias, act), want, rtol=1e-4, atol=1e-4)
+
+
+def test_row_counts_round_up_to_few_sizes() -> None:
+    sizes = {rows_for(r) for r in range(1, 8193)}
+    for r in range(1, 8193):
+        n = rows_for(r)
+        assert n >= r and (r <= 16 and n == r or n % 16 == 0)
+        assert r < 256 or n - r <= r / 16
+    assert len(sizes) < 16 + 16 * 6  # 16 single rows, then at most 16 sizes an octave
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_rounded_rows_give_the_same_outputs(dtype: torch.dtype) -> None:
+    if not packable(dtype):
+        pytest.skip("oneDNN does not compute bfloat16 on this CPU")
+    torch.manual_seed(0)
+    for layer in layers(dtype):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_()
+        layer.pack()
+        for rows in (5, 17, 300, 777):
+            h = torch.randn(rows, 64, dtype=dtype)
+            layer.round_rows = False
+            want = layer(h)
+            layer.round_rows = True
+            got = layer(h)
+            for g, e in zip(
+                got if isinstance(got, list | tuple) else [got],
+                want if isinstance(want, list | tuple) else [want],
+                strict=True,
+            ):
+                assert g.shape == e.shape
+                torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-3)
 
 
 ROW_COUNTS = """

@@ -9,6 +9,8 @@ layers at 210 GFLOP/s on 2 cores of an AVX-512 EPYC, oneDNN on the packed weight
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,7 @@ from workers.layers.activation import POST_OPS, activation
 from workers.layers.parallel import TPGroup
 from workers.loader import View, divide
 from workers.pool import pooled
+from workers.precision import cpu_flags
 
 
 def param(*shape: int, dtype: torch.dtype | None, loader=None) -> nn.Parameter:
@@ -37,6 +40,21 @@ def packable(dtype: torch.dtype) -> bool:
     )
 
 
+@functools.cache
+def amx() -> bool:
+    return "amx_bf16" in cpu_flags()
+
+
+def rows_for(rows: int) -> int:
+    """The row count a matmul of `rows` runs at, so that oneDNN meets the same few sizes again:
+    above 16, a multiple of 16 (AMX's tile height), and from 256 on one of 16 sizes an octave
+    (at most 1/16 more rows)."""
+    if rows <= 16:
+        return rows
+    step = 1 << max(4, rows.bit_length() - 5)
+    return -(-rows // step) * step
+
+
 class Packed(nn.Module):
     """y = x W^T (+ b) for a layer whose `weight` is [out, in]: from a copy of W in oneDNN's
     blocked layout once `pack` has run (CPU, float32 or bfloat16), else the plain GEMM."""
@@ -46,6 +64,11 @@ class Packed(nn.Module):
     # a pooled weight: given to oneDNN in its plain layout wherever it lies now (in the pool's
     # shared memory, or in a prefetch buffer), with bitwise the packed layout's results
     plain: bool = False
+    # On AMX, oneDNN compiles a bfloat16 matmul for each row count it meets, at about 5 ms
+    # (one of GPT-2's projections then runs 300 rows in 0.7 ms), and a generation step has a
+    # row count of its own at nearly every step: such layers run at `rows_for`'s sizes
+    # (docs/performance.md, "Row counts on AMX")
+    round_rows: bool = False
 
     def pack(self) -> None:
         """Once loaded: reorder the weight for oneDNN, once (one packing serves every batch
@@ -53,6 +76,7 @@ class Packed(nn.Module):
         w = self.weight
         if w is None or w.device.type != "cpu" or not packable(w.dtype):
             return
+        self.round_rows = w.dtype == torch.bfloat16 and amx()
         # oneDNN runs the plain layout (measured): bitwise the packed one's results, at 90-100 %
         # of its speed for 4,096 rows, 60-70 % for decode's few
         if pooled(w):
@@ -69,11 +93,15 @@ class Packed(nn.Module):
         w = self.weight if self.plain else self.packed
         if w is None:
             y = F.linear(x, self.weight, bias)
-        elif act in POST_OPS:
+            return y if act is None else activation(act)(y)
+        rows = x.shape[0]
+        if self.round_rows and x.dim() == 2 and rows_for(rows) != rows:
+            # zero rows after the real ones (each output row reads only its own input row)
+            x = torch.cat([x, x.new_zeros(rows_for(rows) - rows, x.shape[1])])
+        if act in POST_OPS:
             algorithm, approx = POST_OPS[act]
-            return torch.ops.mkldnn._linear_pointwise(x, w, bias, algorithm, [], approx)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, algorithm, [], approx)[:rows]
+        y = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")[:rows]
         return y if act is None else activation(act)(y)
 
 
