@@ -40,27 +40,37 @@ def layers(dtype: torch.dtype) -> list[Packed]:
     ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_packed_layers_give_the_plain_outputs(dtype: torch.dtype) -> None:
+def filled(dtype: torch.dtype) -> list[Packed]:
+    """`layers`, their parameters drawn at random (seeded), where oneDNN computes `dtype`."""
     if not packable(dtype):
         pytest.skip("oneDNN does not compute bfloat16 on this CPU")
     torch.manual_seed(0)
-    for layer in layers(dtype):
-        with torch.no_grad():
+    out = layers(dtype)
+    with torch.no_grad():
+        for layer in out:
             for p in layer.parameters():
                 p.normal_()
+    return out
+
+
+def assert_same(got: object, want: object) -> None:
+    """One layer's outputs (a tensor, or a list of them) within bfloat16's tolerance."""
+    got = got if isinstance(got, list | tuple) else [got]
+    want = want if isinstance(want, list | tuple) else [want]
+    for g, e in zip(got, want, strict=True):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_packed_layers_give_the_plain_outputs(dtype: torch.dtype) -> None:
+    for layer in filled(dtype):
         plain = {rows: torch.randn(rows, 64, dtype=dtype) for rows in (1, 3, 64, 300)}
         want = {rows: layer(h) for rows, h in plain.items()}
         layer.pack()
         assert layer.weight is None and layer.packed is not None  # one copy of the weight
         for rows, h in plain.items():  # one packing serves every batch size
-            got, expected = layer(h), want[rows]
-            for g, e in zip(
-                got if isinstance(got, list | tuple) else [got],
-                expected if isinstance(expected, list | tuple) else [expected],
-                strict=True,
-            ):
-                torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-3)
+            assert_same(layer(h), want[rows])
 
 
 def test_float16_keeps_its_plain_weight() -> None:
@@ -93,27 +103,14 @@ def test_row_counts_round_up_to_few_sizes() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_rounded_rows_give_the_same_outputs(dtype: torch.dtype) -> None:
-    if not packable(dtype):
-        pytest.skip("oneDNN does not compute bfloat16 on this CPU")
-    torch.manual_seed(0)
-    for layer in layers(dtype):
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.normal_()
+    for layer in filled(dtype):
         layer.pack()
         for rows in (5, 17, 300, 777):
             h = torch.randn(rows, 64, dtype=dtype)
             layer.round_rows = False
             want = layer(h)
             layer.round_rows = True
-            got = layer(h)
-            for g, e in zip(
-                got if isinstance(got, list | tuple) else [got],
-                want if isinstance(want, list | tuple) else [want],
-                strict=True,
-            ):
-                assert g.shape == e.shape
-                torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=1e-3)
+            assert_same(layer(h), want)
 
 
 ROW_COUNTS = """
