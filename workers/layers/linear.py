@@ -93,15 +93,16 @@ class Packed(nn.Module):
         w = self.weight if self.plain else self.packed
         if w is None:
             y = F.linear(x, self.weight, bias)
-            return y if act is None else activation(act)(y)
-        rows = x.shape[0]
-        if self.round_rows and x.dim() == 2 and rows_for(rows) != rows:
-            # zero rows after the real ones (each output row reads only its own input row)
-            x = torch.cat([x, x.new_zeros(rows_for(rows) - rows, x.shape[1])])
-        if act in POST_OPS:
-            algorithm, approx = POST_OPS[act]
-            return torch.ops.mkldnn._linear_pointwise(x, w, bias, algorithm, [], approx)[:rows]
-        y = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")[:rows]
+        else:
+            rows = x.shape[0]
+            n = rows_for(rows) if self.round_rows and x.dim() == 2 else rows
+            if n != rows:
+                # zero rows after the real ones (each output row reads only its own input row)
+                x = torch.cat([x, x.new_zeros(n - rows, x.shape[1])])
+            if act in POST_OPS:
+                algorithm, approx = POST_OPS[act]
+                return torch.ops.mkldnn._linear_pointwise(x, w, bias, algorithm, [], approx)[:rows]
+            y = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")[:rows]
         return y if act is None else activation(act)(y)
 
 
