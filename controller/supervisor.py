@@ -126,6 +126,7 @@ class Supervisor:
                             max_seq_length=cfg.model.max_seq_length,
                             dtype=cfg.model.dtype,
                             encoder_kernel=cfg.model.encoder_kernel,
+                            screen_greedy=cfg.model.screen_greedy,
                             weight_budget=cfg.memory.weight_budget,
                             prefetch=cfg.memory.prefetch,
                             prefetch_distance=cfg.memory.prefetch_distance,

@@ -110,6 +110,7 @@ class Engine:
         tp: TPGroup = SOLO,
         compiled: bool = False,
         dtype: torch.dtype = torch.float32,
+        screen: bool = False,
     ) -> None:
         info = load_info(str(directory))
         self.runners = [
@@ -123,6 +124,7 @@ class Engine:
                 kv_memory=4 << 20,
                 compile=compiled,  # the C++ kernels: decode attention, and fresh prompts
                 encoder_kernel=compiled,
+                screen=screen,  # greedy tokens from the screened LM head, where the CPU has one
             )
             for s in range(pipeline)
         ]

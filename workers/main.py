@@ -74,6 +74,7 @@ class Spec:
     )
     compile: bool = False  # decode attention compiled to read the paged cache in place
     encoder_kernel: bool = False  # the C++ packed attention and add-norm (CPU)
+    screen_greedy: bool = False  # model.screen_greedy
     weight_budget: float = 1.0  # memory.weight_budget
     pool: str = ""  # the pool's shared-memory file (workers/pool.py); "" = nothing pooled
     prefetch: str = "auto"  # memory.prefetch
@@ -156,6 +157,7 @@ class Worker:
             self.pooled,
             s.prefetch,
             s.prefetch_distance,
+            s.screen_greedy,
         )
         buffers = self.runner.prefetcher.buffer_bytes if self.runner.prefetcher else 0
         release_freed_memory()

@@ -99,10 +99,13 @@ class ModelRunner:
         pooled: Pooled | None = None,
         prefetch: str = "auto",
         prefetch_distance: int = 2,
+        screen: bool = False,
     ) -> None:
         self.info, self.tp, self.block_size = info, tp, block_size
         self.device = torch.device(device)
-        self.model = models.build(info, stage, pipeline, tp, device, dtype, stages, pooled)
+        # a screened head keeps a bfloat16 copy beside its weight: not where a budget holds them
+        screen = screen and pooled is None
+        self.model = models.build(info, stage, pipeline, tp, device, dtype, stages, pooled, screen)
         self.prefetcher: Prefetcher | None = None
         # a GPU cannot compute from the pool's host memory: its pooled layers are always copied
         if pooled is not None and (prefetch == "always" or self.device.type == "cuda"):
@@ -181,5 +184,22 @@ class ModelRunner:
         if not rows:
             return Step([], {"token_ids": []})
         ends = torch.tensor(seq_lens, device=self.device).cumsum(0) - 1
-        logits = self.model.logits(h[ends[[r[0] for r in rows]]])
-        return Step([], {"token_ids": sample(logits, rows, self.argmax)})
+        return Step([], {"token_ids": self.sample(h[ends[[r[0] for r in rows]]], rows)})
+
+    def sample(self, h: torch.Tensor, rows: list[list]) -> list[int]:
+        """One token for each sample row (`sampler.sample`'s rows) from its hidden row: greedy
+        rows by a screened head's `greedy` where the model has one, the rest from logits."""
+        if not self.model.screened:
+            return sample(self.model.logits(h), rows, self.argmax)
+        greedy = [i for i, r in enumerate(rows) if r[1] <= 0]
+        if len(greedy) == len(rows):
+            return self.model.greedy(h).tolist()
+        out = [0] * len(rows)
+        if greedy:
+            for i, t in zip(greedy, self.model.greedy(h[greedy]).tolist(), strict=True):
+                out[i] = t
+        drawn = [i for i, r in enumerate(rows) if r[1] > 0]
+        logits = self.model.logits(h[drawn])
+        for i, t in zip(drawn, sample(logits, [rows[i] for i in drawn], self.argmax), strict=True):
+            out[i] = t
+        return out

@@ -93,17 +93,28 @@ class Packed(nn.Module):
         w = self.weight if self.plain else self.packed
         if w is None:
             y = F.linear(x, self.weight, bias)
+        elif act in POST_OPS:
+            return onednn(x, w, bias, self.round_rows, POST_OPS[act])
         else:
-            rows = x.shape[0]
-            n = rows_for(rows) if self.round_rows and x.dim() == 2 else rows
-            if n != rows:
-                # zero rows after the real ones (each output row reads only its own input row)
-                x = torch.cat([x, x.new_zeros(n - rows, x.shape[1])])
-            if act in POST_OPS:
-                algorithm, approx = POST_OPS[act]
-                return torch.ops.mkldnn._linear_pointwise(x, w, bias, algorithm, [], approx)[:rows]
-            y = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")[:rows]
+            y = onednn(x, w, bias, self.round_rows)
         return y if act is None else activation(act)(y)
+
+
+def onednn(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    round_rows: bool,
+    post: tuple[str, str] = ("none", ""),
+) -> torch.Tensor:
+    """x w^T + b by oneDNN, on a weight in its blocked layout (or a plain one), with a fused
+    post-op (algorithm, approximation); at `rows_for`'s row count where `round_rows` (zero rows
+    after the real ones: each output row reads only its own input row)."""
+    rows = x.shape[0]
+    n = rows_for(rows) if round_rows and x.dim() == 2 else rows
+    if n != rows:
+        x = torch.cat([x, x.new_zeros(n - rows, x.shape[1])])
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, post[0], [], post[1])[:rows]
 
 
 class ColumnParallelLinear(Packed):

@@ -3,8 +3,8 @@
 One extension (`torch.utils.cpp_extension`: a C++ compiler and ninja) holds them all: decode
 attention over the paged KV cache (`paged_decode.cpp`), attention over packed sequences
 (`packed_attention.cpp`), a block's residual add and norm (`add_norm.cpp`: LayerNorm, RMSNorm),
-SwiGLU's gating (`swiglu.cpp`), rotary positions (`rotary.cpp`) and greedy sampling's argmax
-(`argmax.cpp`), with the vector helpers they share in `vec.h` (ninja rebuilds what includes it
+SwiGLU's gating (`swiglu.cpp`), rotary positions (`rotary.cpp`), greedy sampling's argmax
+(`argmax.cpp`) and float32's argmax screened from bfloat16 logits (`screen.cpp`), with the vector helpers they share in `vec.h` (ninja rebuilds what includes it
 when it changes). The first worker to start on a machine builds it (about 45 s on 2 cores, `-O3
 -march=native`); later ones load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
 Where it cannot be built, `kernels()` logs why and returns None, and each caller keeps its
@@ -36,6 +36,7 @@ SOURCES = [
         "swiglu.cpp",
         "rotary.cpp",
         "argmax.cpp",
+        "screen.cpp",
     )
 ]
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write

@@ -94,11 +94,16 @@ def build(
     dtype: torch.dtype = torch.float32,
     stages: list[int] | None = None,
     pooled: Pooled | None = None,
+    screen: bool = False,
 ) -> Stage:
     """Stage `stage` of `pipeline` on this rank, weights loaded; `stages` (layers per stage)
-    overrides the planned split; `pooled`, the parameters that live in the pool."""
+    overrides the planned split; `pooled`, the parameters that live in the pool; `screen`, a
+    decoder's LM head screens greedy rows in bfloat16 where it can (ParallelLMHead)."""
     layers = plan(info, pipeline, stages)[stage]
     model = MODELS[info.family](info, layers, stage == 0, stage == pipeline - 1, tp, device, dtype)
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        head.screen = screen  # before loading: it decides how the weight is kept
     return model.load(pooled)
 
 

@@ -87,3 +87,13 @@ class Decoder(Stage):
         every rank (not widened to float32 here: for 300 rows of GPT-2's 50,257 that took as long
         as the LM head's bfloat16 matmul; the sampler widens only the rows that draw)."""
         return self.lm_head(self.norm(h))
+
+    @property
+    def screened(self) -> bool:
+        """Whether `greedy` runs without the float32 LM head's matmul (ParallelLMHead)."""
+        return bool(getattr(self.lm_head, "screened", False))
+
+    def greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """Last stage, screened head: hidden rows [S, hidden] -> the argmax of their float32
+        logits [S], on every rank."""
+        return self.lm_head.greedy(self.norm(h))

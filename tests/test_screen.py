@@ -1,0 +1,135 @@
+"""The screened LM head: greedy rows take float32's argmax from bfloat16 logits and a bound on
+their error (workers/layers/embedding.py, screen.cpp). Held to the argmax of torch's float32
+logits on random heads and on the cases a bound could get wrong: ties, near ties that bfloat16
+cannot tell apart, a zero row, non-finite values; and the bound itself to exact (float64) dot
+products. Skipped on a CPU without bfloat16 matmuls, where the head is never screened."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.layers.embedding import ParallelLMHead, bounds, first_best, screenable
+from workers.layers.linear import onednn
+from workers.layers.parallel import TPGroup
+
+pytestmark = pytest.mark.skipif(
+    not screenable(torch.empty(1)), reason="this CPU has no bfloat16 matmuls (or no C++ kernels)"
+)
+
+
+def head(vocab: int, dim: int, bias: bool, seed: int) -> ParallelLMHead:
+    torch.manual_seed(seed)
+    h = ParallelLMHead(vocab, dim, TPGroup(0, 1, None), bias=bias)
+    h.weight.data.normal_(0, 0.02)
+    if h.bias is not None:
+        h.bias.data.normal_(0, 0.1)
+    h.screen = True
+    return h
+
+
+def want(h: ParallelLMHead, x: torch.Tensor) -> list[int]:
+    """torch's float32 logits' argmax (the first of the largest; the first NaN)."""
+    return F.linear(x, h.weight, h.bias).max(dim=-1).indices.tolist()
+
+
+def packed(h: ParallelLMHead) -> ParallelLMHead:
+    h.pack()
+    assert h.screened and h.weight is not None  # the plain weight stays for the candidates
+    return h
+
+
+@pytest.mark.parametrize("vocab", [11, 1000, 5003])
+@pytest.mark.parametrize("dim", [64, 200])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_greedy_is_float32s_argmax(vocab, dim, bias):
+    h = packed(head(vocab, dim, bias, vocab + dim))
+    x = torch.randn(300, dim)  # past 256 rows: AMX's rounded row counts too
+    assert h.greedy(x).tolist() == want(h, x)
+    assert h.greedy(x[:1]).tolist() == want(h, x[:1])
+
+
+def test_ties_and_near_ties():
+    vocab, dim = 4099, 512
+    h = head(vocab, dim, False, 1)
+    w = h.weight.data
+    w[3000] = w[17]  # an exact tie: the earlier word wins
+    w[40] = w[2000] * (1 + 2**-12)  # the same in bfloat16; float32 tells the later one larger
+    w[41] = w[40] * (1 + 2**-20)  # and one larger still, by less than a bfloat16 step
+    w[4097] = w[4096]  # a tie in the tail past the last whole vector
+    packed(h)
+    x = torch.stack(
+        [
+            w[17] * 400,
+            w[2000] * 400,
+            w[4096] * 400,
+            torch.zeros(dim),  # every logit 0: word 0
+            w[17] * 400 + torch.randn(dim) * 1e-3,
+        ]
+    )
+    got = h.greedy(x).tolist()
+    assert got == want(h, x)
+    assert got[:4] == [17, 41, 4096, 0]
+
+
+def test_non_finite_rows_as_torch():
+    h = packed(head(1000, 64, True, 2))
+    x = torch.randn(4, 64)
+    x[0, 5] = float("nan")  # every logit NaN: the first
+    x[1, 3] = float("inf")  # +inf, -inf and NaN logits
+    x[2] *= 1e38  # logits past float32's range
+    assert h.greedy(x).tolist() == want(h, x)
+
+
+def test_the_bound_holds():
+    """|bfloat16 logit + bias - exact logit| within the bound, for every word, on rows whose
+    values sit at bfloat16's rounding midpoints (the largest input error)."""
+    torch.manual_seed(3)
+    vocab, dim = 2000, 512
+    w = torch.randn(vocab, dim) * 0.05
+    b = torch.randn(vocab)
+    steps = 2.0 ** torch.randint(-4, 4, (8, dim)).float()
+    x = steps * (1 + 2**-8 + 2**-12) * torch.randn(8, dim).sign()  # just past a midpoint
+    x = torch.cat([x, torch.randn(8, dim) * 3])
+    packed_w = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16())
+    a = onednn(x.bfloat16(), packed_w, None, False).float()
+    exact = (x.double() @ w.double().T + b.double()).float()
+    c1, c2 = bounds(dim)
+    err = (a + b - exact).abs()
+    limit = c1 * (a.abs() + b.abs()) + c2 * x.norm(dim=1, keepdim=True) * w.norm(dim=1)
+    assert bool((err <= limit).all())
+    assert float((err / limit).max()) > 0.01  # the bound is not vacuous for these rows
+
+
+def test_first_best_over_ranks():
+    nan, inf = float("nan"), float("inf")
+    values = torch.tensor([[1.0, 2.0, 0.5, -inf, 3.0], [1.0, 5.0, nan, -inf, nan]])
+    ids = torch.tensor([[3, 4, 5, 6, 7], [103, 104, 105, 106, 107]])
+    # a tie keeps the earlier rank's word; NaN outranks numbers; all -inf: the first
+    assert first_best(values, ids).tolist() == [3, 104, 105, 6, 107]
+
+
+def test_a_pooled_or_half_precision_head_is_not_screened():
+    assert not screenable(torch.empty(4, 4, dtype=torch.bfloat16))
+    h = head(100, 32, False, 4)
+    h.screen = False
+    h.pack()
+    assert not h.screened
+
+
+def test_a_step_of_greedy_and_drawn_rows(tmp_path):
+    """Through a runner: greedy rows from the screened head, drawn ones from float32 logits,
+    each row's token as the runner without the screen gives it."""
+    from decoders import Engine, gpt2
+
+    directory = gpt2(tmp_path)
+    screened = Engine(directory, 1, screen=True).runners[0]
+    plain = Engine(directory, 1).runners[0]
+    assert screened.model.screened and not plain.model.screened
+    torch.manual_seed(5)
+    h = torch.randn(4, 64)
+    rows = [[0, 0.0, 0, 1.0, -1, 0], [1, 1.0, 0, 1.0, 7, 2], [2, 0.0, 0, 1.0, -1, 0]]
+    rows.append([3, 0.7, 5, 0.9, 11, 0])
+    assert screened.sample(h, rows) == plain.sample(h, rows)
+    assert screened.sample(h, rows[::2]) == plain.sample(h, rows[::2])  # greedy only
