@@ -21,7 +21,9 @@ Baton runs through a whole fleet (tensor 1 x pipeline 1), as the other benchmark
 peers are measured against. Each peer runs
 in its own process under the peers' virtualenv (.peers/, `make peers`; benchmarks/peer_runner.py),
 loads and warms up once, then answers each repeat: per repeat and workload, Baton, then each
-peer, in turn. A peer that is not installed (or fails to load) is skipped with a line saying so.
+peer, in turn, every other repeat in the reverse order (the machine's speed drifts within a run,
+measured up to +45 % from the first repeat to the third: a fixed order would hand it to the
+last in line). A peer that is not installed (or fails to load) is skipped with a line saying so.
 Not part of `make test` or `make bench`. Ratios: Baton's throughput / the peer's, and for
 `single` the peer's ms per token / Baton's, so above 1 is Baton ahead everywhere.
 """
@@ -376,7 +378,7 @@ def embed(
         }
         for p, r in rs.items():
             alternatives[f"embeddings: {p}"] = lambda r=r: ask_run(r, "embeddings")
-        got = common.interleave(alternatives, repeats, dist)
+        got = common.interleave(alternatives, repeats, dist, alternate=True)
         for n in layouts:  # not timed: Baton's own vectors, for the cosine
             with BlockingClient(f[n].endpoint) as c:
                 results = c.embed(texts)
@@ -470,7 +472,7 @@ def generate(
                 )
             for p, r in rs.items():
                 alternatives[f"{w}: {p}"] = in_turn(lambda d, r=r, w=w: ask_run(r, w, d), draws)
-        runs.update(common.interleave(alternatives, repeats, dist))
+        runs.update(common.interleave(alternatives, repeats, dist, alternate=True))
         notes += agreement(endpoint, rs, built)
 
 

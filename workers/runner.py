@@ -103,8 +103,6 @@ class ModelRunner:
     ) -> None:
         self.info, self.tp, self.block_size = info, tp, block_size
         self.device = torch.device(device)
-        # a screened head keeps a bfloat16 copy beside its weight: not where a budget holds them
-        screen = screen and pooled is None
         self.model = models.build(info, stage, pipeline, tp, device, dtype, stages, pooled, screen)
         self.prefetcher: Prefetcher | None = None
         # a GPU cannot compute from the pool's host memory: its pooled layers are always copied
