@@ -80,6 +80,8 @@ def test_non_finite_rows_as_torch():
     x[1, 3] = float("inf")  # +inf, -inf and NaN logits
     x[2] *= 1e38  # logits past float32's range
     assert h.greedy(x).tolist() == want(h, x)
+    h.bias.data[700] = float("nan")  # a NaN in the checkpoint's bias: that word, on every row
+    assert h.greedy(x).tolist() == want(h, x)
 
 
 def test_the_bound_holds():

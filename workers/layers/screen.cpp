@@ -52,21 +52,22 @@ inline vf bound(const Args& a, vf v, vf b, vf nw, float nx) {
   return splat(a.c1) * (vmax(v, -v) + vmax(b, -b)) + splat(a.c2 * nx) * nw;
 }
 
-// the best lower bound of the row; NaN where a logit is not finite (then every word is scored)
+// the best lower bound of the row; NaN where a logit (bias included) is not finite: then every
+// word is scored, as float32's argmax would meet that logit too
 float floor_of(const Args& a, const at::BFloat16* row, float nx) {
   vf lo = splat(-std::numeric_limits<float>::infinity());
   vf finite = splat(0.f);  // stays 0 while every a - a is 0
   int64_t j = 0;
   for (; j + W <= a.n; j += W) {
     const vf v = load(row + j), b = bias_at(a, j);
-    finite += v - v;
+    finite += (v + b) - (v + b);
     lo = vmax(lo, v + b - bound(a, v, b, load(a.norm + j), nx));
   }
   float top = hmax(lo);
   bool ok = hsum(finite) == 0.f;
   for (; j < a.n; ++j) {
     const float v = to_f(row[j]), b = bias_of(a, j);
-    ok = ok && std::isfinite(v);
+    ok = ok && std::isfinite(v + b);
     top = std::max(top, v + b - (a.c1 * (std::fabs(v) + std::fabs(b)) + a.c2 * nx * a.norm[j]));
   }
   return ok ? top : std::numeric_limits<float>::quiet_NaN();
