@@ -68,7 +68,8 @@ def compiled() -> PagedDecode:
     "kernel", [None, "native", "compiled"], ids=["gather", "native", "compiled"]
 )
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_decode_with_and_without_shared_blocks(kv_heads, kernel, request):
+@pytest.mark.parametrize("by_length", [True, False], ids=["by-length", "whole"])
+def test_decode_with_and_without_shared_blocks(kv_heads, kernel, by_length, request):
     heads = 4
     attn = paged(heads, kv_heads, slots=64 * BLOCK)
     if kernel:
@@ -90,10 +91,14 @@ def test_decode_with_and_without_shared_blocks(kv_heads, kernel, request):
     slots = torch.tensor(
         [tables[i][(c - 1) // BLOCK] * BLOCK + (c - 1) % BLOCK for i, c in enumerate(ctx)]
     )
-    context = Context.decoder([1] * len(ctx), ctx, slots, block_tables, BLOCK, torch.device("cpu"))
+    context = Context.decoder(
+        [1] * len(ctx), ctx, slots, block_tables, BLOCK, torch.device("cpu"), by_length
+    )
     prefixes = sorted(len(d.prefix) for d in context.decodes if d.prefix is not None)
     assert prefixes == [2]  # the first four share two blocks (the fourth only two)
     assert sum(len(d.rows) for d in context.decodes) == len(ctx)
+    if not by_length:  # the four sharing a prefix, the two sharing nothing: in batch order
+        assert [d.rows.tolist() for d in context.decodes] == [[0, 1, 2, 3], [4, 5]]
 
     q = torch.randn(len(ctx), heads, DIM)
     k = attn.k_cache[slots].clone()  # the new tokens' K/V are already in place: rewritten as is

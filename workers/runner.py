@@ -111,6 +111,7 @@ class ModelRunner:
             if any(u.layer is not None for u in chosen):
                 self.prefetcher = Prefetcher(self.model, chosen, prefetch_distance, self.device)
         self.num_blocks = 0
+        self.native_decode = False
         if info.decoder:
             self.allocate_kv_cache(kv_memory, dtype, compile)
         self.argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -142,6 +143,8 @@ class ModelRunner:
         )
         workspace = Workspace()
         kernel = PagedDecode(self.device, dtype) if compile else None
+        # the C++ kernel reads each sequence's own length: no grouping by length for it
+        self.native_decode = kernel is not None and kernel.native is not None
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
             attn.block_size, attn.workspace, attn.kernel = self.block_size, workspace, kernel
@@ -173,7 +176,13 @@ class ModelRunner:
             raise ValueError(f"task {task!r} needs a decoder; {self.info.name} is an encoder")
         slot_mapping, block_tables = tensors[1], tensors[2]
         ctx = Context.decoder(
-            seq_lens, body["context_lens"], slot_mapping, block_tables, self.block_size, self.device
+            seq_lens,
+            body["context_lens"],
+            slot_mapping,
+            block_tables,
+            self.block_size,
+            self.device,
+            by_length=not self.native_decode,
         )
         h = self.model(x, ctx)
         if not self.model.last:

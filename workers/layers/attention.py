@@ -134,9 +134,16 @@ class Context:
         block_tables: torch.Tensor,
         block_size: int,
         device: torch.device,
+        by_length: bool = True,
     ) -> Context:
         """Sequence i computes its tokens at positions context_lens[i] - seq_lens[i] ..
-        context_lens[i] - 1; its keys are the first context_lens[i] slots of its blocks."""
+        context_lens[i] - 1; its keys are the first context_lens[i] slots of its blocks.
+        `by_length`: decodes in groups of similar context length (`_by_length`), for attention
+        that reads each group's keys padded to its longest; false, for a kernel that reads each
+        sequence's own length (the C++ one), one group of all that share a prefix (and one of
+        those that share none), in the batch's order: a call, a gather of queries and a write
+        of outputs a group and layer were 6-7 % of a 128-sequence decode step."""
+        split = _by_length if by_length else _whole
         starts = packing.offsets(seq_lens)
         # one tensor from plain ints: an arange per sequence was ~0.5 ms of a 128-sequence step
         pos = [p for q, c in zip(seq_lens, context_lens, strict=True) for p in range(c - q, c)]
@@ -175,9 +182,9 @@ class Context:
         for group, p in shared:
             suffix = {i: row_ctx[i] - p * block_size for i in group}
             prefix = tables[group[0], :p]
-            for sub in _by_length(group, suffix):
+            for sub in split(group, suffix):
                 decodes.append(_decodes(sub, suffix, tables[:, p:], row_start, block_size, prefix))
-        for group in _by_length(alone, row_ctx):
+        for group in split(alone, row_ctx):
             decodes.append(_decodes(group, row_ctx, tables, row_start, block_size))
         return Context(
             seq_lens,
@@ -212,6 +219,12 @@ def _by_length(ids: list[int], context_lens: Mapping[int, int] | list[int]) -> l
         else:
             g.append(i)
     return groups
+
+
+def _whole(ids: list[int], context_lens: Mapping[int, int] | list[int]) -> list[list[int]]:
+    # in the batch's order, not by length: the C++ kernel splits its sequences between threads
+    # in contiguous runs, and sorted, one thread would get all the longest
+    return [list(ids)] if ids else []
 
 
 def _by_prefix(
