@@ -13,8 +13,6 @@ namespace {
 
 using namespace vec;
 
-// a outranks b: larger, or NaN where b is not (the first NaN wins, as torch's max)
-inline bool above(float a, float b) { return a > b || (a != a && b == b); }
 // (v, i) comes before (top, best): it outranks it, or ties with it at an earlier index
 inline bool before(float v, int64_t i, float top, int64_t best) {
   const bool tie = v == top || (v != v && top != top);

@@ -22,9 +22,6 @@ namespace {
 
 using namespace vec;
 
-// a outranks b: larger, or NaN where b is not (the first NaN wins, as torch's max)
-inline bool above(float a, float b) { return a > b || (a != a && b == b); }
-
 inline float dot(const float* x, const float* w, int64_t d) {
   vf acc = splat(0.f);
   int64_t i = 0;
@@ -48,8 +45,12 @@ struct Args {
 inline vf bias_at(const Args& a, int64_t j) { return a.bias ? load(a.bias + j) : splat(0.f); }
 inline float bias_of(const Args& a, int64_t j) { return a.bias ? a.bias[j] : 0.f; }
 
+// E_j, for a vector of words and for one word (the loops' tails)
 inline vf bound(const Args& a, vf v, vf b, vf nw, float nx) {
   return splat(a.c1) * (vmax(v, -v) + vmax(b, -b)) + splat(a.c2 * nx) * nw;
+}
+inline float bound(const Args& a, float v, float b, int64_t j, float nx) {
+  return a.c1 * (std::fabs(v) + std::fabs(b)) + a.c2 * nx * a.norm[j];
 }
 
 // the best lower bound of the row; NaN where a logit (bias included) is not finite: then every
@@ -68,7 +69,7 @@ float floor_of(const Args& a, const at::BFloat16* row, float nx) {
   for (; j < a.n; ++j) {
     const float v = to_f(row[j]), b = bias_of(a, j);
     ok = ok && std::isfinite(v + b);
-    top = std::max(top, v + b - (a.c1 * (std::fabs(v) + std::fabs(b)) + a.c2 * nx * a.norm[j]));
+    top = std::max(top, v + b - bound(a, v, b, j, nx));
   }
   return ok ? top : std::numeric_limits<float>::quiet_NaN();
 }
@@ -98,8 +99,7 @@ void row_argmax(const Args& a, int64_t r, int64_t* id, float* value) {
   }
   for (; j < a.n; ++j) {
     const float v = to_f(row[j]), b = bias_of(a, j);
-    if (all || v + b + (a.c1 * (std::fabs(v) + std::fabs(b)) + a.c2 * nx * a.norm[j]) >= lo)
-      score(j);
+    if (all || v + b + bound(a, v, b, j, nx) >= lo) score(j);
   }
   *id = best;
   *value = top;

@@ -32,6 +32,8 @@ inline void store(at::BFloat16* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 inline vf splat(float x) { return vf{} + x; }
+// a outranks b as torch's max ranks them: larger, or NaN where b is not (the first NaN wins)
+inline bool above(float a, float b) { return a > b || (a != a && b == b); }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 // across the lanes by halves: four shuffles, each folding the upper half of the lanes still
 // counted onto the lower (a lane-by-lane loop would be a chain of 15 dependent steps)
