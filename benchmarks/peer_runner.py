@@ -249,8 +249,9 @@ class OpenVino(Sorted):
 
 
 class Generator(Peer):
-    """Output tokens/s over the workload's jobs (token ids, max_new_tokens, ignore_eos);
-    `ms_per_token` too (wall time / output tokens: one request alone is that workload)."""
+    """Output tokens/s over the workload's jobs (token ids, max_new_tokens, ignore_eos), all at
+    once, or one after another where the workload says `alone`; `ms_per_token` too (wall time /
+    output tokens: requests alone are that workload)."""
 
     def generate(self, jobs: list[dict[str, Any]]) -> int:
         """Runs the jobs; returns the output tokens they asked for and got."""
@@ -258,7 +259,10 @@ class Generator(Peer):
 
     def warm(self) -> None:
         for w in self.workloads.values():
-            self.generate(w["warmup"])
+            self.each(w["warmup"], w.get("alone", False))
+
+    def each(self, jobs: list[dict[str, Any]], alone: bool) -> int:
+        return sum(self.generate([j]) for j in jobs) if alone else self.generate(jobs)
 
     def tokens(self, job: dict[str, Any]) -> list[int]:
         """The tokens one job makes (not timed): to check that every contestant runs the
@@ -266,9 +270,9 @@ class Generator(Peer):
         raise NotImplementedError
 
     def run(self, workload: str, draw: int = 0) -> Figures:
-        jobs = self.workloads[workload]["draws"][draw]
+        w = self.workloads[workload]
         t0 = time.perf_counter()
-        made = self.generate(jobs)
+        made = self.each(w["draws"][draw], w.get("alone", False))
         seconds = time.perf_counter() - t0
         return {
             "output_tokens_per_s": made / seconds,

@@ -12,7 +12,9 @@ get identical inputs (the same texts; the same token ids and max_new_tokens):
               and (vllm-bf16) bfloat16
   prefix      300 prompts sharing a 384-token prefix (own suffix 8-32), 32 new tokens each
               (vLLM with prefix caching on)
-  single      one request alone, 128 prompt + 128 new tokens, ms per output token
+  single      one request alone, 128 prompt + 128 new tokens, ms per output token; a run is
+              SINGLE_REQUESTS such requests one after another (a request alone lasts ~2 s here,
+              too short a sample on this machine's noise)
   llama       the generation workload on DESIGN.md's Llama shape of that layout (benchmarks/
               common.llama: 2 KV heads, SwiGLU), a fleet and peers of its own
 
@@ -67,6 +69,7 @@ LOWER_IS_BETTER = {"ms_per_token"}
 REFERENCE = "sentence-transformers"  # float32: what every embedding's cosine is taken against
 LOAD_TIMEOUT_S = 1200.0  # vLLM compiles its model on load (~1.5 min here the first time)
 RUN_TIMEOUT_S = 3600.0
+SINGLE_REQUESTS = 4  # the `single` workload's requests a run, each sent when the last has ended
 
 
 class Runner:
@@ -245,10 +248,13 @@ def in_turn(run: Callable[[int], Figures], draws: int) -> Callable[[], Figures]:
     return lambda: run(next(i) % draws)
 
 
-def baton_generate(endpoint: str, jobs: list[dict], warmup: list[dict]) -> Figures:
-    """As common.generate without its Poisson part: a warm-up, then every job at once."""
-    bench.run(endpoint, warmup, bench.Load(concurrency=len(warmup)), progress=False)
-    m = bench.run(endpoint, jobs, bench.Load(concurrency=len(jobs)), progress=False)
+def baton_generate(
+    endpoint: str, jobs: list[dict], warmup: list[dict], alone: bool = False
+) -> Figures:
+    """As common.generate without its Poisson part: a warm-up, then every job at once (`alone`:
+    one at a time, each sent when the last has ended)."""
+    bench.run(endpoint, warmup, bench.Load(concurrency=1 if alone else len(warmup)), progress=False)
+    m = bench.run(endpoint, jobs, bench.Load(concurrency=1 if alone else len(jobs)), progress=False)
     if m["completed"] != len(jobs):
         raise RuntimeError(f"{m['completed']} of {len(jobs)} jobs completed: {m['errors']}")
     return {
@@ -436,10 +442,14 @@ def generate(
         setup["prefix"] = {"jobs": n, "prefix_tokens": 384, "suffix_tokens": "8:32"}
         setup["prefix"] |= {"output_tokens": 32, "vllm_prefix_caching": True}
     if "single" in workloads:
-        makers["single"] = lambda s: bench.generation(1, "128", "128", tokenizer=model, seed=s)
+        makers["single"] = lambda s: bench.generation(
+            SINGLE_REQUESTS, "128", "128", tokenizer=model, seed=s
+        )
         setup["single"] = {"input_tokens": 128, "output_tokens": 128}
+        setup["single"] |= {"requests": SINGLE_REQUESTS, "one_at_a_time": True}
     # workload -> (its draws, warm-up jobs)
     built = {w: ([make(s) for s in range(draws)], make(draws)[:4]) for w, make in makers.items()}
+    alone = {w: w == "single" for w in built}  # jobs one at a time, each after the last
     setup["fresh_prompts"] = "a draw of its own for every run (seed = run index)"
     described = common.LLAMA_MODEL if model == common.LLAMA_DIR else common.GPT2_MODEL
     for w in workloads:
@@ -454,7 +464,7 @@ def generate(
         "model": str(model),
         "threads": threads,
         "workloads": {
-            w: {"draws": [plain(jobs) for jobs in each], "warmup": plain(warm)}
+            w: {"draws": [plain(jobs) for jobs in each], "warmup": plain(warm), "alone": alone[w]}
             for w, (each, warm) in built.items()
         },
     }
@@ -467,7 +477,9 @@ def generate(
         for w, (each, warm) in built.items():
             for n in layouts:
                 alternatives[f"{w}: {n}"] = in_turn(
-                    lambda d, e=f[n].endpoint, each=each, m=warm: baton_generate(e, each[d], m),
+                    lambda d, e=f[n].endpoint, each=each, m=warm, a=alone[w]: baton_generate(
+                        e, each[d], m, a
+                    ),
                     draws,
                 )
             for p, r in rs.items():
