@@ -32,9 +32,9 @@ class Model:
     # encoders on CPU: attention over packed sequences by the C++ kernel built for the machine,
     # one call per layer; false: torch's flash attention, one call per distinct length (compare)
     encoder_kernel: bool = True
-    # decoders on a CPU with bfloat16 matmuls, float32: greedy tokens are float32's argmax,
-    # found from the LM head in bfloat16 and a bound on its error (the few words it cannot rule
-    # out scored again in float32); false: the float32 LM head's matmul (compare)
+    # decoders on a CPU with int8 matmuls, float32 or bfloat16: greedy tokens are the argmax of
+    # the LM head's logits, found from the head in int8 and a bound on its error (the few words
+    # it cannot rule out scored again from the head's weight); false: the head's matmul (compare)
     screen_greedy: bool = True
 
 

@@ -14,6 +14,7 @@ from controller.config import ConfigError, check, load
 from workers import packing
 from workers.layers.attention import Context
 from workers.layers.parallel import TPGroup
+from workers.layers.screen import screenable
 from workers.models import build, load_info
 from workers.precision import cpu_flags, refusal
 from workers.runner import use_packed_kernels
@@ -57,9 +58,12 @@ def test_bfloat16_embeddings_within_tolerance(kernel):
 
 @needs_bf16
 @pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
-def test_bfloat16_greedy_tokens_within_margin(make, tmp_path):
+@pytest.mark.parametrize("screen", [False, True], ids=["head", "screened"])
+def test_bfloat16_greedy_tokens_within_margin(make, screen, tmp_path):
+    # screened (where the CPU has int8 matmuls): the argmax of the head's unrounded logits
     directory = make(tmp_path)
-    engine = Engine(directory, 1, compiled=True, dtype=torch.bfloat16)
+    engine = Engine(directory, 1, compiled=True, dtype=torch.bfloat16, screen=screen)
+    assert engine.runners[0].model.screened == (screen and screenable(torch.zeros(1, 1)))
     out = scenario(engine)
     worst = 0.0
     for seq, prompt in ((0, A), (1, B), (2, C)):

@@ -157,7 +157,7 @@ class Worker:
             self.pooled,
             s.prefetch,
             s.prefetch_distance,
-            # a screened head keeps a bfloat16 copy beside its weight: not where a budget binds
+            # a screened head keeps an int8 copy beside its weight: not where a budget binds
             s.screen_greedy and not plan.size,
         )
         buffers = self.runner.prefetcher.buffer_bytes if self.runner.prefetcher else 0

@@ -16,9 +16,11 @@ torch::Tensor silu_and_mul(torch::Tensor gate, torch::Tensor up);
 void rotary(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
             torch::Tensor positions);
 torch::Tensor argmax(torch::Tensor logits);
-std::vector<torch::Tensor> screen_argmax(torch::Tensor approx, torch::Tensor x, torch::Tensor w,
-                                         torch::Tensor norm, c10::optional<torch::Tensor> bias,
-                                         int64_t n, double c1, double c2);
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x);
+std::vector<torch::Tensor> screen_argmax(torch::Tensor approx, torch::Tensor scale,
+                                         torch::Tensor nx, torch::Tensor dx, torch::Tensor x,
+                                         torch::Tensor w, torch::Tensor radius, torch::Tensor size,
+                                         c10::optional<torch::Tensor> bias, int64_t n, double c1);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache");
@@ -30,5 +32,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary", &rotary, "rotate q and k in place by their positions");
   m.def("argmax", &argmax, "each row's first index of its largest value");
-  m.def("screen_argmax", &screen_argmax, "float32's argmax, from bfloat16 logits and a bound");
+  m.def("quantize_rows", &quantize_rows, "each row in int8, a scale a row, for the screen");
+  m.def("screen_argmax", &screen_argmax, "the head's argmax, from int8 logits and a bound");
 }

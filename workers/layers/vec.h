@@ -1,11 +1,15 @@
 // What the CPU kernels share: a vector of 16 floats (GCC/Clang vector extensions: one AVX-512
 // register where the CPU has it, split by the compiler into AVX2 or SSE registers where it has
-// not; no intrinsics) and the widening and rounding between float32 and bfloat16.
+// not; no intrinsics but one mask compare, `at_least`) and the widening and rounding between
+// float32 and bfloat16.
 #pragma once
 #include <torch/extension.h>
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace vec {
 
@@ -46,6 +50,17 @@ inline float reduce(vf v, F&& f) {
   return v[0];
 }
 inline float hmax(vf v) { return reduce(v, [](vf a, vf b) { return vmax(a, b); }); }
+// the lanes where y >= c, as bits (lane l: bit l): one compare into a mask register with
+// AVX-512, a loop over the lanes elsewhere
+inline uint32_t at_least(vf y, vf c) {
+#ifdef __AVX512F__
+  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(c), _CMP_GE_OQ);
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < W; ++l) bits |= static_cast<uint32_t>(y[l] >= c[l]) << l;
+  return bits;
+#endif
+}
 inline float hsum(vf v) { return reduce(v, [](vf a, vf b) { return a + b; }); }
 
 // exp(x): 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6

@@ -90,10 +90,10 @@ class Decoder(Stage):
 
     @property
     def screened(self) -> bool:
-        """Whether `greedy` runs without the float32 LM head's matmul (ParallelLMHead)."""
+        """Whether `greedy` runs without the LM head's own matmul (ParallelLMHead)."""
         return bool(getattr(self.lm_head, "screened", False))
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
-        """Last stage, screened head: hidden rows [S, hidden] -> the argmax of their float32
-        logits [S], on every rank."""
+        """Last stage, screened head: hidden rows [S, hidden] -> the argmax of their logits
+        (products summed in float32) [S], on every rank."""
         return self.lm_head.greedy(self.norm(h))
