@@ -20,6 +20,7 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x);
 std::vector<torch::Tensor> screen_argmax(torch::Tensor approx, torch::Tensor scale,
                                          torch::Tensor nx, torch::Tensor dx, torch::Tensor x,
                                          torch::Tensor w, torch::Tensor radius, torch::Tensor size,
+                                         double most_radius, double most_size,
                                          c10::optional<torch::Tensor> bias, int64_t n, double c1);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

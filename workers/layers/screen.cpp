@@ -131,14 +131,14 @@ void row_argmax(const Args<T>& a, int64_t r, std::vector<int64_t>& kept, int64_t
       most = v;
     }
   };
-  if (all) {
-    for (int64_t j = 0; j < a.n; ++j) score(j);
-  } else {
+  if (!all) {
     for (const int64_t j : kept) {
       const float y = row.logit1(j);
       if (y + bound(j, y) >= lo) score(j);
     }
   }
+  if (best < 0)  // every word, where the bound cannot screen (and were none kept)
+    for (int64_t j = 0; j < a.n; ++j) score(j);
   *id = best;
   *value = most;
 }
@@ -208,11 +208,12 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
 
 // approx [>= S, >= n] bfloat16 (rows contiguous; the int8 matmul's q . p_j t_j), scale, nx, dx [S]
 // (quantize_rows'), x [S, d] float32, w [>= n, d] float32 or bfloat16, radius, size [>= n]
-// float32, bias [>= n] float32 or None; n: the words to consider; c1 the scalings' relative
-// error. -> ([S] int64 ids, [S] float32 logits)
+// float32 and their largest values, bias [>= n] float32 or None; n: the words to consider; c1
+// the roundings' relative error. -> ([S] int64 ids, [S] float32 logits)
 std::vector<torch::Tensor> screen_argmax(torch::Tensor approx, torch::Tensor scale,
                                          torch::Tensor nx, torch::Tensor dx, torch::Tensor x,
                                          torch::Tensor w, torch::Tensor radius, torch::Tensor size,
+                                         double most_radius, double most_size,
                                          c10::optional<torch::Tensor> bias, int64_t n, double c1) {
   const int64_t rows = x.size(0);
   TORCH_CHECK(approx.scalar_type() == torch::kBFloat16 && approx.dim() == 2 &&
@@ -238,15 +239,15 @@ std::vector<torch::Tensor> screen_argmax(torch::Tensor approx, torch::Tensor sca
   }
   auto ids = torch::empty({rows}, x.options().dtype(torch::kLong));
   auto values = torch::empty({rows}, x.options());
-  const float most_radius = radius.narrow(0, 0, n).max().item<float>();
-  const float most_size = size.narrow(0, 0, n).max().item<float>();
+  // the bias as it is now (the largest r_j and m_j are the caller's: they change with the weight)
   const float most_bias = b ? bias->narrow(0, 0, n).abs().max().item<float>() : 0.f;
   auto args = [&](auto* wp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
     return Args<T>{approx.data_ptr<at::BFloat16>(), approx.stride(0), scale.data_ptr<float>(),
                    nx.data_ptr<float>(), dx.data_ptr<float>(), x.data_ptr<float>(), wp,
                    radius.data_ptr<float>(), size.data_ptr<float>(), b, n, x.size(1),
-                   static_cast<float>(c1), most_radius, most_size, most_bias};
+                   static_cast<float>(c1), static_cast<float>(most_radius),
+                   static_cast<float>(most_size), most_bias};
   };
   if (w.scalar_type() == torch::kFloat)
     run(args(w.data_ptr<float>()), rows, ids.data_ptr<int64_t>(), values.data_ptr<float>());

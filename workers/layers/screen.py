@@ -68,31 +68,41 @@ def summation(dim: int) -> float:
 @dataclass(slots=True)
 class Int8Copy:
     """A weight [words, dim] in int8 (a scale a word) in oneDNN's layout, with each word's
-    radius r_j = |w_j - w^_j| + g |w_j| and size m_j = |w^_j|, widened."""
+    radius r_j = |w_j - w^_j| + g |w_j| and size m_j = |w^_j|, widened, and their largest."""
 
     packed: torch.Tensor
     scales: torch.Tensor  # t_j, float32
     zeros: torch.Tensor  # the weight's zero points: none
     radius: torch.Tensor
     size: torch.Tensor
+    most_radius: float
+    most_size: float
 
     @classmethod
-    def of(cls, w: torch.Tensor) -> Int8Copy:
-        w64 = w.detach().double()
-        top = w64.abs().amax(dim=1)
-        t = torch.where(top > 0, top / 127, 1.0).float()  # a zero row: any scale, all zeros
-        p = torch.round(w64 / t.double()[:, None]).clamp(-127, 127)
-        quantised = p * t.double()[:, None]  # exact: 7 bits times 24
-        g = summation(w.shape[1])
-        radius = ((w64 - quantised).norm(dim=1) + g * w64.norm(dim=1)) * WIDEN
-        size = quantised.norm(dim=1) * WIDEN
-        q = p.to(torch.int8)
+    def of(cls, w: torch.Tensor, chunk: int = 4096) -> Int8Copy:
+        words, dim = w.shape
+        g = summation(dim)
+        q = torch.empty(words, dim, dtype=torch.int8)
+        t = torch.empty(words)
+        radius, size = torch.empty(words), torch.empty(words)
+        for i in range(0, words, chunk):  # in float64 a chunk at a time: 8 bytes a value
+            w64 = w[i : i + chunk].detach().double()
+            top = w64.abs().amax(dim=1)
+            scale = torch.where(top > 0, top / 127, 1.0).float()  # a zero row: all zeros
+            p = torch.round(w64 / scale.double()[:, None]).clamp(-127, 127)
+            quantised = p * scale.double()[:, None]  # exact: 7 bits times 24
+            q[i : i + chunk] = p.to(torch.int8)
+            t[i : i + chunk] = scale
+            radius[i : i + chunk] = ((w64 - quantised).norm(dim=1) + g * w64.norm(dim=1)) * WIDEN
+            size[i : i + chunk] = quantised.norm(dim=1) * WIDEN
         return cls(
-            torch.ops.onednn.qlinear_prepack(q, [128, w.shape[1]]),
+            torch.ops.onednn.qlinear_prepack(q, [128, dim]),
             t,
-            torch.zeros(w.shape[0], dtype=torch.int64),
-            radius.float(),
-            size.float(),
+            torch.zeros(words, dtype=torch.int64),
+            radius,
+            size,
+            float(radius.max()),
+            float(size.max()),
         )
 
     def argmax(
@@ -113,5 +123,6 @@ class Int8Copy:
         )  # fmt: skip
         b = bias.float() if bias is not None else None
         return kernels.screen_argmax(
-            approx, scale, nx, dx, x, weight, self.radius, self.size, b, words, C1
-        )
+            approx, scale, nx, dx, x, weight, self.radius, self.size, self.most_radius,
+            self.most_size, b, words, C1,
+        )  # fmt: skip
