@@ -111,10 +111,15 @@ def onednn(
     post-op (algorithm, approximation); at `rows_for`'s row count where `round_rows` (zero rows
     after the real ones: each output row reads only its own input row)."""
     rows = x.shape[0]
-    n = rows_for(rows) if round_rows and x.dim() == 2 else rows
-    if n != rows:
-        x = torch.cat([x, x.new_zeros(n - rows, x.shape[1])])
+    x = padded(x) if round_rows and x.dim() == 2 else x
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, post[0], [], post[1])[:rows]
+
+
+def padded(x: torch.Tensor, zero: int = 0) -> torch.Tensor:
+    """x [rows, k] with rows of `zero` (what stands for 0 in x's encoding) after its own, to
+    `rows_for`'s count (each output row of a matmul reads only its own input row)."""
+    n = rows_for(x.shape[0])
+    return x if n == x.shape[0] else torch.cat([x, x.new_full((n - x.shape[0], x.shape[1]), zero)])
 
 
 class ColumnParallelLinear(Packed):

@@ -5,8 +5,9 @@ attention over the paged KV cache (`paged_decode.cpp`), attention over packed se
 (`packed_attention.cpp`), a block's residual add and norm (`add_norm.cpp`: LayerNorm, RMSNorm),
 SwiGLU's gating (`swiglu.cpp`), rotary positions (`rotary.cpp`), greedy sampling's argmax
 (`argmax.cpp`) and the LM head's argmax screened from int8 logits (`screen.cpp`), with the
-vector helpers they share in `vec.h` (ninja rebuilds what includes it when it changes). The first worker to start on a machine builds it (about 45 s on 2 cores, `-O3
--march=native`); later ones load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
+vector helpers they share in `vec.h` (ninja rebuilds what includes it when it changes). The
+first worker to start on a machine builds it (about 45 s on 2 cores, `-O3 -march=native`);
+later ones load it from torch's extension cache (`TORCH_EXTENSIONS_DIR`).
 Where it cannot be built, `kernels()` logs why and returns None, and each caller keeps its
 portable path (torch.compile, torch's flash attention).
 """

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.layers import native
-from workers.layers.linear import amx, rows_for
+from workers.layers.linear import amx, padded
 from workers.pool import pooled
 from workers.precision import cpu_flags
 
@@ -114,9 +114,7 @@ class Int8Copy:
         assert kernels is not None  # `screenable` built it
         x = x.float().contiguous()
         q, scale, nx, dx = kernels.quantize_rows(x)
-        rows = rows_for(len(q)) if amx() else len(q)  # AMX: a few row counts, as `Packed`'s
-        if rows != len(q):
-            q = torch.cat([q, q.new_full((rows - len(q), q.shape[1]), 128)])
+        q = padded(q, 128) if amx() else q  # AMX: a few row counts, as `Packed`'s (128: zero)
         approx = torch.ops.onednn.qlinear_pointwise(
             q, 1.0, 128, self.packed, self.scales, self.zeros, None, 1.0, 0, torch.bfloat16,
             "none", [], "",

@@ -50,6 +50,7 @@ inline float reduce(vf v, F&& f) {
   return v[0];
 }
 inline float hmax(vf v) { return reduce(v, [](vf a, vf b) { return vmax(a, b); }); }
+inline float hsum(vf v) { return reduce(v, [](vf a, vf b) { return a + b; }); }
 // the lanes where y >= c, as bits (lane l: bit l): one compare into a mask register with
 // AVX-512, a loop over the lanes elsewhere
 inline uint32_t at_least(vf y, vf c) {
@@ -61,7 +62,6 @@ inline uint32_t at_least(vf y, vf c) {
   return bits;
 #endif
 }
-inline float hsum(vf v) { return reduce(v, [](vf a, vf b) { return a + b; }); }
 
 // exp(x): 2^(x log2 e), the integer part into the exponent bits, the fraction by a degree-6
 // polynomial (relative error ~2e-7, as float32's own rounding); 0 below -87 (a padded key's
