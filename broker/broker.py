@@ -274,21 +274,29 @@ class Broker:
         self._owe(ended)
 
     def _deliver(self, owed: dict[bytes, list[J.Job]]) -> None:
-        """`results` messages per client, each within the message limit: entries, plus one
-        tensor of the ok embeddings that the entries name by row."""
+        """`results` messages per client, each within the message limit: entries, plus a
+        tensor of the ok embeddings for each dtype among them (float32, float16), which the
+        entries name by `row` and, past the first tensor, `tensor`."""
         if self.outbox.waiting:
             self.outbox.flush()
         budget = min(self.limits.max_message_bytes, RESULTS_TO_CLIENT_BYTES)
 
         def build(a: int, b: int) -> list:
-            entries, rows = [], []
+            entries: list[dict[str, Any]] = []
+            rows: dict[torch.dtype, list[torch.Tensor]] = {}  # in the order the dtypes come
             for j in done[a:b]:
                 if j.embedding is None:
                     entries.append(j.entry)
-                else:
-                    entries.append({**j.entry, "row": len(rows)})
-                    rows.append(j.embedding)
-            return encode(Kind.RESULTS, {"results": entries}, [torch.stack(rows)] if rows else [])
+                    continue
+                same = rows.setdefault(j.embedding.dtype, [])
+                entry = {**j.entry, "row": len(same)}
+                if (t := list(rows).index(j.embedding.dtype)) > 0:
+                    entry["tensor"] = t
+                entries.append(entry)
+                same.append(j.embedding)
+            return encode(
+                Kind.RESULTS, {"results": entries}, [torch.stack(r) for r in rows.values()]
+            )
 
         for ident, done in owed.items():
             for frames in fitted(build, len(done), budget):

@@ -15,7 +15,7 @@ import torch
 
 from broker.buckets import LATENCY_BUCKETS, Buckets, seconds
 from broker.journal import Journal, Row
-from wire.protocol import Code, job_size
+from wire.protocol import DTYPES, Code, job_size
 
 # while more urgent jobs wait, one job in this many is still taken from the next priority
 STARVE = 8
@@ -53,7 +53,8 @@ class Job:
     digest: int | None = None
     owner: str | None = None  # the CURVE key (z85) that submitted it; None on an open endpoint
     token_ids: list[int] | None = None  # a generate job's prompt, when given as tokens
-    params: dict[str, Any] | None = None  # a generate job's sampling fields, defaults filled in
+    # a generate job's sampling fields, defaults filled in; an embed job's {"dtype"} if asked
+    params: dict[str, Any] | None = None
     # monotonic seconds: accepted here (or read back from the journal at start), last handed
     # to a controller; with the controller's wait, its queue time
     accepted_at: float = field(default_factory=time.monotonic)
@@ -75,6 +76,11 @@ class Job:
         if self.priority:
             out["priority"] = self.priority
         return out
+
+    @property
+    def vector_dtype(self) -> torch.dtype:
+        """What its vector is kept, journaled and sent as: float32 unless the job asked."""
+        return DTYPES[(self.params or {}).get("dtype", "float32")]
 
     def measure(self) -> int:
         """Its bytes in a `jobs` message (protocol.job_size of what wire() sends)."""
@@ -417,6 +423,8 @@ class Table:
         if entry.get("error", {}).get("code") == Code.CANCELLED:
             job.state = State.CANCELLED
         self.counts[job.state.value] += 1
+        if embedding is not None:
+            embedding = embedding.to(job.vector_dtype)
         job.entry, job.embedding, job.controller = entry, embedding, None
         self.journal.finish(job.id, job.state.value, entry, embedding)
         self._retire(job)

@@ -41,6 +41,7 @@ import msgpack
 import torch
 
 from broker.journal_repair import JournalDamaged, check_wal, quick_check
+from wire.protocol import DTYPES
 
 log = logging.getLogger("baton.journal")
 
@@ -56,10 +57,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,        -- queued | done | failed | cancelled (running is not journaled)
     finished REAL,              -- wall-clock seconds
     entry BLOB,                 -- msgpack of the final `results` entry
-    embedding BLOB,             -- raw float32 row, for ok jobs with a vector
+    embedding BLOB,             -- raw row (float32, or the job's "dtype"), for ok jobs with one
     owner TEXT,                 -- the submitter's CURVE key (z85); NULL on an open endpoint
-    params TEXT                 -- JSON {"params", "token_ids"} of a generate job, and
-                                -- "priority" where not 0; NULL for neither
+    params TEXT                 -- JSON {"params", "token_ids"} of a generate job (an embed
+                                -- job's {"dtype"} params if asked), and "priority" where
+                                -- not 0; NULL for none
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
@@ -116,7 +118,7 @@ class Row:
     embedding: torch.Tensor | None
     owner: str | None = None
     token_ids: list[int] | None = None  # a generate job's prompt, when given as tokens
-    params: dict[str, Any] | None = None  # a generate job's sampling fields
+    params: dict[str, Any] | None = None  # a generate job's sampling fields, an embed job's dtype
     priority: int = 0
 
 
@@ -173,7 +175,8 @@ class Journal:
         ],
     ) -> None:
         """(id, model, task, text, deadline, owner, token_ids, params, priority) of newly
-        accepted jobs; token_ids and params are None but for generate jobs."""
+        accepted jobs; token_ids where the input came as tokens, params where the job has
+        options (a generate job's sampling fields, an embed job's dtype when not float32)."""
         self._write(
             "INSERT OR IGNORE INTO jobs(id, model, task, text, deadline, owner, params, state) "
             "VALUES (?,?,?,?,?,?,?,'queued')",
@@ -183,7 +186,12 @@ class Journal:
     def finish(
         self, jid: str, state: str, entry: dict[str, Any], embedding: torch.Tensor | None
     ) -> None:
-        blob = None if embedding is None else embedding.to(torch.float32).numpy().tobytes()
+        # raw bytes in the job's own dtype (float32, or float16 when it asked), read back by it
+        blob = (
+            None
+            if embedding is None
+            else embedding.contiguous().view(torch.uint8).numpy().tobytes()
+        )
         self._write(
             "UPDATE jobs SET state=?, finished=?, entry=?, embedding=? WHERE id=?",
             [(state, time.time(), msgpack.packb(entry), blob, jid)],
@@ -366,8 +374,9 @@ class Journal:
 
 def _row(r: tuple) -> Row:
     entry = msgpack.unpackb(r[7], raw=False) if r[7] is not None else None
-    emb = torch.frombuffer(bytearray(r[8]), dtype=torch.float32) if r[8] else None
     gen = json.loads(r[10]) if r[10] is not None else {}
+    dtype = DTYPES.get((gen.get("params") or {}).get("dtype", "float32"), torch.float32)
+    emb = torch.frombuffer(bytearray(r[8]), dtype=dtype) if r[8] else None
     return Row(
         r[0], r[1], r[2], r[3], r[4], r[5], r[6], entry, emb, r[9],
         gen.get("token_ids"), gen.get("params"), gen.get("priority", 0),

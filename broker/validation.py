@@ -15,7 +15,10 @@ from wire.protocol import Code, ProtocolError
 MAX_ID_CHARS = 256
 MAX_SEED = 2**63
 FIELDS = frozenset({"id", "task", "text", "model", "deadline_ms", "priority"})
-EMBED_FIELDS = FIELDS | {"token_ids"}
+EMBED_FIELDS = FIELDS | {"token_ids", "dtype"}
+# what an embed job's vector may travel and be kept as (field "dtype"); float16 halves the bytes
+# of results, the journal and the broker's memory, and rounds as torch rounds
+VECTOR_DTYPES = ("float32", "float16")
 # a generate job's sampling fields, with their defaults (docs/protocol.md)
 PARAMS: dict[str, Any] = {
     "max_new_tokens": 16,
@@ -101,16 +104,32 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, limits: Li
             Code.BAD_FIELD, "an embed job takes exactly one of 'text' and 'token_ids'"
         )
     if text is None:
-        return _embed_ids(raw["token_ids"], jid, model, served, limits, deadline, priority)
-    if not isinstance(text, str):
-        raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
-    if not text.strip():
-        raise ProtocolError(Code.EMPTY_TEXT, "field 'text' is empty")
-    if len(text) > limits.max_text_chars:
+        job = _embed_ids(raw["token_ids"], jid, model, served, limits, deadline, priority)
+    else:
+        if not isinstance(text, str):
+            raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
+        if not text.strip():
+            raise ProtocolError(Code.EMPTY_TEXT, "field 'text' is empty")
+        if len(text) > limits.max_text_chars:
+            raise ProtocolError(
+                Code.TEXT_TOO_LONG,
+                f"text has {len(text)} characters; at most {limits.max_text_chars}",
+            )
+        job = Job(jid, task, text, model, deadline=deadline, priority=priority)
+    if embed:
+        job.params = _vector(raw)
+    return job
+
+
+def _vector(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """An embed job's options: {"dtype": "float16"} when asked; None for the default float32,
+    so that jobs which do not ask stay as they were (in the journal, in their digest)."""
+    dtype = raw.get("dtype", "float32")
+    if dtype not in VECTOR_DTYPES:
         raise ProtocolError(
-            Code.TEXT_TOO_LONG, f"text has {len(text)} characters; at most {limits.max_text_chars}"
+            Code.BAD_FIELD, f"field 'dtype' must be one of {', '.join(VECTOR_DTYPES)}"
         )
-    return Job(jid, task, text, model, deadline=deadline, priority=priority)
+    return None if dtype == "float32" else {"dtype": dtype}
 
 
 def _served(models: dict[str, Served], model: str, task: str) -> Served:

@@ -86,12 +86,11 @@ class Inflight:
         if not isinstance(entries, list):
             return
         entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
-        rows = msg.tensors[0] if msg.tensors else None
         busy: list[tuple[str, Any]] = []
         for e in entries:
             job_id = e["id"]
             if e.get("status") == "ok":
-                self.settle(ok_result(e, rows))
+                self.settle(ok_result(e, msg.tensors))
                 continue
             err = e.get("error") if isinstance(e.get("error"), dict) else {}
             code = str(err.get("code", Code.INTERNAL))

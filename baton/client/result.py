@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,16 +85,18 @@ def failure(job_id: str, code: str, message: str, retry_after_ms: Any = None) ->
     return Result(job_id, "error", error=error)
 
 
-def ok_result(entry: dict[str, Any], rows: torch.Tensor | None) -> Result:
-    """An ok `results` entry as a Result; `rows` is the message's embeddings tensor, which
-    entries of tasks that yield a vector name by `row`."""
+def ok_result(entry: dict[str, Any], tensors: Sequence[torch.Tensor]) -> Result:
+    """An ok `results` entry as a Result; `tensors` are the message's embeddings (one per
+    dtype), which entries of tasks that yield a vector name by `row` (and `tensor`, past the
+    first). A float16 row's values are exact as floats."""
     job_id = entry["id"]
-    k = entry.get("row")
+    k, t = entry.get("row"), entry.get("tensor", 0)
     row = None
     if k is not None:
+        rows = tensors[t] if type(t) is int and 0 <= t < len(tensors) else None
         n_rows = len(rows) if rows is not None and rows.dim() == 2 else 0
         if not (isinstance(k, int) and 0 <= k < n_rows):
-            return failure(job_id, Code.INTERNAL, f"results row {k!r} is missing")
+            return failure(job_id, Code.INTERNAL, f"results row {k!r} of tensor {t!r} is missing")
         assert rows is not None
         row = rows[k].tolist()
     if "finish_reason" in entry:  # a generate job's
