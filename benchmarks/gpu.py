@@ -4,7 +4,8 @@ device's name.
 - Embeddings (all-MiniLM-L6-v2, stdlib docstrings): sentence-transformers `encode` in float32 and
   float16 at batch 32 and 256, against Baton fleets in float32 and float16 (tensor 1 x pipeline
   1, a closed loop of 4,096 jobs); the cosine of Baton's float16 embeddings against
-  sentence-transformers' float32.
+  sentence-transformers' float32; and the half fleet again with its vectors sent back in
+  float16 (the jobs' `dtype`), what the host side saves.
 - Generation (a GPT-2-small-shaped checkpoint with random weights, float16, 256 prompts of
   32-256 tokens, 16-256 new tokens each, greedy): transformers' `generate` in padded static
   batches of 32, its continuous `generate_batch` where the installed transformers has it, and a
@@ -99,10 +100,14 @@ def timed_encode(encode: Callable[..., Any], texts: list[str], batch: int, devic
     return {"per_s": len(texts) / (time.perf_counter() - t0)}
 
 
-def baton_embed(endpoint: str, texts: list[str], reference: np.ndarray) -> Figures:
-    figures, _ = common.serve(endpoint, [{"task": "embed", "text": t} for t in texts], CLOSED_LOOP)
+def baton_embed(
+    endpoint: str, texts: list[str], reference: np.ndarray, vector: str = "float32"
+) -> Figures:
+    """Texts/s in a closed loop, and the cosines; `vector`: the dtype the jobs ask theirs in."""
+    jobs = [{"task": "embed", "text": t, "dtype": vector} for t in texts]
+    figures, _ = common.serve(endpoint, jobs, CLOSED_LOOP)
     with BlockingClient(endpoint, timeout_s=600) as c:
-        results = c.embed(texts[:COSINE_TEXTS])
+        results = c.embed(texts[:COSINE_TEXTS], dtype=vector)
     vectors = np.array([r.embedding for r in results], dtype=np.float32)
     return {"per_s": figures["texts_per_s"], **cosines(vectors, reference[:COSINE_TEXTS])}
 
@@ -126,6 +131,10 @@ def embeddings(a: argparse.Namespace, half: str, dist: list) -> dict[str, list[F
         alternatives |= {
             n: lambda n=n: baton_embed(f[n].endpoint, texts, reference) for n in layouts
         }
+        # the same half fleet, its vectors sent back in float16: what the host side saves
+        alternatives[f"baton {half}, float16 vectors"] = lambda: baton_embed(
+            f[f"baton {half}"].endpoint, texts, reference, "float16"
+        )
         return common.interleave(alternatives, a.repeats, dist)
 
 
@@ -292,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ),
         "baton_half_vs_baton_float32": ratio(runs, f"{e}baton {half}", f"{e}baton float32"),
         "baton_half_cosine_min": [r["cosine_min"] for r in runs.get(f"{e}baton {half}", [])],
+        "baton_half_float16_vectors_vs_float32": ratio(
+            runs, f"{e}baton {half}, float16 vectors", f"{e}baton {half}"
+        ),
         "baton_vs_hf_static": ratio(
             runs, f"{g}baton", f"{g}transformers generate, static batches of 32"
         ),
