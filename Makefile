@@ -22,7 +22,8 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check baton broker controller wire workers tests benchmarks
-	$(BIN)/python -m pytest -q
+	# two test files at a time, each file's tests (and its fleets) in one process
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check baton broker controller wire workers tests benchmarks
