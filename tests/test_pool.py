@@ -19,9 +19,11 @@ from corpus import MODEL, texts
 from decoders import gpt2
 
 from workers import packing
+from workers.layers import native
+from workers.layers.linear import Packed
 from workers.layers.parallel import TPGroup
 from workers.models import load_info
-from workers.pool import ALIGN, FLAGS, Pooled, PoolError, Region, layout, unit_names
+from workers.pool import ALIGN, FILLED, FLAGS, PACKED, Pooled, PoolError, Region, layout, unit_names
 from workers.runner import ModelRunner
 from workers.tokenizer import Tokenizer
 
@@ -105,6 +107,9 @@ def test_encoder_outputs_are_bitwise_the_same_with_the_pool(info, shm, budget, p
         assert torch.equal(pooled.run(body, [x]).tensors[0], want)
     weights = [p for _, p in pooled.model.named_parameters() if getattr(p, "pooled", False)]
     assert weights and plan.pooled[(0, 0)] > 0
+    # the pooled layers' matrices lie in the pool in oneDNN's layout, read through views
+    linears = [m for m in pooled.model.modules() if isinstance(m, Packed) and m.weight is not None]
+    assert all(m.in_pool == bool(native.kernels()) and m.plain != m.in_pool for m in linears)
     # between forwards every pooled weight is back on the region (in place: it never left)
     assert all(in_region(p, region) for p in weights)
     layers = sum(1 for e in plan.of(0, 0) if e.param.endswith("qkv.weight"))
@@ -124,7 +129,7 @@ def test_a_filled_shard_is_not_written_again(info, shm):
     plan = layout(info, 1, 1, "float32", None, 0.5)
     region = Region.create(shm, plan.size)
     first = ModelRunner(info, 0, 1, SOLO, pooled=Pooled.of(region, plan, 0, 0))
-    assert region.map[plan.flags[0, 0]] == 1
+    assert region.map[plan.flags[0, 0]] == (PACKED if native.kernels() else FILLED)
     want = first.run(body, [x]).tensors[0]
     entry = plan.of(0, 0)[0]
     mark = bytes(region.map[entry.offset : entry.offset + 8])

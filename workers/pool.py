@@ -14,7 +14,10 @@ replica's, or a restart's) finds it set and reads only its private weights, so n
 bytes another process is computing with. A worker killed mid-load leaves its flag unset and its
 lock released (the kernel drops a dead process's locks): the next one loads the shard again.
 On CPU a pooled parameter is used in place from the mapping, or copied ahead of its use into
-private buffers with `memory.prefetch = "always"` (workers/prefetch.py).
+private buffers with `memory.prefetch = "always"` (workers/prefetch.py). There the worker that
+fills a shard also rewrites each weight oneDNN packs in its packed layout (where the bytes fit
+the plain ones' room exactly), and marks the shard PACKED: every worker's matmuls then read the
+pool as they read a private packed weight (workers/layers/linear.py `Packed.pack_pooled`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from workers.loader import ModelInfo
 
 ALIGN = 4096  # each entry starts on a page: no two entries share a page
 FLAGS = ALIGN  # the region's first page: one "filled" byte per (stage, tensor rank)
+FILLED, PACKED = 1, 2  # a shard's flag once filled: its weights plain, or oneDNN-packed too
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -290,6 +294,9 @@ class Pooled:
     region: Region
     entries: list[Entry]
     flag: int  # offset of the shard's "filled" byte
+    # whether the shard's weights that oneDNN packs lie in the region in its layout (its flag
+    # byte says PACKED): set by the worker that fills it, read from the flag by the others
+    packed: bool = False
 
     @classmethod
     def of(cls, region: Region, plan: Plan, stage: int, tp_rank: int) -> Pooled | None:
@@ -322,7 +329,8 @@ class Pooled:
             empty = self.region.map[self.flag] == 0
             yield empty
             if empty:
-                self.region.map[self.flag] = 1
+                self.region.map[self.flag] = PACKED if self.packed else FILLED
+            self.packed = self.region.map[self.flag] == PACKED
 
 
 def pooled(p: torch.Tensor | None) -> bool:

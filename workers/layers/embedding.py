@@ -79,10 +79,10 @@ class ParallelLMHead(Packed, VocabParallelEmbedding):
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.tp.all_gather(self.linear(h, self.bias), dim=-1)[:, : self.vocab]
 
-    def pack(self) -> None:
+    def pack(self, pool_packed: bool = False) -> None:
         w = self.weight
         if not (self.screen and w is not None and screenable(w)):
-            super().pack()
+            super().pack(pool_packed)
             return
         self.int8 = Int8Copy.of(w)
         self.plain = True

@@ -22,6 +22,8 @@ std::vector<torch::Tensor> screen_argmax(torch::Tensor approx, torch::Tensor sca
                                          torch::Tensor w, torch::Tensor radius, torch::Tensor size,
                                          double most_radius, double most_size,
                                          c10::optional<torch::Tensor> bias, int64_t n, double c1);
+torch::Tensor mkldnn_view(int64_t ptr, std::vector<int64_t> sizes, torch::ScalarType dtype,
+                          torch::Tensor md);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache");
@@ -35,4 +37,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax", &argmax, "each row's first index of its largest value");
   m.def("quantize_rows", &quantize_rows, "each row in int8, a scale a row, for the screen");
   m.def("screen_argmax", &screen_argmax, "the head's argmax, from int8 logits and a bound");
+  m.def("mkldnn_view", &mkldnn_view, "an oneDNN-layout tensor over memory it does not own");
 }

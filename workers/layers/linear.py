@@ -9,6 +9,7 @@ layers at 210 GFLOP/s on 2 cores of an AVX-512 EPYC, oneDNN on the packed weight
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.backends import mkldnn
 
+from workers.layers import native
 from workers.layers.activation import POST_OPS, activation
 from workers.layers.parallel import TPGroup
 from workers.loader import View, divide
@@ -55,6 +57,26 @@ def rows_for(rows: int) -> int:
     return -(-rows // step) * step
 
 
+@functools.cache
+def layout_of(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """oneDNN's packed layout of a weight of this shape here: its bytes, and its descriptor
+    (serialized, what `mkldnn_view` takes)."""
+    p = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(shape, dtype=dtype))
+    return torch.ops.mkldnn._nbytes(p), torch.ops.mkldnn._get_mkldnn_serialized_md(p)
+
+
+def packs_in_place(w: torch.Tensor) -> bool:
+    """Whether a pooled weight can lie in the pool in oneDNN's layout: a CPU weight oneDNN
+    packs, whose packed bytes take exactly its plain ones' room (no padding; an LM head of an
+    odd vocabulary has some), with the kernels here to make views over them."""
+    return (
+        w.device.type == "cpu"
+        and packable(w.dtype)
+        and native.kernels() is not None
+        and layout_of(tuple(w.shape), w.dtype)[0] == w.nbytes
+    )
+
+
 class Packed(nn.Module):
     """y = x W^T (+ b) for a layer whose `weight` is [out, in]: from a copy of W in oneDNN's
     blocked layout once `pack` has run (CPU, float32 or bfloat16), else the plain GEMM."""
@@ -64,33 +86,64 @@ class Packed(nn.Module):
     # a pooled weight: given to oneDNN in its plain layout wherever it lies now (in the pool's
     # shared memory, or in a prefetch buffer), with bitwise the packed layout's results
     plain: bool = False
+    # a pooled weight whose bytes are oneDNN's layout (written so by the worker that filled
+    # the pool: `pack_pooled`), given to oneDNN as a view over wherever they lie now, one view
+    # per place (the pool, each prefetch buffer)
+    in_pool: bool = False
+    views: dict[int, torch.Tensor] | None = None
     # On AMX, oneDNN compiles a bfloat16 matmul for each row count it meets, at about 5 ms
     # (one of GPT-2's projections then runs 300 rows in 0.7 ms), and a generation step has a
     # row count of its own at nearly every step: such layers run at `rows_for`'s sizes
     # (docs/performance.md, "Row counts on AMX")
     round_rows: bool = False
 
-    def pack(self) -> None:
+    def pack(self, pool_packed: bool = False) -> None:
         """Once loaded: reorder the weight for oneDNN, once (one packing serves every batch
-        size); the packed copy replaces the plain one, so the weight's bytes exist once."""
+        size); the packed copy replaces the plain one, so the weight's bytes exist once. A
+        pooled weight stays where it lies: packed there where the pool holds packed weights
+        (`pool_packed`) and it can be, else plain."""
         w = self.weight
         if w is None or w.device.type != "cpu" or not packable(w.dtype):
             return
         self.round_rows = w.dtype == torch.bfloat16 and amx()
-        # oneDNN runs the plain layout (measured): bitwise the packed one's results, at 90-100 %
-        # of its speed for 4,096 rows, 60-70 % for decode's few
         if pooled(w):
-            self.plain = True
+            # oneDNN runs the plain layout (measured): bitwise the packed one's results, at
+            # 90-100 % of its speed for 4,096 rows, 45-90 % for decode's few
+            if pool_packed and packs_in_place(w):
+                self.in_pool, self.views = True, {}
+            else:
+                self.plain = True
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
         self.weight = None
+
+    def pack_pooled(self) -> None:
+        """Write the pooled weight's oneDNN layout over its plain bytes in the pool: by the
+        worker that fills the pool, under the shard's lock, before the others read it."""
+        w = self.weight
+        assert w is not None and pooled(w) and packs_in_place(w)
+        p = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        ctypes.memmove(w.data_ptr(), torch.ops.mkldnn.data_ptr(p), w.nbytes)
+
+    def _view(self) -> torch.Tensor:
+        w, views = self.weight, self.views
+        assert w is not None and views is not None
+        view = views.get(w.data_ptr())
+        if view is None:
+            kernels = native.kernels()
+            assert kernels is not None  # `packs_in_place` built them
+            md = layout_of(tuple(w.shape), w.dtype)[1]
+            view = views[w.data_ptr()] = kernels.mkldnn_view(
+                w.data_ptr(), list(w.shape), w.dtype, md
+            )
+        return view
 
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None, act: str | None = None
     ) -> torch.Tensor:
         """x W^T + b, then the activation named `act` (HF's names), if any: fused into the
         packed matmul where oneDNN has it as a post-op."""
-        w = self.weight if self.plain else self.packed
+        w = self._view() if self.in_pool else self.weight if self.plain else self.packed
         if w is None:
             y = F.linear(x, self.weight, bias)
         elif act in POST_OPS:

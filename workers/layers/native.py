@@ -38,6 +38,7 @@ SOURCES = [
         "rotary.cpp",
         "argmax.cpp",
         "screen.cpp",
+        "mkldnn_view.cpp",
     )
 ]
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write

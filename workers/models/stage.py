@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.layers.linear import Packed
+from workers.layers import native
+from workers.layers.linear import Packed, packs_in_place
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo, Target, load
-from workers.pool import Pooled
+from workers.pool import Pooled, PoolError, pooled
 
 
 class Stage(nn.Module):
@@ -55,11 +56,31 @@ class Stage(nn.Module):
             with pooled.filling() as empty:  # another replica's worker may have filled it
                 if empty:
                     load(self, self.info.path, names)
+                    if self.device.type == "cpu":
+                        pooled.packed = self.pack_pooled()
+            if pooled.packed and native.kernels() is None:
+                raise PoolError(
+                    "the pool holds weights in oneDNN's layout and this worker has no C++ "
+                    "kernels to read them (see the log for why they did not build)"
+                )
         if self.device.type == "cpu":  # a GPU's pooled weights are CPU tensors: not for oneDNN
+            pool_packed = pooled is not None and pooled.packed
             for m in self.modules():
                 if isinstance(m, Packed):
-                    m.pack()  # oneDNN's layout, for a private weight
+                    m.pack(pool_packed)  # oneDNN's layout, private or in the pool
         return self
+
+    def pack_pooled(self) -> bool:
+        """The pooled weights oneDNN can read packed from the pool, written over their plain
+        bytes there in its layout (by the worker filling the pool, under the shard's lock), so
+        that every worker's matmuls run as fast on them as on private ones; whether the pool
+        holds them so (not where the C++ kernels, which make the views, did not build)."""
+        if native.kernels() is None:
+            return False
+        for m in self.modules():
+            if isinstance(m, Packed) and pooled(m.weight) and packs_in_place(m.weight):
+                m.pack_pooled()
+        return True
 
 
 class Decoder(Stage):
