@@ -34,6 +34,7 @@ from broker.journal_repair import JournalDamaged
 from controller.config import Config, ConfigError, check_model, check_placement, load
 from controller.controller import UNSTARTABLE, identity
 from wire.transport import Heartbeat
+from workers.layers.screen import screens
 from workers.models import load_info
 from workers.pool import PoolError, Region, layout, path_for
 
@@ -162,8 +163,9 @@ def make_pool(cfg: Config, run_dir: Path) -> None:
     p = cfg.parallel
     info = load_info(cfg.model.path)
     m = cfg.memory
+    screen = screens(cfg.model.screen_greedy, cfg.device)  # as every worker plans it
     plan = layout(
-        info, p.tensor, p.pipeline, cfg.model.dtype, p.stages, m.weight_budget, cfg.device
+        info, p.tensor, p.pipeline, cfg.model.dtype, p.stages, m.weight_budget, cfg.device, screen
     )
     Region.create(path_for(run_dir), plan.size).close()
 

@@ -61,6 +61,24 @@ def test_the_plan_keeps_each_rank_to_its_budget(info):
                 assert plan.size == 0 and not any(plan.entries.values())
 
 
+def test_a_screened_heads_int8_copy_counts_against_the_budget(tmp_path):
+    """A private LM head that is screened keeps an int8 copy beside its weight: the plan counts
+    it, so what a decoder's worker keeps privately, copy included, stays within the budget."""
+    decoder = load_info(str(gpt2(tmp_path)))
+    words, dim = decoder.vocab_size, decoder.hidden_size
+    copy = words * dim + 20 * words  # a byte a value; scale, zero point, radius, size a word
+    for budget in (0.7, 0.5, 0.3):
+        plain = layout(decoder, 1, 1, "float32", None, budget)
+        screened = layout(decoder, 1, 1, "float32", None, budget, screen=True)
+        weights = plain.private[0, 0] + plain.pooled[0, 0]
+        head_private = "lm_head" not in unit_names(screened.of(0, 0))
+        assert screened.private[0, 0] + screened.pooled[0, 0] == weights + copy * head_private
+        assert screened.private[0, 0] <= budget * weights
+        assert screened.pooled[0, 0] >= plain.pooled[0, 0]  # room made for the copy
+    # the default budget pools nothing, the copy kept beside the head
+    assert layout(decoder, 1, 1, "float32", None, 1.0, screen=True).size == 0
+
+
 def test_the_embedding_table_goes_first_then_alternate_layers(info):
     def units(budget: float) -> list[str]:
         return unit_names(layout(info, 1, 1, "float32", None, budget).of(0, 0))  # as in status

@@ -28,6 +28,7 @@ import zmq
 from wire.protocol import Code, Kind, Limits, Message, ProtocolError, encode
 from wire.transport import Heartbeat, Peer, configure, drain
 from workers.layers.parallel import close, init_tp_group
+from workers.layers.screen import screens
 from workers.layers.shared_reduce import paths
 from workers.models import load_info
 from workers.pool import Pooled, Region, layout
@@ -137,7 +138,10 @@ class Worker:
         store = Path(s.dist_init.removeprefix("file://"))
         shared = paths(store) if s.shared_reduce and s.tensor > 1 else None
         self.tp = init_tp_group(s.tp_rank, s.tensor, s.dist_init, s.device, shared=shared)
-        plan = layout(info, s.tensor, s.pipeline, s.dtype, s.stages, s.weight_budget, s.device)
+        screen = screens(s.screen_greedy, s.device)
+        plan = layout(
+            info, s.tensor, s.pipeline, s.dtype, s.stages, s.weight_budget, s.device, screen
+        )
         region = Region.open(Path(s.pool), plan.size) if plan.of(s.stage, s.tp_rank) else None
         if region is not None and s.device.startswith("cuda"):
             region.pin()
@@ -157,8 +161,7 @@ class Worker:
             self.pooled,
             s.prefetch,
             s.prefetch_distance,
-            # a screened head keeps an int8 copy beside its weight: not where a budget binds
-            s.screen_greedy and not plan.size,
+            screen,  # the plan counts a private head's int8 copy against the budget
         )
         buffers = self.runner.prefetcher.buffer_bytes if self.runner.prefetcher else 0
         release_freed_memory()

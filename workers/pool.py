@@ -54,10 +54,17 @@ class Unit:
     params: list[tuple[str, torch.Tensor]]
     layer: int | None  # position among the stage's layers, for layers
     lookup: bool = False  # read by index only (embeddings, norms): as cheap from the pool
+    # bytes kept privately beside its own while it is private: a screened LM head's int8 copy
+    extra: int = 0
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for _, p in self.params)
+
+    @property
+    def private_bytes(self) -> int:
+        """What keeping it private costs: its weights, and what is kept beside them."""
+        return self.nbytes + self.extra
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,6 +107,14 @@ def budget_bytes(budget: float, total: int) -> int:
     return int(budget * total) if budget <= 1 else int(budget)
 
 
+def screen_copy(unit: Unit) -> int:
+    """The bytes of the int8 copy a screened LM head keeps beside its weight [words, dim]: a
+    byte a value, and a scale, a zero point, a radius and a size a word
+    (workers/layers/screen.py `Int8Copy`)."""
+    words, dim = next(p.shape for n, p in unit.params if n.endswith("weight"))
+    return words * dim + 20 * words
+
+
 def choose(shard: list[Unit], budget: float, layers_only: bool = False) -> list[Unit]:
     """The units to pool so that what stays private fits the budget: first those read by index
     (the embedding tables: a few rows a token, as cheap from the pool), largest first; then
@@ -109,13 +124,14 @@ def choose(shard: list[Unit], budget: float, layers_only: bool = False) -> list[
     `layers_only` (a GPU: what it computes with must be copied in, and only layers are, in turn
     ahead of their use): only layers; PoolError, naming the bytes, when the rest alone is over
     the budget."""
-    total = sum(u.nbytes for u in shard)
-    keep = budget_bytes(budget, total)
+    if budget == 1:  # the default, no pool: every weight private, a screen's copy with them
+        return []
+    keep = budget_bytes(budget, sum(u.nbytes for u in shard))
     layers = [u for u in shard if u.layer is not None]
     rest = sorted((u for u in shard if u.layer is None), key=lambda u: -u.nbytes)
     alternate = [u for u in layers if u.layer % 2 == 1] + [u for u in layers if u.layer % 2 == 0]
     if layers_only:
-        stays = sum(u.nbytes for u in rest)
+        stays = sum(u.private_bytes for u in rest)
         if stays > keep:
             raise PoolError(
                 f"memory.weight_budget keeps {keep} bytes of a shard private, but on a GPU "
@@ -125,12 +141,12 @@ def choose(shard: list[Unit], budget: float, layers_only: bool = False) -> list[
         order = alternate
     else:
         order = [u for u in rest if u.lookup] + alternate + [u for u in rest if not u.lookup]
-    pooled, private = [], total
+    pooled, private = [], sum(u.private_bytes for u in shard)
     for u in order:
         if private <= keep:
             break
         pooled.append(u)
-        private -= u.nbytes
+        private -= u.private_bytes
     return pooled
 
 
@@ -149,9 +165,14 @@ class Plan:
 
 
 def plan(
-    shards: dict[tuple[int, int], nn.Module], budget: float, layers_only: bool = False
+    shards: dict[tuple[int, int], nn.Module],
+    budget: float,
+    layers_only: bool = False,
+    screen: bool = False,
 ) -> Plan:
-    """`shards`: each (stage, tensor rank)'s model, built on the meta device (shapes only)."""
+    """`shards`: each (stage, tensor rank)'s model, built on the meta device (shapes only).
+    `screen`: a private LM head is screened, and its int8 copy counts against the budget (a
+    pooled head is not screened: it keeps no copy)."""
     entries: dict[tuple[int, int], list[Entry]] = {}
     flags = {key: i for i, key in enumerate(sorted(shards))}
     if len(flags) > FLAGS:
@@ -160,6 +181,9 @@ def plan(
     offset = FLAGS
     for key in sorted(shards):
         shard = units(shards[key])
+        for u in shard:
+            if screen and u.name == "lm_head":
+                u.extra = screen_copy(u)
         chosen = choose(shard, budget, layers_only)
         entries[key] = []
         for u in chosen:
@@ -167,7 +191,7 @@ def plan(
                 entries[key].append(Entry(name, offset, p.nbytes))
                 offset += round_up(p.nbytes, ALIGN)
         pooled[key] = sum(u.nbytes for u in chosen)
-        private[key] = sum(u.nbytes for u in shard) - pooled[key]
+        private[key] = sum(u.private_bytes for u in shard if all(u is not c for c in chosen))
     size = offset if any(entries.values()) else 0  # nothing pooled: no region at all
     return Plan(entries, flags, size, private, pooled)
 
@@ -180,17 +204,19 @@ def layout(
     stages: list[int] | None,
     budget: float,
     device: str = "cpu",
+    screen: bool = False,
 ) -> Plan:
     """The plan for this model and layout, made on the meta device, the same in every process.
     On CPU any positive budget can be kept to: all of a shard can live in the pool; on a GPU
     only layers can (`choose`). The copier's buffers (`memory.prefetch = "always"`, and always
-    on a GPU) come on top, and `baton status` counts them."""
+    on a GPU) come on top, and `baton status` counts them. `screen`: whether a private LM head
+    keeps the screen's int8 copy (workers/layers/screen.py `screens`), counted as private."""
     from workers.models import shapes  # the models import this module
 
     if budget <= 0:
         raise PoolError(f"memory.weight_budget must be positive, got {budget}")
     shards = shapes(info, tensor, pipeline, getattr(torch, dtype), stages)
-    return plan(shards, budget, layers_only=not device.startswith("cpu"))
+    return plan(shards, budget, layers_only=not device.startswith("cpu"), screen=screen)
 
 
 def path_for(run_dir: Path) -> Path:

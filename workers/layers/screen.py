@@ -47,6 +47,14 @@ def int8_matmuls() -> bool:
     )
 
 
+def screens(screen_greedy: bool, device: str) -> bool:
+    """Whether a decoder's private LM head will be screened with this config (`model.
+    screen_greedy`, `device`) on this machine: what the pool's plan counts its int8 copy by,
+    the same in `baton up` and every worker (a head whose weights turn out not finite, or
+    whose kernels did not build, is not screened after all: counted, not kept)."""
+    return screen_greedy and device.startswith("cpu") and int8_matmuls()
+
+
 def screenable(w: torch.Tensor) -> bool:
     """Whether a head with weight `w` can be screened: a private float32 or bfloat16 weight on a
     CPU with int8 matmuls, every value finite, and the C++ kernels built."""
