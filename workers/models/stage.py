@@ -9,7 +9,8 @@ from workers.layers import native
 from workers.layers.linear import Packed, packs_in_place
 from workers.layers.parallel import TPGroup
 from workers.loader import ModelInfo, Target, load
-from workers.pool import Pooled, PoolError, pooled
+from workers.pool import Pooled, PoolError
+from workers.pool import pooled as is_pooled
 
 
 class Stage(nn.Module):
@@ -78,7 +79,7 @@ class Stage(nn.Module):
         if native.kernels() is None:
             return False
         for m in self.modules():
-            if isinstance(m, Packed) and pooled(m.weight) and packs_in_place(m.weight):
+            if isinstance(m, Packed) and is_pooled(m.weight) and packs_in_place(m.weight):
                 m.pack_pooled()
         return True
 
