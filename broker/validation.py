@@ -106,19 +106,24 @@ def validate(raw: Any, models: dict[str, Served], default_model: str, limits: Li
     if text is None:
         job = _embed_ids(raw["token_ids"], jid, model, served, limits, deadline, priority)
     else:
-        if not isinstance(text, str):
-            raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
-        if not text.strip():
-            raise ProtocolError(Code.EMPTY_TEXT, "field 'text' is empty")
-        if len(text) > limits.max_text_chars:
-            raise ProtocolError(
-                Code.TEXT_TOO_LONG,
-                f"text has {len(text)} characters; at most {limits.max_text_chars}",
-            )
+        _text(text, limits, Code.EMPTY_TEXT, Code.TEXT_TOO_LONG)
         job = Job(jid, task, text, model, deadline=deadline, priority=priority)
     if embed:
         job.params = _vector(raw)
     return job
+
+
+def _text(text: Any, limits: Limits, empty: Code, too_long: Code) -> None:
+    """A job's `text`: a string, not blank (else `empty`), within the limit (else `too_long`);
+    the codes are the task's."""
+    if not isinstance(text, str):
+        raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
+    if not text.strip():
+        raise ProtocolError(empty, "field 'text' is empty")
+    if len(text) > limits.max_text_chars:
+        raise ProtocolError(
+            too_long, f"text has {len(text)} characters; at most {limits.max_text_chars}"
+        )
 
 
 def _vector(raw: dict[str, Any]) -> dict[str, Any] | None:
@@ -174,15 +179,7 @@ def _generate(
     gen = served.generation
     vocab = gen.vocab_size if gen is not None else None
     if text is not None:
-        if not isinstance(text, str):
-            raise ProtocolError(Code.BAD_FIELD, "field 'text' must be a string")
-        if not text.strip():
-            raise ProtocolError(Code.EMPTY_PROMPT, "field 'text' is empty")
-        if len(text) > limits.max_text_chars:
-            raise ProtocolError(
-                Code.PROMPT_TOO_LONG,
-                f"text has {len(text)} characters; at most {limits.max_text_chars}",
-            )
+        _text(text, limits, Code.EMPTY_PROMPT, Code.PROMPT_TOO_LONG)
         prompt = 1  # at least one token once tokenized
     else:
         _token_list(token_ids, "token_ids", limits.max_text_chars, vocab, Code.PROMPT_TOO_LONG)

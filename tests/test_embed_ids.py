@@ -7,6 +7,8 @@ text's, and sentence-transformers'."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +101,30 @@ async def encoder_ready(ctl: Ctl) -> None:
     )
 
 
+@asynccontextmanager
+async def encoder_broker(
+    tmp_path: Path, ctx: zmq.asyncio.Context
+) -> AsyncIterator[tuple[Ctl, RawClient]]:
+    """A broker on tmp_path's journal with a scripted encoder controller registered, and a raw
+    client; all stopped after (the journal kept, for a broker started again on it)."""
+    broker, journal, running = await start(tmp_path, ctx)
+    ctl, client = Ctl(ctx, broker.backend), RawClient(ctx, broker.endpoint)
+    try:
+        await encoder_ready(ctl)
+        await asyncio.wait_for(broker.registered.wait(), WAIT_S)
+        yield ctl, client
+    finally:
+        ctl.close()
+        client.sock.close(0)
+        await stop(broker, journal, running)
+
+
 async def test_the_broker_checks_an_encoders_ready_bounds_and_journals_the_ids(
     tmp_path: Path,
 ) -> None:
     ctx = zmq.asyncio.Context()
     try:
-        broker, journal, running = await start(tmp_path, ctx)
-        ctl, client = Ctl(ctx, broker.backend), RawClient(ctx, broker.endpoint)
-        try:
-            await encoder_ready(ctl)
-            await asyncio.wait_for(broker.registered.wait(), WAIT_S)
+        async with encoder_broker(tmp_path, ctx) as (ctl, client):
             good = {"id": "e1", "task": "embed", "token_ids": [1, 2, 99]}
             bad = {"id": "e2", "task": "embed", "token_ids": [1, 100]}
             assert await client.submit(good, bad) == ["e1"]
@@ -116,19 +132,9 @@ async def test_the_broker_checks_an_encoders_ready_bounds_and_journals_the_ids(
             assert refused["error"]["code"] == Code.TOKEN_OUT_OF_RANGE
             [sent] = await ctl.take(1)
             assert sent["token_ids"] == [1, 2, 99] and "text" not in sent
-        finally:
-            ctl.close()
-            client.sock.close(0)
-            await stop(broker, journal, running)
-        broker, journal, running = await start(tmp_path, ctx)  # the same journal: e1 again
-        ctl = Ctl(ctx, broker.backend)
-        try:
-            await encoder_ready(ctl)
+        async with encoder_broker(tmp_path, ctx) as (ctl, _):  # the same journal: e1 again
             [again] = await ctl.take(1)
             assert again["id"] == "e1" and again["token_ids"] == [1, 2, 99]
-        finally:
-            ctl.close()
-            await stop(broker, journal, running)
     finally:
         ctx.destroy(0)
 

@@ -4,16 +4,14 @@ message; the same values as the float32 vector rounded by torch."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import zmq.asyncio
-from test_embed_ids import check, encoder_ready
+from test_embed_ids import check, encoder_broker
 from test_gateway import TEXTS
-from test_generation_wire import Ctl, RawClient, start, stop
 
 from baton.client import BlockingClient
 from baton.launch import Fleet
@@ -67,11 +65,7 @@ async def test_the_broker_rounds_keeps_and_sends_float16_beside_float32(tmp_path
     want = {"a32": vecs[0], "b16": vecs[1].to(torch.float16), "c32": vecs[2]}
     ctx = zmq.asyncio.Context()
     try:
-        broker, journal, running = await start(tmp_path, ctx)
-        ctl, client = Ctl(ctx, broker.backend), RawClient(ctx, broker.endpoint)
-        try:
-            await encoder_ready(ctl)
-            await asyncio.wait_for(broker.registered.wait(), 60)
+        async with encoder_broker(tmp_path, ctx) as (ctl, client):
             assert await client.submit(*jobs) == ["a32", "b16", "c32"]
             sent = await ctl.take(3)
             assert [j.get("params") for j in sent] == [None, {"dtype": "float16"}, None]
@@ -88,17 +82,9 @@ async def test_the_broker_rounds_keeps_and_sends_float16_beside_float32(tmp_path
             assert got.keys() == want.keys()
             for jid, vec in want.items():
                 assert got[jid].dtype == vec.dtype and torch.equal(got[jid], vec), jid
-        finally:
-            ctl.close()
-            client.sock.close(0)
-            await stop(broker, journal, running)
         # a broker started on the same journal gives the same bytes back, and holds the
         # float16 job to its dtype: asked again as float32 it is another job
-        broker, journal, running = await start(tmp_path, ctx)
-        client = RawClient(ctx, broker.endpoint)
-        try:
-            await encoder_ready(ctl := Ctl(ctx, broker.backend))
-            await asyncio.wait_for(broker.registered.wait(), 60)
+        async with encoder_broker(tmp_path, ctx) as (_, client):
             assert await client.submit(*jobs) == ["a32", "b16", "c32"]
             msg = await client.hear(Kind.RESULTS)
             got = rows_of(msg)
@@ -107,10 +93,6 @@ async def test_the_broker_rounds_keeps_and_sends_float16_beside_float32(tmp_path
             assert await client.submit({**jobs[1], "dtype": "float32"}) == []
             [refused] = (await client.hear(Kind.RESULTS)).body["results"]
             assert refused["error"]["code"] == Code.DUPLICATE_ID
-        finally:
-            ctl.close()
-            client.sock.close(0)
-            await stop(broker, journal, running)
     finally:
         ctx.destroy(0)
 

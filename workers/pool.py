@@ -191,7 +191,7 @@ def plan(
                 entries[key].append(Entry(name, offset, p.nbytes))
                 offset += round_up(p.nbytes, ALIGN)
         pooled[key] = sum(u.nbytes for u in chosen)
-        private[key] = sum(u.private_bytes for u in shard if all(u is not c for c in chosen))
+        private[key] = sum(u.private_bytes for u in shard) - sum(u.private_bytes for u in chosen)
     size = offset if any(entries.values()) else 0  # nothing pooled: no region at all
     return Plan(entries, flags, size, private, pooled)
 
