@@ -408,7 +408,8 @@ async def _open(
     while left and not failures:
         moved.clear()
         try:
-            await asyncio.wait_for(moved.wait(), client.timeout_s)
+            async with asyncio.timeout(client.timeout_s):
+                await moved.wait()
         except TimeoutError:
             raise TimeoutError(
                 f"{left} jobs outstanding and no result within {client.timeout_s:g} s"

@@ -351,7 +351,8 @@ async def replica(
             delay,
         )
         try:
-            await asyncio.wait_for(stop.wait(), delay)  # a restart backoff that a stop cuts short
+            async with asyncio.timeout(delay):  # a restart backoff that a stop cuts short
+                await stop.wait()
             break
         except TimeoutError:
             continue
@@ -365,7 +366,8 @@ async def end(proc: asyncio.subprocess.Process, broker: Broker) -> None:
     if identity(proc.pid) not in broker.controllers:
         proc.terminate()  # never registered, so it cannot hear the broker's `stop`
     try:
-        await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            await proc.wait()
     except TimeoutError:
         log.error("controller did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
         proc.kill()

@@ -157,7 +157,8 @@ class Broker:
         """Stop admitting, wait (bounded) for every held job to finish, tell controllers to stop."""
         self.admission.admitting = False
         try:
-            await asyncio.wait_for(self.idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.idle.wait()
             drained = True
         except TimeoutError:
             drained = False

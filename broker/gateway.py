@@ -342,7 +342,8 @@ class Gateway:
 
     async def _status(self) -> dict[str, Any]:
         """The broker's status, or TimeoutError (a 504) when it is silent for STATUS_TIMEOUT_S."""
-        return await asyncio.wait_for(self.client.status(), STATUS_TIMEOUT_S)
+        async with asyncio.timeout(STATUS_TIMEOUT_S):
+            return await self.client.status()
 
     async def _served(self) -> list[dict[str, Any]]:
         status = await self._status()

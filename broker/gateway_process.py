@@ -145,7 +145,8 @@ class Gateway:
         if proc is not None and proc.returncode is None:
             proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await proc.wait()
             except TimeoutError:
                 log.error("gateway did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
                 proc.kill()

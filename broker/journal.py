@@ -311,7 +311,8 @@ class Journal:
             self._kick()
             assert self.flushing is not None
             try:
-                await asyncio.wait_for(asyncio.shield(self.flushing), CLOSE_TIMEOUT_S)
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.shield(self.flushing)
             except TimeoutError:
                 # safe to give up: what is not committed was never acknowledged nor delivered
                 # (accepted jobs are not in it; finished ones run again on the next start)

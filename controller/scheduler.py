@@ -308,7 +308,8 @@ class Scheduler:
                 break
             self.arrived.clear()
             try:
-                await asyncio.wait_for(self.arrived.wait(), left)
+                async with asyncio.timeout(left):
+                    await self.arrived.wait()
             except TimeoutError:
                 break
 

@@ -188,7 +188,8 @@ class Supervisor:
     async def wait_ready(self) -> None:
         """All workers ready, or an error naming the one that was not (bounded by start_timeout_s)."""
         try:
-            await asyncio.wait_for(self.all_ready.wait(), self.cfg.workers.start_timeout_s)
+            async with asyncio.timeout(self.cfg.workers.start_timeout_s):
+                await self.all_ready.wait()
         except TimeoutError:
             late = [s.spec.rank for s in self.slots if s.state != "ready"]
             raise RuntimeError(

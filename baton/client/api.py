@@ -110,7 +110,8 @@ class Client:
             yielded = 0  # tokens yielded so far: the next delta must start here
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), self.timeout_s)
+                    async with asyncio.timeout(self.timeout_s):
+                        item = await queue.get()
                 except TimeoutError:
                     raise TimeoutError(
                         f"no token nor result for job {job_id} from the broker at "

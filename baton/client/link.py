@@ -89,7 +89,8 @@ class Link:
         try:
             await self._sock.send_multipart(encode(kind, {**(body or {}), "ref": ref}))
             try:
-                reply = await asyncio.wait_for(fut, self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    reply = await fut
             except TimeoutError:
                 raise TimeoutError(
                     f"no reply to {kind} from the broker at {self.endpoint} "
