@@ -7,11 +7,14 @@ alternatives run in turn, in reverse order every other repeat; every generation 
 same 2.5 GiB KV cache.
 
 Then memory per added replica: GPT-2 fleets of one and of two replicas (`parallel.replicas`),
-all private and half pooled, each after a generation run has touched every weight; a fleet's
-cost is its workers' anonymous memory plus their proportional share of shared memory (Pss_Shmem:
-a page mapped by two processes counts half in each). What an added replica costs beyond its
-runtime (the all-private replica's added cost less its weights) is held against its private
-weight share plus prefetch buffers.
+all private and half pooled. A fleet's cost is its workers' anonymous memory once loaded (weights,
+KV cache, runtime), plus their proportional share of shared memory (Pss_Shmem: a page mapped by
+two processes counts half in each) after a generation run has touched every weight. What serving
+adds to anonymous memory later (activations, kernel caches: 100-200 MB a worker, growing by tens
+of MB a run and differing between replicas with the batches each got) is the workload's, not the
+weights', and is reported beside as `growth_mb`. What an added replica costs beyond its runtime
+(the all-private replica's added cost less its weights) is held against its private weight share
+plus prefetch buffers.
 """
 
 from __future__ import annotations
@@ -63,9 +66,13 @@ def replica_memory(make: common.Workload, quick: bool) -> tuple[dict[str, list[F
     weights: dict[str, list[dict]] = {}
     with common.fleets(fleets, common.GPT2_CONFIG) as f:
         for name, fleet in f.items():
+            loaded = memory(fleet.endpoint)
             baton_generate(fleet.endpoint, jobs, jobs[:2])  # every replica's weights in use
-            figures = memory(fleet.endpoint)
-            cost[name] = {"worker_mb": figures["anonymous_mb"] + figures["shmem_pss_mb"]}
+            served = memory(fleet.endpoint)
+            cost[name] = {
+                "worker_mb": loaded["anonymous_mb"] + served["shmem_pss_mb"],
+                "growth_mb": served["anonymous_mb"] - loaded["anonymous_mb"],
+            }
             with BlockingClient(fleet.endpoint, timeout_s=30) as c:
                 weights[name] = [w for w in c.status()["workers"] if w["replica"] == 0]
     added = {

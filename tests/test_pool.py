@@ -24,6 +24,7 @@ from workers.layers.linear import Packed
 from workers.layers.parallel import TPGroup
 from workers.models import load_info
 from workers.pool import ALIGN, FILLED, FLAGS, PACKED, Pooled, PoolError, Region, layout, unit_names
+from workers.prefetch import LOWEST
 from workers.runner import ModelRunner
 from workers.tokenizer import Tokenizer
 
@@ -135,6 +136,8 @@ def test_encoder_outputs_are_bitwise_the_same_with_the_pool(info, shm, budget, p
         p = pooled.prefetcher
         assert p is not None and p.prefetches >= 2 * layers
         assert pooled.counters() == {"prefetches": p.prefetches, "stalls": p.stalls}
+        # the copier yields the cores to the matmuls
+        assert os.getpriority(os.PRIO_PROCESS, p.copier.native_id) == LOWEST
     else:
         assert pooled.prefetcher is None and pooled.counters() == {}
 
