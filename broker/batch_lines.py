@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from baton.client import RETRY_ON, Client, Result, failure, prompt_job
 from broker import openai_api as api
-from broker.gateway import Event, completion, until_stop
+from broker.completion import Event, completion, until_stop
 from broker.openai_api import ApiError, CompletionRequest, EmbeddingRequest
 from broker.texts import Texts
 from wire.protocol import Code, encodable
